@@ -1,0 +1,89 @@
+"""``retrieval doctor``: the environment, weights, database and index state in one report."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+from retrieval.errors import RetrievalError
+from retrieval.index import Sidecar
+from retrieval.settings import DEFAULT_ID_SECRET, Settings
+
+PACKAGES = ("medvae-retrieval", "torch", "medvae", "faiss-cpu", "faiss-gpu-cu12", "sqlalchemy", "alembic", "pydicom", "pillow", "fastapi")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
+    """Collect the report; never raises: each failing part reports its error instead."""
+    import torch
+
+    from retrieval.encoder import cpu_has_bf16
+
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "packages": {name: _version(name) for name in PACKAGES if _version(name)},
+        "device": {
+            "setting": settings.device,
+            "cuda_available": torch.cuda.is_available(),
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_bf16": cpu_has_bf16(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "settings": {
+            "data_dir": str(settings.data_dir.resolve()),
+            "model": settings.model,
+            "weights": settings.weights,
+            "input_size": settings.input_size,
+            "pooling": settings.pooling,
+            "batch_size": settings.batch_size,
+            "id_secret_is_default": settings.id_secret == DEFAULT_ID_SECRET,
+        },
+    }
+    from retrieval.service import RetrievalService
+    from retrieval.store import Store, current_revision
+
+    try:
+        store = Store.open(settings)
+        report["database"] = {
+            "url": store.engine.url.render_as_string(hide_password=True),
+            "revision": current_revision(store.engine),
+            "counts": store.counts(),
+        }
+    except Exception as exc:  # noqa: BLE001 - doctor reports, never crashes
+        report["database"] = {"error": f"{type(exc).__name__}: {exc}"}
+        return report
+    if not load_model:
+        store.close()
+        return report
+    try:
+        service = RetrievalService(settings, store=store)
+        encoder = service.encoder
+        report["weights"] = {
+            "kind": encoder.weights.kind,
+            "identity": encoder.weights.identity,
+            "random": encoder.weights.is_random,
+            "precision": encoder.precision_label,
+            "device": str(encoder.device),
+        }
+        space = service.space
+        count, top = store.vector_stats(space.id)
+        sidecar = Sidecar.read(settings.index_dir / f"{space.key}.json")
+        report["index"] = {
+            "space": service.space_info(),
+            "database_vectors": count,
+            "database_watermark": top,
+            "sidecar": sidecar.__dict__ if sidecar else None,
+            "consistent": bool(sidecar and sidecar.count == count and sidecar.watermark == top),
+        }
+    except RetrievalError as exc:
+        report["weights"] = {"error": exc.message}
+    finally:
+        store.close()
+    return report

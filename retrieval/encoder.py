@@ -1,0 +1,268 @@
+"""Run MedVAE: build it through the ``medvae`` package's classes, load weights, encode and decode.
+
+Contract:
+
+* :meth:`MedVAEEncoder.encode` takes normalised square pixels ``(B, S, S)`` in ``[0, 1]`` and
+  returns the posterior **mode** z ``(B, C, S/f, S/f)`` as float32 on the CPU. Never sampled, so
+  encoding the same pixels twice gives the same z (bitwise on CPU fp32).
+* :meth:`MedVAEEncoder.s2_latent` maps z to the stage-2 latent ``channel_proj(channel_ds(z) + z)``.
+* :meth:`MedVAEEncoder.decode` maps z back to ``(B, S, S)`` pixels in ``[0, 1]``.
+
+Speed-ups that keep the function identical: LoRA folded into the conv weights after loading,
+the attention block computed with ``scaled_dot_product_attention``, ``channels_last``, and
+bf16 autocast on CUDA and on CPUs with bf16 matrix units (``precision="fp32"`` turns it off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrieval.architectures import LORA_RANK, LORA_TARGETS, Architecture, ddconfig_from_yaml, get_architecture
+from retrieval.errors import WeightsError
+from retrieval.settings import Settings
+from retrieval.weights import WeightsSource, resolve_weights
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- model surgery
+
+
+def build_medvae_model(architecture: Architecture, ddconfig: dict[str, Any], embed_dim: int) -> nn.Module:
+    """Construct ``medvae``'s AutoencoderKL_2D with LoRA injected exactly as ``medvae`` does."""
+    from medvae.models import AutoencoderKL_2D
+    from medvae.utils.lora import inject_trainable_lora_extended
+
+    with contextlib.redirect_stdout(io.StringIO()):  # medvae prints shapes while building
+        model = AutoencoderKL_2D(ddconfig=ddconfig, embed_dim=embed_dim)
+        if architecture.lora:
+            inject_trainable_lora_extended(model, set(LORA_TARGETS), r=LORA_RANK)
+    return model
+
+
+def randomise_lora(model: nn.Module, generator: torch.Generator) -> None:
+    """Give LoRA up-projections non-zero random values (medvae initialises them to zero).
+
+    Only for ``random`` weights: it makes the LoRA path carry signal, so that folding it is
+    really exercised by tests.
+    """
+    for module in model.modules():
+        if hasattr(module, "lora_up") and hasattr(module, "lora_down"):
+            with torch.no_grad():
+                module.lora_up.weight.normal_(0.0, 0.02, generator=generator)
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a MedVAE checkpoint; refuses missing keys and mismatched shapes."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: not a loadable PyTorch checkpoint ({exc})", detail={"path": str(path)}) from exc
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise WeightsError(f"{path}: checkpoint holds no state dict", detail={"path": str(path)})
+    if all(key.startswith("model.") for key in state):
+        state = {key.removeprefix("model."): value for key, value in state.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path}: checkpoint does not fit the architecture ({exc})", detail={"path": str(path)}) from exc
+    if missing:
+        raise WeightsError(
+            f"{path}: checkpoint is missing {len(missing)} keys of the architecture, e.g. {missing[:5]}",
+            detail={"path": str(path), "missing": list(missing)},
+        )
+    if unexpected:
+        logger.warning("%s: ignoring %d unexpected keys, e.g. %s", path, len(unexpected), unexpected[:5])
+
+
+def fold_lora(model: nn.Module) -> int:
+    """Replace every LoRA-injected conv/linear by one plain layer with ``W + scale * up @ down``.
+
+    Exact in real arithmetic (the LoRA branch is linear and runs on the same input; dropout is
+    inactive in eval mode). Returns the number of layers folded.
+    """
+    folded = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not (hasattr(child, "lora_up") and hasattr(child, "lora_down")):
+                continue
+            if not isinstance(child.selector, nn.Identity):
+                raise WeightsError("cannot fold LoRA with a non-identity selector")
+            base = child.conv if hasattr(child, "conv") else child.linear
+            up = child.lora_up.weight.detach().flatten(1)  # (out, r)
+            down = child.lora_down.weight.detach()  # (r, in, kh, kw) or (r, in)
+            delta = (up @ down.flatten(1)).reshape(base.weight.shape) * child.scale
+            with torch.no_grad():
+                base.weight.add_(delta.to(base.weight.dtype))
+            setattr(parent, name, base)
+            folded += 1
+    return folded
+
+
+class FusedAttnBlock(nn.Module):
+    """Same computation as medvae's ``AttnBlock`` (single head, scale c^-0.5), through SDPA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - same contract as AttnBlock
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        b, c, height, width = q.shape
+        q = q.reshape(b, 1, c, height * width).transpose(-1, -2)
+        k = k.reshape(b, 1, c, height * width).transpose(-1, -2)
+        v = v.reshape(b, 1, c, height * width).transpose(-1, -2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(-1, -2).reshape(b, c, height, width)
+        return x + self.proj_out(out)
+
+
+def use_fused_attention(model: nn.Module) -> int:
+    """Switch every medvae ``AttnBlock`` to :class:`FusedAttnBlock` in place (same weights)."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "AttnBlock":
+            module.__class__ = type("FusedAttnBlock", (FusedAttnBlock,), {})
+            count += 1
+    return count
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+class MedVAEEncoder:
+    """A loaded MedVAE model ready for batched, deterministic encoding and decoding."""
+
+    def __init__(self, settings: Settings, *, fold: bool = True, fused_attention: bool = True) -> None:
+        self.settings = settings
+        self.architecture = get_architecture(settings.model)
+        self.weights: WeightsSource = resolve_weights(settings, self.architecture)
+        self.device = self._pick_device(settings.device)
+        self.autocast_dtype = self._pick_precision(settings.precision)
+        self.model = self._build(fold=fold, fused_attention=fused_attention)
+        self._lock = threading.Lock()
+        logger.info(
+            "MedVAE %s loaded (%s) on %s, precision %s",
+            self.architecture.name,
+            self.weights.identity,
+            self.device,
+            "bf16-autocast" if self.autocast_dtype else "fp32",
+        )
+
+    # -- construction
+
+    @staticmethod
+    def _pick_device(choice: str) -> torch.device:
+        if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+            if not torch.cuda.is_available():
+                raise WeightsError("device=cuda requested but CUDA is not available", detail={"field": "device"})
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    def _pick_precision(self, choice: str) -> torch.dtype | None:
+        if choice == "fp32":
+            return None
+        if choice == "bf16":
+            return torch.bfloat16
+        if self.device.type == "cuda" or cpu_has_bf16():
+            return torch.bfloat16
+        return None
+
+    def _build(self, *, fold: bool, fused_attention: bool) -> nn.Module:
+        ddconfig, embed_dim = self.architecture.ddconfig, self.architecture.embed_dim
+        if self.weights.config is not None:
+            ddconfig, embed_dim = ddconfig_from_yaml(str(self.weights.config))
+        if self.weights.is_random:
+            torch.manual_seed(int(self.weights.seed or 0))
+        model = build_medvae_model(self.architecture, ddconfig, embed_dim)
+        if self.weights.is_random:
+            generator = torch.Generator().manual_seed(int(self.weights.seed or 0) + 1)
+            randomise_lora(model, generator)
+        else:
+            assert self.weights.checkpoint is not None
+            load_checkpoint(model, self.weights.checkpoint)
+        model.eval().requires_grad_(False)
+        if fold:
+            fold_lora(model)
+        if fused_attention:
+            use_fused_attention(model)
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last)
+
+    # -- properties
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def downsample(self) -> int:
+        return self.architecture.downsample
+
+    @property
+    def precision_label(self) -> str:
+        return "bf16-autocast" if self.autocast_dtype is not None else "fp32"
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # -- inference
+
+    def to_model_input(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``(B, S, S)`` in [0, 1] -> ``(B, in_channels, S, S)`` in [-1, 1] on the device."""
+        tensor = torch.as_tensor(pixels, dtype=torch.float32)
+        if tensor.ndim != 3:
+            raise ValueError(f"expected (B, S, S) pixels, got shape {tuple(tensor.shape)}")
+        tensor = tensor.to(self.device, non_blocking=True).mul(2.0).sub(1.0)
+        tensor = tensor.unsqueeze(1).expand(-1, self.architecture.in_channels, -1, -1)
+        return tensor.contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def encode(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Posterior mode z, float32 on the CPU, for a batch of normalised square images."""
+        x = self.to_model_input(pixels)
+        with self._lock, self._autocast():
+            moments = self.model.quant_conv(self.model.encoder(x))
+        mean, _logvar = torch.chunk(moments.float(), 2, dim=1)
+        return mean.contiguous().cpu()
+
+    @torch.inference_mode()
+    def s2_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Stage-2 latent ``channel_proj(channel_ds(z) + z)`` in fp32 (cheap: 1x1/3x3 convs)."""
+        z = torch.as_tensor(z, dtype=torch.float32).to(self.device)
+        with self._lock:
+            out = self.model.channel_proj(self.model.channel_ds(z) + z)
+        return out.float().cpu()
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        """Reconstruct ``(B, S, S)`` pixels in [0, 1] from z (channel mean of the RGB output)."""
+        z = torch.as_tensor(z, dtype=torch.float32).to(self.device)
+        with self._lock, self._autocast():
+            out = self.model.decode(z)
+        image = out.float().mean(dim=1).add(1.0).div(2.0).clamp(0.0, 1.0)
+        return image.cpu().numpy()
+
+
+def save_state_dict(model: nn.Module, path: Path) -> None:
+    """Write ``{"state_dict": ...}`` the way MedVAE checkpoints are laid out."""
+    torch.save({"state_dict": model.state_dict()}, path)

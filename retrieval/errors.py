@@ -1,0 +1,68 @@
+"""Typed exceptions. Every failure the service reports derives from :class:`RetrievalError`.
+
+Each class carries a stable machine-readable ``code`` and the HTTP status the API maps it to,
+so that the CLI and the API report the same failure the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RetrievalError(Exception):
+    """Base class: ``code`` names the failure, ``detail`` carries structured context."""
+
+    code = "retrieval_error"
+    http_status = 500
+
+    def __init__(self, message: str, *, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The one JSON error shape used everywhere."""
+        return {"error": {"code": self.code, "message": self.message, "detail": self.detail}}
+
+
+class ConfigurationError(RetrievalError):
+    code = "configuration_error"
+    http_status = 500
+
+
+class ImageDecodeError(RetrievalError):
+    """A file could not be read as an image (unsupported, corrupt, truncated)."""
+
+    code = "image_decode_error"
+    http_status = 422
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The declared pixel count exceeds the configured cap; pixels were never decoded."""
+
+    code = "image_too_large"
+    http_status = 422
+
+
+class WeightsError(RetrievalError):
+    """Model weights could not be obtained or do not match the architecture."""
+
+    code = "weights_error"
+    http_status = 503
+
+
+class NotFoundError(RetrievalError):
+    code = "not_found"
+    http_status = 404
+
+
+class InvalidRequestError(RetrievalError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class IndexStateError(RetrievalError):
+    """The on-disk index disagrees with the database in a way that cannot be repaired in place."""
+
+    code = "index_state_error"
+    http_status = 503

@@ -1,0 +1,304 @@
+"""Decode image files into normalised grayscale pixels, and fit them to the model's input size.
+
+Contract of this module (it never imports torch, so decode worker processes stay light):
+
+* :func:`decode_path` / :func:`decode_bytes` return a :class:`DecodedImage` whose ``pixels`` are a
+  2-D ``float32`` array in ``[0, 1]``, plus the DICOM dataset header (without pixel data) when the
+  source is DICOM.
+* Raster images (PNG, JPEG, TIFF, BMP, ... through Pillow): 8/16/32-bit grayscale, RGB(A), CMYK and
+  palette. Colour is reduced to luminance (ITU-R 601), alpha is dropped, 16-bit values are read as
+  integers (never wrapped through an 8-bit conversion); then min-max scaled to ``[0, 1]``, as the
+  ``medvae`` package's own 2-D loader does (``ScaleIntensity(minv=0, maxv=1)``).
+* DICOM: modality LUT (rescale slope/intercept or LUT) -> VOI LUT sequence, else the first window
+  centre/width (LINEAR, LINEAR_EXACT or SIGMOID), else 0.5/99.5 percentile clipping ->
+  MONOCHROME1 inverted so that dense structures are bright. Colour DICOM (RGB, YBR, palette) is
+  converted to RGB, then luminance. **Multi-frame: the first frame only** is decoded (the frame
+  count is reported in ``frames``); one image row per file keeps the "same file = same image"
+  rule of incremental ingest simple.
+* Pixel-count caps are enforced *before* decoding: Pillow's decompression-bomb warning is an
+  error, and DICOM ``Rows x Columns x Frames x Samples`` is checked from the header alone.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from retrieval.errors import ImageDecodeError, ImageTooLargeError
+
+PREPROCESSING_VERSION = "v1"
+"""Bump when the pixel path changes in a way that changes vectors (it is part of a space's identity)."""
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
+RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2", ".pgm", ".ppm"}
+IMAGE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+# Truncated files must fail, never decode half an image silently.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass
+class DecodedImage:
+    """Normalised pixels of one image and what was learnt while decoding it."""
+
+    pixels: np.ndarray  # (H, W) float32 in [0, 1]
+    kind: str  # "dicom" or "raster"
+    width: int
+    height: int
+    frames: int = 1
+    dicom: Any | None = field(default=None, repr=False)  # pydicom Dataset, header only
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """True when the bytes carry the DICOM Part 10 preamble marker."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def decode_path(path: str | Path, *, max_pixels: int) -> DecodedImage:
+    """Decode one file; raises :class:`ImageDecodeError` naming the file on any failure."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError as exc:
+        raise ImageDecodeError(f"{path}: cannot read file ({exc.strerror or exc})", detail={"source": str(path)}) from exc
+    if not head:
+        raise ImageDecodeError(f"{path}: file is empty", detail={"source": str(path)})
+    try:
+        if looks_like_dicom(head) or path.suffix.lower() in DICOM_SUFFIXES:
+            return _decode_dicom(str(path), max_pixels=max_pixels)
+        return _decode_raster(path, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        exc.detail.setdefault("source", str(path))
+        if not exc.message.startswith(str(path)):
+            exc.message = f"{path}: {exc.message}"
+            exc.args = (exc.message,)
+        raise
+
+
+def decode_bytes(data: bytes, *, name: str = "upload", max_pixels: int) -> DecodedImage:
+    """Decode an in-memory file (an upload); ``name`` is used in error messages only."""
+    if not data:
+        raise ImageDecodeError(f"{name}: file is empty", detail={"source": name})
+    try:
+        if looks_like_dicom(data[:132]) or Path(name).suffix.lower() in DICOM_SUFFIXES:
+            return _decode_dicom(io.BytesIO(data), max_pixels=max_pixels)
+        return _decode_raster(io.BytesIO(data), max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        exc.detail.setdefault("source", name)
+        exc.message = f"{name}: {exc.message}"
+        exc.args = (exc.message,)
+        raise
+
+
+# --------------------------------------------------------------------------- raster
+
+
+def _decode_raster(source: Path | io.BytesIO, *, max_pixels: int) -> DecodedImage:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        previous_cap = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            with Image.open(source) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageTooLargeError(
+                        f"image is {width}x{height} = {width * height} pixels, above the cap of {max_pixels}",
+                        detail={"width": width, "height": height, "max_pixels": max_pixels},
+                    )
+                image.load()
+                pixels = _raster_to_gray(image)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ImageTooLargeError(f"image exceeds the pixel cap of {max_pixels}: {exc}") from exc
+        except UnidentifiedImageError as exc:
+            raise ImageDecodeError("not a recognised image format") from exc
+        except ImageDecodeError:
+            raise
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise ImageDecodeError(f"corrupt or truncated image ({exc})") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous_cap
+    if pixels.shape[0] < 1 or pixels.shape[1] < 1:
+        raise ImageDecodeError("image has no pixels")
+    return DecodedImage(pixels=minmax_scale(pixels), kind="raster", width=width, height=height)
+
+
+def _raster_to_gray(image: Image.Image) -> np.ndarray:
+    """Pixels of any Pillow mode as a float32 (H, W) array in the image's own value range."""
+    mode = image.mode
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
+        mode = image.mode
+    if mode in ("1", "L", "LA"):
+        array = np.asarray(image.convert("L"), dtype=np.float32)
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(image).astype(np.float32)
+    elif mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+        array = rgb @ _LUMA
+    else:
+        raise ImageDecodeError(f"unsupported image mode {mode!r}")
+    if array.ndim != 2:
+        raise ImageDecodeError(f"unexpected pixel array shape {array.shape}")
+    return array
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _decode_dicom(source: str | io.BytesIO, *, max_pixels: int) -> DecodedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        header = pydicom.dcmread(source, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        raise ImageDecodeError(f"unreadable DICOM header ({exc})") from exc
+    rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    if rows <= 0 or cols <= 0:
+        raise ImageDecodeError("DICOM has no image (Rows/Columns missing); not an image object")
+    declared = rows * cols * frames * samples
+    if declared > max_pixels:
+        raise ImageTooLargeError(
+            f"DICOM declares {rows}x{cols}x{frames} frames x{samples} samples = {declared} values, "
+            f"above the cap of {max_pixels}",
+            detail={"rows": rows, "columns": cols, "frames": frames, "samples": samples, "max_pixels": max_pixels},
+        )
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    try:
+        dataset = pydicom.dcmread(source, force=True)
+    except Exception as exc:  # pydicom raises a wide range of errors on corrupt files
+        raise ImageDecodeError(f"unreadable DICOM ({exc})") from exc
+    if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
+        raise ImageDecodeError("DICOM has no pixel data")
+    if "TransferSyntaxUID" not in dataset.file_meta:
+        dataset.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    try:
+        pixels = _dicom_first_frame(dataset, frames)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # decoder plugins raise their own types
+        syntax = getattr(dataset.file_meta.TransferSyntaxUID, "name", str(dataset.file_meta.TransferSyntaxUID))
+        raise ImageDecodeError(f"cannot decode pixel data ({syntax}): {exc}") from exc
+    del dataset.PixelData
+    return DecodedImage(pixels=pixels, kind="dicom", width=cols, height=rows, frames=frames, dicom=dataset)
+
+
+def _dicom_first_frame(dataset: Any, frames: int) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, pixel_array
+
+    raw = pixel_array(dataset, index=0 if frames > 1 else None)
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        values = apply_modality_lut(raw, dataset).astype(np.float32)
+        if values.ndim != 2:
+            raise ImageDecodeError(f"unexpected grayscale frame shape {values.shape}")
+        scaled = _voi_to_unit(values, dataset)
+        if photometric == "MONOCHROME1":
+            scaled = 1.0 - scaled
+        return scaled.astype(np.float32)
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        rgb = apply_color_lut(raw, dataset).astype(np.float32)
+    elif photometric.startswith("YBR") or photometric in ("RGB", "ARGB", "CMYK"):
+        # pixel_array() has already converted YBR to RGB (raw=False).
+        rgb = raw[..., :3].astype(np.float32)
+    else:
+        raise ImageDecodeError(f"unsupported PhotometricInterpretation {photometric!r}")
+    gray = rgb @ _LUMA
+    return minmax_scale(gray)
+
+
+def _first(value: Any) -> float:
+    """First item of a possibly multi-valued DICOM number."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def _voi_to_unit(values: np.ndarray, dataset: Any) -> np.ndarray:
+    """Apply the VOI transform (DICOM PS3.3 C.11.2) and return values in [0, 1]."""
+    if "VOILUTSequence" in dataset and len(dataset.VOILUTSequence) > 0:
+        from pydicom.pixels import apply_voi_lut
+
+        item = dataset.VOILUTSequence[0]
+        out = apply_voi_lut(values, dataset, index=0, prefer_lut=True).astype(np.float32)
+        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        return np.clip(out / float(2**bits - 1), 0.0, 1.0)
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        center, width = _first(dataset.WindowCenter), _first(dataset.WindowWidth)
+        if width > 0:
+            function = str(dataset.get("VOILUTFunction", "LINEAR")).upper()
+            return apply_window(values, center=center, width=width, function=function)
+    return percentile_scale(values)
+
+
+def apply_window(values: np.ndarray, *, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Map values through a DICOM window to [0, 1] (formulas of PS3.3 C.11.2.1.2-3)."""
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0).astype(np.float32)
+    if width < 1:
+        width = 1.0
+    denominator = max(width - 1.0, 1.0)
+    return np.clip((values - (center - 0.5)) / denominator + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def percentile_scale(values: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Clip to the [low, high] percentiles and scale to [0, 1]; a flat image maps to zeros."""
+    lo, hi = np.percentile(values, [low, high])
+    if hi <= lo:
+        return minmax_scale(values)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def minmax_scale(values: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] by the array's own range; a flat image maps to zeros."""
+    values = values.astype(np.float32, copy=False)
+    lo, hi = float(values.min()), float(values.max())
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise ImageDecodeError("image contains non-finite values")
+    if hi <= lo:
+        return np.zeros_like(values, dtype=np.float32)
+    return (values - lo) / (hi - lo)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def fit_to_square(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Aspect-preserving resize so the longer side is ``size``, centred on a zero-padded square.
+
+    Antialiased (Pillow's bilinear filter widens its support when reducing). Returns float32
+    ``(size, size)`` in [0, 1].
+    """
+    height, width = pixels.shape
+    scale = size / max(height, width)
+    new_w = max(1, round(width * scale))
+    new_h = max(1, round(height * scale))
+    if (new_h, new_w) == (height, width):
+        resized = pixels.astype(np.float32, copy=False)
+    else:
+        image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+        resized = np.asarray(
+            image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.float32
+        )
+    canvas = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = np.clip(resized, 0.0, 1.0)
+    return canvas

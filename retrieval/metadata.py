@@ -1,0 +1,125 @@
+"""Clinical metadata of an image: what is stored, what is hashed, what is never kept.
+
+Privacy rule (design decision 8): PatientID and AccessionNumber are stored only as
+HMAC-SHA256 under the configured secret; PatientName, birth date, addresses and other direct
+identifiers are never read into a stored field at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+STANDARD_FIELDS = ("modality", "body_part", "view", "laterality", "study_date", "patient_sex", "patient_age")
+
+
+@dataclass
+class ImageMetadata:
+    """Fields stored with an image row. Identifier fields hold keyed hashes, never raw values."""
+
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    view: str | None = None
+    laterality: str | None = None
+    study_date: dt.date | None = None
+    patient_sex: str | None = None
+    patient_age: str | None = None
+    patient_hash: str | None = None
+    accession_hash: str | None = None
+    labels: list[str] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def keyed_hash(value: str | None, secret: str) -> str | None:
+    """HMAC-SHA256 of a stripped identifier, hex; ``None`` for empty values."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text:
+        return None
+    return hmac.new(secret.encode("utf-8"), text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def parse_date(value: Any) -> dt.date | None:
+    """DICOM DA (``YYYYMMDD``) or ISO ``YYYY-MM-DD``; ``None`` when empty or malformed."""
+    if value is None:
+        return None
+    if isinstance(value, dt.date):
+        return value
+    text = str(value).strip()
+    for fmt in ("%Y%m%d", "%Y-%m-%d"):
+        try:
+            return dt.datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    return None
+
+
+def _text(dataset: Any, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def from_dicom(dataset: Any, *, secret: str) -> ImageMetadata:
+    """Read the stored fields from a DICOM header; identifiers are hashed here and only here."""
+    laterality = _text(dataset, "ImageLaterality") or _text(dataset, "Laterality")
+    modality = _text(dataset, "Modality")
+    return ImageMetadata(
+        study_uid=_text(dataset, "StudyInstanceUID"),
+        series_uid=_text(dataset, "SeriesInstanceUID"),
+        sop_uid=_text(dataset, "SOPInstanceUID"),
+        modality=modality.upper() if modality else None,
+        body_part=(_text(dataset, "BodyPartExamined") or "").upper() or None,
+        view=(_text(dataset, "ViewPosition") or "").upper() or None,
+        laterality=laterality.upper() if laterality else None,
+        study_date=parse_date(dataset.get("StudyDate")),
+        patient_sex=_text(dataset, "PatientSex"),
+        patient_age=_text(dataset, "PatientAge"),
+        patient_hash=keyed_hash(_text(dataset, "PatientID"), secret),
+        accession_hash=keyed_hash(_text(dataset, "AccessionNumber"), secret),
+    )
+
+
+def merge_manifest_row(metadata: ImageMetadata, row: dict[str, str], *, secret: str) -> ImageMetadata:
+    """Overlay a manifest row's columns: known fields fill gaps, ``labels`` split on ``|`` or ``;``.
+
+    ``patient_id`` / ``accession_number`` columns are hashed; any other non-empty column is kept
+    in ``extra`` (strings). Header values from DICOM win over manifest values for UIDs.
+    """
+    for column, raw in row.items():
+        if column in ("path", "study") or raw is None:
+            continue
+        value = str(raw).strip()
+        if not value:
+            continue
+        if column == "labels":
+            metadata.labels = sorted({part.strip() for part in value.replace(";", "|").split("|") if part.strip()})
+        elif column == "patient_id":
+            metadata.patient_hash = metadata.patient_hash or keyed_hash(value, secret)
+        elif column == "accession_number":
+            metadata.accession_hash = metadata.accession_hash or keyed_hash(value, secret)
+        elif column == "study_date":
+            metadata.study_date = metadata.study_date or parse_date(value)
+        elif column in ("modality", "body_part", "view", "laterality"):
+            if getattr(metadata, column) is None:
+                setattr(metadata, column, value.upper())
+        elif column in ("patient_sex", "patient_age"):
+            if getattr(metadata, column) is None:
+                setattr(metadata, column, value)
+        elif column in ("patient_name", "name"):
+            continue  # a direct identifier: never stored
+        else:
+            metadata.extra[column] = value
+    return metadata

@@ -1,0 +1,140 @@
+"""SQLAlchemy 2.0 typed ORM: the database is the source of truth (design decision 1).
+
+Tables: embedding spaces, studies, images (metadata, never direct identifiers), latents (z as fp16
+bytes + shape, one per image and encoder), vectors (one per image and space), ingest errors.
+The schema itself is created by Alembic (``migrations/``), never by ``create_all`` at runtime.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Space(Base):
+    """An embedding space: every vector belongs to exactly one (design decision 4)."""
+
+    __tablename__ = "spaces"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    encoder_key: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(64))
+    weights: Mapped[str] = mapped_column(String(256))
+    input_size: Mapped[int] = mapped_column(Integer)
+    preprocessing: Mapped[str] = mapped_column(String(32))
+    pooling: Mapped[str] = mapped_column(String(64))
+    dim: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, server_default=func.now())
+
+
+class Study(Base):
+    """A study groups images: DICOM StudyInstanceUID, a manifest's study column, or a folder."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_key: Mapped[str] = mapped_column(String(512), unique=True)
+    study_uid: Mapped[str | None] = mapped_column(String(128), index=True)
+    label: Mapped[str] = mapped_column(String(512))
+    patient_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_date: Mapped[dt.date | None] = mapped_column(Date)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, server_default=func.now())
+
+    images: Mapped[list[ImageRecord]] = relationship(back_populates="study", order_by="ImageRecord.id")
+
+
+class ImageRecord(Base):
+    """One stored image (one file; the first frame of a multi-frame DICOM)."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    source_uri: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_uid: Mapped[str | None] = mapped_column(String(128), unique=True)
+    series_uid: Mapped[str | None] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    modality: Mapped[str | None] = mapped_column(String(16), index=True)
+    body_part: Mapped[str | None] = mapped_column(String(64), index=True)
+    view: Mapped[str | None] = mapped_column(String(32))
+    laterality: Mapped[str | None] = mapped_column(String(8))
+    study_date: Mapped[dt.date | None] = mapped_column(Date, index=True)
+    patient_sex: Mapped[str | None] = mapped_column(String(8))
+    patient_age: Mapped[str | None] = mapped_column(String(8))
+    patient_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    accession_hash: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    frames: Mapped[int] = mapped_column(Integer, default=1)
+    labels: Mapped[list[str]] = mapped_column(JSON, default=list)
+    extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, server_default=func.now())
+
+    study: Mapped[Study] = relationship(back_populates="images")
+
+
+class Latent(Base):
+    """The posterior-mode z of an image under one encoder (model + weights + input size)."""
+
+    __tablename__ = "latents"
+    __table_args__ = (UniqueConstraint("image_id", "encoder_key", name="uq_latents_image_encoder"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    encoder_key: Mapped[str] = mapped_column(String(64))
+    shape: Mapped[str] = mapped_column(String(64))  # "C,h,w"
+    dtype: Mapped[str] = mapped_column(String(16))  # "float16"
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Vector(Base):
+    """The pooled, L2-normalised vector of an image in one space (float32 bytes)."""
+
+    __tablename__ = "vectors"
+    __table_args__ = (
+        UniqueConstraint("image_id", "space_id", name="uq_vectors_image_space"),
+        Index("ix_vectors_space_id_id", "space_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    space_id: Mapped[int] = mapped_column(ForeignKey("spaces.id", ondelete="CASCADE"))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class IngestError(Base):
+    """A file that could not be ingested, with the stage that failed and why."""
+
+    __tablename__ = "ingest_errors"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(32), index=True)
+    source: Mapped[str] = mapped_column(Text)
+    stage: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, server_default=func.now())

@@ -1,0 +1,125 @@
+"""CPU stages of ingest, run in worker processes: fingerprint a file, then decode and fit it.
+
+Kept free of torch so worker processes start fast. Every function returns a result object and
+never raises for a bad file: the failure (stage + reason) travels back to the pipeline, which
+records it and carries on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import RetrievalError
+from retrieval.imaging import DICOM_SUFFIXES, decode_path, fit_to_square, looks_like_dicom
+from retrieval.metadata import ImageMetadata, from_dicom, merge_manifest_row
+from retrieval.sources import SourceItem
+
+
+@dataclass
+class Fingerprint:
+    item: SourceItem
+    sha256: str = ""
+    sop_uid: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Prepared:
+    """A decoded image ready for the encoder, or the reason it is not."""
+
+    item: SourceItem
+    sha256: str
+    pixels: np.ndarray | None = field(default=None, repr=False)  # (S, S) float32 in [0, 1]
+    kind: str = ""
+    width: int = 0
+    height: int = 0
+    frames: int = 1
+    metadata: ImageMetadata = field(default_factory=ImageMetadata)
+    study_key: str = ""
+    study_label: str = ""
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    input_size: int
+    max_pixels: int
+    id_secret: str
+
+
+def fingerprint(item: SourceItem) -> Fingerprint:
+    """sha256 of the file's bytes, and the SOPInstanceUID when the file is DICOM."""
+    if item.error:
+        return Fingerprint(item=item, error=item.error)
+    path = Path(item.path)
+    try:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            head = handle.read(1 << 20)
+            digest.update(head)
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError as exc:
+        return Fingerprint(item=item, error=f"cannot read file ({exc.strerror or exc})")
+    sop_uid = None
+    if looks_like_dicom(head[:132]) or path.suffix.lower() in DICOM_SUFFIXES:
+        sop_uid = _read_sop_uid(path)
+    return Fingerprint(item=item, sha256=digest.hexdigest(), sop_uid=sop_uid)
+
+
+def _read_sop_uid(path: Path) -> str | None:
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPInstanceUID"])
+        value = header.get("SOPInstanceUID")
+        return str(value).strip() or None if value else None
+    except Exception:  # a broken header is reported by the decode stage
+        return None
+
+
+def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
+    """Decode, read metadata, fit to the model's input size. Never raises for a bad file."""
+    fp, options = task
+    item = fp.item
+    try:
+        decoded = decode_path(item.path, max_pixels=options.max_pixels)
+        metadata = (
+            from_dicom(decoded.dicom, secret=options.id_secret) if decoded.dicom is not None else ImageMetadata()
+        )
+        if item.row:
+            metadata = merge_manifest_row(metadata, item.row, secret=options.id_secret)
+        pixels = fit_to_square(decoded.pixels, options.input_size)
+    except RetrievalError as exc:
+        return Prepared(item=item, sha256=fp.sha256, error=exc.message)
+    except MemoryError:
+        return Prepared(item=item, sha256=fp.sha256, error="out of memory while decoding")
+    except Exception as exc:  # noqa: BLE001 - one bad file must never stop a bulk ingest
+        return Prepared(item=item, sha256=fp.sha256, error=f"unexpected {type(exc).__name__}: {exc}")
+    study_key, study_label = study_of(item, metadata)
+    return Prepared(
+        item=item,
+        sha256=fp.sha256,
+        pixels=pixels,
+        kind=decoded.kind,
+        width=decoded.width,
+        height=decoded.height,
+        frames=decoded.frames,
+        metadata=metadata,
+        study_key=study_key,
+        study_label=study_label,
+    )
+
+
+def study_of(item: SourceItem, metadata: ImageMetadata) -> tuple[str, str]:
+    """``(study key, display label)``: StudyInstanceUID, else manifest ``study``, else parent folder."""
+    if metadata.study_uid:
+        return f"dicom:{metadata.study_uid}", metadata.study_uid
+    if item.study:
+        return f"manifest:{item.study}", item.study
+    parent = Path(item.path).resolve().parent
+    return f"folder:{parent}", parent.name or str(parent)

@@ -1,0 +1,39 @@
+"""Previews: images reconstructed by the MedVAE decoder from stored latents, as PNG bytes.
+
+A preview is a *reconstruction*, not the original pixels; the PNG says so in its text chunks.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from retrieval.errors import NotFoundError
+from retrieval.service import RetrievalService
+
+PREVIEW_NOTE = "MedVAE reconstruction decoded from the stored latent; not the original pixels."
+
+
+def to_png(pixels: np.ndarray, *, note: str = PREVIEW_NOTE) -> bytes:
+    """``(H, W)`` float in [0, 1] -> 8-bit grayscale PNG bytes carrying ``note``."""
+    image = Image.fromarray(np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Description", note)
+    info.add_text("Software", "medvae-retrieval")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def reconstruct(service: RetrievalService, image_id: int) -> np.ndarray:
+    """Decode the stored z of ``image_id`` (this space's encoder) to ``(S, S)`` pixels."""
+    z = service.store.latent(image_id, service.space.encoder_key)
+    if z is None:
+        raise NotFoundError(f"image {image_id} has no stored latent for this encoder", detail={"image_id": image_id})
+    return service.encoder.decode(z[None])[0]
+
+
+def preview_png(service: RetrievalService, image_id: int) -> bytes:
+    return to_png(reconstruct(service, image_id))

@@ -1,0 +1,246 @@
+"""Similar-case search: query vector -> FAISS -> rows -> filters -> study grouping.
+
+Contract of :func:`search_vector`: fetches ``k * overfetch`` images, drops FAISS ``-1`` ids and
+ids without a database row, applies the filters, groups images by study (a study's score is its
+best image's score) and returns the top ``k`` studies (or images with ``group_by="image"``).
+When filters leave fewer than ``k`` groups it widens the fetch, up to the whole index.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from retrieval.errors import InvalidRequestError, NotFoundError
+from retrieval.metadata import parse_date
+from retrieval.models import ImageRecord, Study
+from retrieval.service import RetrievalService
+
+FILTER_KEYS = ("modality", "body_part", "view", "laterality", "label", "date_from", "date_to")
+
+
+@dataclass
+class Filters:
+    """Conditions every returned image must meet (``None`` = no condition)."""
+
+    modality: set[str] | None = None
+    body_part: set[str] | None = None
+    view: set[str] | None = None
+    laterality: set[str] | None = None
+    labels: set[str] | None = None  # all must be present
+    date_from: dt.date | None = None
+    date_to: dt.date | None = None
+    min_score: float | None = None
+    exclude_patient_hash: str | None = None
+
+    @classmethod
+    def parse(cls, pairs: list[str]) -> Filters:
+        """From ``key=value`` strings (CLI ``--filter``); comma-separated values mean "any of"."""
+        filters = cls()
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            key, value = key.strip().replace("-", "_"), value.strip()
+            if not sep or not value:
+                raise InvalidRequestError(f"filter {pair!r}: expected key=value", detail={"field": "filter"})
+            filters.set(key, value)
+        return filters
+
+    def set(self, key: str, value: str) -> None:
+        values = {v.strip().upper() for v in value.split(",") if v.strip()}
+        if key in ("modality", "body_part", "view", "laterality"):
+            setattr(self, key, values)
+        elif key in ("label", "labels"):
+            self.labels = {v.strip() for v in value.split(",") if v.strip()}
+        elif key in ("date_from", "date_to"):
+            date = parse_date(value)
+            if date is None:
+                raise InvalidRequestError(f"filter {key}: {value!r} is not a date (YYYY-MM-DD)", detail={"field": key})
+            setattr(self, key, date)
+        elif key == "min_score":
+            try:
+                self.min_score = float(value)
+            except ValueError:
+                raise InvalidRequestError(f"filter min_score: {value!r} is not a number", detail={"field": key}) from None
+        else:
+            raise InvalidRequestError(
+                f"unknown filter {key!r}; use one of {', '.join(FILTER_KEYS)}, min_score", detail={"field": "filter"}
+            )
+
+    def accepts(self, image: ImageRecord, score: float) -> bool:
+        if self.min_score is not None and score < self.min_score:
+            return False
+        for key in ("modality", "body_part", "view", "laterality"):
+            wanted = getattr(self, key)
+            if wanted is not None and (getattr(image, key) or "").upper() not in wanted:
+                return False
+        if self.labels and not self.labels.issubset(set(image.labels or [])):
+            return False
+        date = image.study_date or image.study.study_date
+        if self.date_from and (date is None or date < self.date_from):
+            return False
+        if self.date_to and (date is None or date > self.date_to):
+            return False
+        if self.exclude_patient_hash and image.patient_hash == self.exclude_patient_hash:
+            return False
+        return True
+
+
+@dataclass
+class ImageHit:
+    image: ImageRecord
+    score: float
+
+
+@dataclass
+class StudyHit:
+    study: Study
+    score: float
+    images: list[ImageHit] = field(default_factory=list)
+
+
+def search_vector(
+    service: RetrievalService,
+    vector: np.ndarray,
+    *,
+    k: int = 10,
+    filters: Filters | None = None,
+    group_by: Literal["study", "image"] = "study",
+) -> list[StudyHit]:
+    """Top-``k`` studies (or single images) for a query vector of the service's space."""
+    if k < 1:
+        raise InvalidRequestError("k must be at least 1", detail={"field": "k"})
+    filters = filters or Filters()
+    index = service.index
+    total = index.count
+    fetch = min(total, k * service.settings.overfetch)
+    while True:
+        hits = index.search(vector, fetch)[0] if fetch else []
+        rows = service.store.images_by_id([image_id for image_id, _ in hits])
+        groups = _group(hits, rows, filters, group_by)
+        if len(groups) >= k or fetch >= total:
+            return groups[:k]
+        fetch = min(total, fetch * 4)
+
+
+def _group(
+    hits: list[tuple[int, float]], rows: dict[int, ImageRecord], filters: Filters, group_by: str
+) -> list[StudyHit]:
+    groups: dict[Any, StudyHit] = {}
+    for image_id, score in hits:  # FAISS returns them best first
+        image = rows.get(image_id)
+        if image is None or not filters.accepts(image, score):
+            continue
+        key = image.study_id if group_by == "study" else image.id
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = StudyHit(study=image.study, score=score)
+        group.images.append(ImageHit(image=image, score=score))
+    return sorted(groups.values(), key=lambda g: g.score, reverse=True)
+
+
+def stored_vector(service: RetrievalService, image_id: int) -> np.ndarray:
+    """The query vector of an image already in the archive (its stored vector in this space)."""
+    index = service.index
+    try:
+        return index.index.reconstruct(int(image_id)).astype(np.float32)
+    except RuntimeError:
+        raise NotFoundError(f"image {image_id} has no vector in this space", detail={"image_id": image_id}) from None
+
+
+def study_json(study: Study) -> dict[str, Any]:
+    return {
+        "study_id": study.id,
+        "study_key": study.study_key,
+        "label": study.label,
+        "study_uid": study.study_uid,
+        "study_date": study.study_date.isoformat() if study.study_date else None,
+    }
+
+
+def image_json(image: ImageRecord, score: float | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "image_id": image.id,
+        "source": image.source_uri,
+        "modality": image.modality,
+        "body_part": image.body_part,
+        "view": image.view,
+        "laterality": image.laterality,
+        "study_date": image.study_date.isoformat() if image.study_date else None,
+        "width": image.width,
+        "height": image.height,
+        "labels": list(image.labels or []),
+    }
+    if score is not None:
+        out["score"] = round(float(score), 6)
+    return out
+
+
+def results_json(groups: list[StudyHit]) -> list[dict[str, Any]]:
+    return [
+        {
+            "study": study_json(group.study),
+            "score": round(float(group.score), 6),
+            "images": [image_json(hit.image, hit.score) for hit in group.images],
+        }
+        for group in groups
+    ]
+
+
+def run_search(
+    service: RetrievalService,
+    *,
+    path: Any = None,
+    image_id: int | None = None,
+    vector: np.ndarray | None = None,
+    query_patient_hash: str | None = None,
+    k: int = 10,
+    filter_pairs: list[str] | None = None,
+    filters: Filters | None = None,
+    group_by: Literal["study", "image"] | str = "study",
+    exclude_same_patient: bool = False,
+) -> dict[str, Any]:
+    """Search by a file path, a stored image id or a ready vector; returns the ``--json`` payload."""
+    filters = filters or Filters.parse(filter_pairs or [])
+    if image_id is not None:
+        rows = service.store.images_by_id([image_id])
+        if image_id not in rows:
+            raise NotFoundError(f"image {image_id} does not exist", detail={"image_id": image_id})
+        vector = stored_vector(service, image_id)
+        query_patient_hash = rows[image_id].patient_hash
+        query = {"image_id": image_id}
+    elif path is not None:
+        vector, query_patient_hash = _vector_and_patient_of_file(service, path)
+        query = {"source": str(path)}
+    elif vector is not None:
+        query = {"source": "vector"}
+    else:
+        raise InvalidRequestError("a query needs an image file, an image id or a vector", detail={"field": "image"})
+    if exclude_same_patient:
+        if not query_patient_hash:
+            raise InvalidRequestError(
+                "exclude_same_patient needs a query whose patient is known (a stored image or a DICOM with PatientID)",
+                detail={"field": "exclude_same_patient"},
+            )
+        filters.exclude_patient_hash = query_patient_hash
+    groups = search_vector(service, vector, k=k, filters=filters, group_by="image" if group_by == "image" else "study")
+    return {
+        "model": service.model_info(),
+        "space": service.space_info(),
+        "query": query,
+        "group_by": group_by,
+        "results": results_json(groups),
+    }
+
+
+def _vector_and_patient_of_file(service: RetrievalService, path: Any) -> tuple[np.ndarray, str | None]:
+    from retrieval.imaging import decode_path, fit_to_square
+    from retrieval.metadata import from_dicom
+
+    decoded = decode_path(path, max_pixels=service.settings.max_image_pixels)
+    pixels = fit_to_square(decoded.pixels, service.settings.input_size)
+    vector = service.embed_pixels(pixels[None])[1][0]
+    patient = from_dicom(decoded.dicom, secret=service.settings.id_secret).patient_hash if decoded.dicom is not None else None
+    return vector, patient

@@ -1,0 +1,400 @@
+"""Database access: engine, migrations, and the few queries the service needs.
+
+All writes of one ingest batch happen in one transaction (:meth:`Store.write_batch`): an image
+row, its latent and its vector land together or not at all, so a crash never leaves an orphan
+latent or vector and never duplicates an image (unique sha256 / SOPInstanceUID).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from retrieval.metadata import ImageMetadata
+from retrieval.models import ImageRecord, IngestError, Latent, Space, Study, Vector
+from retrieval.settings import Settings
+from retrieval.spaces import SpaceIdentity
+
+logger = logging.getLogger(__name__)
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def alembic_config(url: str) -> Config:
+    """Alembic config pointing at the installed ``migrations`` package."""
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("migrations")))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade_database(engine: Engine) -> None:
+    """Apply every pending Alembic migration (idempotent)."""
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+@dataclass
+class NewImage:
+    """Everything one encoded image contributes to one batch write."""
+
+    source_uri: str
+    sha256: str
+    study_key: str
+    study_label: str
+    kind: str
+    width: int
+    height: int
+    frames: int
+    metadata: ImageMetadata
+    z: np.ndarray  # (C, h, w) float32; stored as float16
+    vector: np.ndarray  # (D,) float32, L2-normalised
+
+
+@dataclass
+class StoredVector:
+    row_id: int
+    image_id: int
+    vector: np.ndarray = field(repr=False)
+
+
+class Store:
+    """Thin façade over the session factory; every method opens and closes its own session."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, settings: Settings, *, migrate: bool = True) -> Store:
+        """Open the configured database, creating the data dir and applying migrations."""
+        url = settings.resolved_database_url
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        store = cls(make_engine(url))
+        if migrate:
+            upgrade_database(store.engine)
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- spaces
+
+    def ensure_space(self, identity: SpaceIdentity) -> Space:
+        """The row of this space, created on first use."""
+        with self.sessions.begin() as session:
+            space = session.scalar(select(Space).where(Space.key == identity.key))
+            if space is not None:
+                return space
+            space = Space(
+                key=identity.key,
+                encoder_key=identity.encoder_key,
+                model=identity.model,
+                weights=identity.weights,
+                input_size=identity.input_size,
+                preprocessing=identity.preprocessing,
+                pooling=identity.pooling,
+                dim=identity.dim,
+            )
+            session.add(space)
+            try:
+                session.flush()
+            except IntegrityError:  # created concurrently by another process
+                session.rollback()
+                return session.scalars(select(Space).where(Space.key == identity.key)).one()
+            return space
+
+    def list_spaces(self) -> list[Space]:
+        with self.sessions() as session:
+            return list(session.scalars(select(Space).order_by(Space.id)))
+
+    def get_space(self, key: str) -> Space | None:
+        with self.sessions() as session:
+            return session.scalar(select(Space).where(Space.key == key))
+
+    def get_space_by_id(self, space_id: int) -> Space:
+        with self.sessions() as session:
+            return session.get_one(Space, space_id)
+
+    # -- skip checks
+
+    def already_in_space(self, space_id: int, sha256s: Sequence[str], sop_uids: Sequence[str]) -> set[str]:
+        """Of the given hashes / SOP UIDs, those whose image already has a vector in the space."""
+        found: set[str] = set()
+        with self.sessions() as session:
+            for chunk in _chunks(list(sha256s), 500):
+                rows = session.execute(
+                    select(ImageRecord.sha256)
+                    .join(Vector, Vector.image_id == ImageRecord.id)
+                    .where(Vector.space_id == space_id, ImageRecord.sha256.in_(chunk))
+                )
+                found.update(row[0] for row in rows)
+            for chunk in _chunks([uid for uid in sop_uids if uid], 500):
+                rows = session.execute(
+                    select(ImageRecord.sop_uid)
+                    .join(Vector, Vector.image_id == ImageRecord.id)
+                    .where(Vector.space_id == space_id, ImageRecord.sop_uid.in_(chunk))
+                )
+                found.update(row[0] for row in rows)
+        return found
+
+    # -- writes
+
+    def write_batch(self, *, space: Space, images: Sequence[NewImage]) -> list[StoredVector]:
+        """Store a batch in ONE transaction; returns the vectors written (for the index).
+
+        An image already present (same sha256 or SOPInstanceUID) is reused: only its missing
+        latent / vector are added. Nothing is written when any row fails.
+        """
+        written: list[StoredVector] = []
+        with self.sessions.begin() as session:
+            for new in images:
+                image = self._find_image(session, new)
+                if image is None:
+                    study = self._get_or_create_study(session, new)
+                    image = _image_row(new, study.id)
+                    session.add(image)
+                    session.flush()
+                has_latent = session.scalar(
+                    select(Latent.id).where(Latent.image_id == image.id, Latent.encoder_key == space.encoder_key)
+                )
+                if has_latent is None:
+                    z16 = np.ascontiguousarray(new.z, dtype=np.float16)
+                    session.add(
+                        Latent(
+                            image_id=image.id,
+                            encoder_key=space.encoder_key,
+                            shape=",".join(str(d) for d in z16.shape),
+                            dtype="float16",
+                            data=z16.tobytes(),
+                        )
+                    )
+                has_vector = session.scalar(
+                    select(Vector.id).where(Vector.image_id == image.id, Vector.space_id == space.id)
+                )
+                if has_vector is not None:
+                    continue
+                vector = np.ascontiguousarray(new.vector, dtype=np.float32)
+                row = Vector(image_id=image.id, space_id=space.id, data=vector.tobytes())
+                session.add(row)
+                session.flush()
+                written.append(StoredVector(row_id=row.id, image_id=image.id, vector=vector))
+        return written
+
+    def add_vectors(self, *, space: Space, vectors: Sequence[tuple[int, np.ndarray]]) -> list[StoredVector]:
+        """Add vectors for already stored images (re-pooling from stored z) in one transaction."""
+        written: list[StoredVector] = []
+        with self.sessions.begin() as session:
+            for image_id, vector in vectors:
+                data = np.ascontiguousarray(vector, dtype=np.float32)
+                row = Vector(image_id=image_id, space_id=space.id, data=data.tobytes())
+                session.add(row)
+                session.flush()
+                written.append(StoredVector(row_id=row.id, image_id=image_id, vector=data))
+        return written
+
+    @staticmethod
+    def _find_image(session: Session, new: NewImage) -> ImageRecord | None:
+        image = session.scalar(select(ImageRecord).where(ImageRecord.sha256 == new.sha256))
+        if image is None and new.metadata.sop_uid:
+            image = session.scalar(select(ImageRecord).where(ImageRecord.sop_uid == new.metadata.sop_uid))
+        return image
+
+    @staticmethod
+    def _get_or_create_study(session: Session, new: NewImage) -> Study:
+        study = session.scalar(select(Study).where(Study.study_key == new.study_key))
+        if study is not None:
+            return study
+        study = Study(
+            study_key=new.study_key,
+            study_uid=new.metadata.study_uid,
+            label=new.study_label,
+            patient_hash=new.metadata.patient_hash,
+            study_date=new.metadata.study_date,
+        )
+        try:
+            with session.begin_nested():
+                session.add(study)
+        except IntegrityError:  # another writer created it in the meantime
+            study = session.scalars(select(Study).where(Study.study_key == new.study_key)).one()
+        return study
+
+    def record_errors(self, *, run_id: str, failures: Iterable[tuple[str, str, str]]) -> None:
+        """Store ``(source, stage, reason)`` failures of one run."""
+        rows = [IngestError(run_id=run_id, source=s, stage=st, reason=r[:4000]) for s, st, r in failures]
+        if not rows:
+            return
+        with self.sessions.begin() as session:
+            session.add_all(rows)
+
+    # -- reads
+
+    def vectors_after(self, space_id: int, after_row_id: int = 0, chunk: int = 10_000) -> Iterator[list[StoredVector]]:
+        """Stream a space's vectors with row id above ``after_row_id``, ordered, in chunks."""
+        last = after_row_id
+        while True:
+            with self.sessions() as session:
+                rows = session.execute(
+                    select(Vector.id, Vector.image_id, Vector.data)
+                    .where(Vector.space_id == space_id, Vector.id > last)
+                    .order_by(Vector.id)
+                    .limit(chunk)
+                ).all()
+            if not rows:
+                return
+            yield [StoredVector(r[0], r[1], np.frombuffer(r[2], dtype=np.float32)) for r in rows]
+            last = rows[-1][0]
+
+    def vector_stats(self, space_id: int) -> tuple[int, int]:
+        """``(count, highest row id)`` of a space's vectors."""
+        with self.sessions() as session:
+            count, top = session.execute(
+                select(func.count(Vector.id), func.max(Vector.id)).where(Vector.space_id == space_id)
+            ).one()
+        return int(count or 0), int(top or 0)
+
+    def latents(self, encoder_key: str, chunk: int = 256) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """Stream ``(image_id, z float32)`` of every image encoded with ``encoder_key``."""
+        last = 0
+        while True:
+            with self.sessions() as session:
+                rows = session.execute(
+                    select(Latent.id, Latent.image_id, Latent.shape, Latent.data)
+                    .where(Latent.encoder_key == encoder_key, Latent.id > last)
+                    .order_by(Latent.id)
+                    .limit(chunk)
+                ).all()
+            if not rows:
+                return
+            yield [(r[1], _decode_latent(r[2], r[3])) for r in rows]
+            last = rows[-1][0]
+
+    def latent(self, image_id: int, encoder_key: str) -> np.ndarray | None:
+        with self.sessions() as session:
+            row = session.execute(
+                select(Latent.shape, Latent.data).where(Latent.image_id == image_id, Latent.encoder_key == encoder_key)
+            ).first()
+        return None if row is None else _decode_latent(row[0], row[1])
+
+    def images_by_id(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        """Image rows (with their study loaded) for the given ids."""
+        out: dict[int, ImageRecord] = {}
+        with self.sessions() as session:
+            for chunk in _chunks(list(ids), 500):
+                rows = session.scalars(
+                    select(ImageRecord).options(selectinload(ImageRecord.study)).where(ImageRecord.id.in_(chunk))
+                )
+                out.update({row.id: row for row in rows})
+        return out
+
+    def image_ids_by_sha256(self, sha256: str) -> int | None:
+        with self.sessions() as session:
+            return session.scalar(select(ImageRecord.id).where(ImageRecord.sha256 == sha256))
+
+    def iter_images(self, chunk: int = 1000) -> Iterator[list[ImageRecord]]:
+        last = 0
+        while True:
+            with self.sessions() as session:
+                rows = list(
+                    session.scalars(
+                        select(ImageRecord)
+                        .options(selectinload(ImageRecord.study))
+                        .where(ImageRecord.id > last)
+                        .order_by(ImageRecord.id)
+                        .limit(chunk)
+                    )
+                )
+            if not rows:
+                return
+            yield rows
+            last = rows[-1].id
+
+    def counts(self) -> dict[str, int]:
+        with self.sessions() as session:
+            return {
+                "studies": int(session.scalar(select(func.count(Study.id))) or 0),
+                "images": int(session.scalar(select(func.count(ImageRecord.id))) or 0),
+                "latents": int(session.scalar(select(func.count(Latent.id))) or 0),
+                "vectors": int(session.scalar(select(func.count(Vector.id))) or 0),
+                "ingest_errors": int(session.scalar(select(func.count(IngestError.id))) or 0),
+            }
+
+    def errors_of_run(self, run_id: str) -> list[IngestError]:
+        with self.sessions() as session:
+            return list(session.scalars(select(IngestError).where(IngestError.run_id == run_id).order_by(IngestError.id)))
+
+
+def _image_row(new: NewImage, study_id: int) -> ImageRecord:
+    meta = new.metadata
+    return ImageRecord(
+        study_id=study_id,
+        source_uri=new.source_uri,
+        sha256=new.sha256,
+        sop_uid=meta.sop_uid,
+        series_uid=meta.series_uid,
+        kind=new.kind,
+        modality=meta.modality,
+        body_part=meta.body_part,
+        view=meta.view,
+        laterality=meta.laterality,
+        study_date=meta.study_date,
+        patient_sex=meta.patient_sex,
+        patient_age=meta.patient_age,
+        patient_hash=meta.patient_hash,
+        accession_hash=meta.accession_hash,
+        width=new.width,
+        height=new.height,
+        frames=new.frames,
+        labels=list(meta.labels),
+        extra=dict(meta.extra),
+    )
+
+
+def _decode_latent(shape: str, data: bytes) -> np.ndarray:
+    dims = tuple(int(d) for d in shape.split(","))
+    return np.frombuffer(data, dtype=np.float16).reshape(dims).astype(np.float32)
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

@@ -1,0 +1,114 @@
+"""Where model weights come from, and the identity recorded for them in an embedding space.
+
+Three sources, chosen explicitly by ``Settings.weights`` (never a silent fallback between them):
+
+* ``hub``: ``hf_hub_download`` of the model's YAML and checkpoint from ``hub_repo`` at
+  ``hub_revision`` into the normal Hugging Face cache; the resolved commit and the checkpoint's
+  sha256 form the identity, so a space is tied to exact bytes.
+* a local checkpoint path (optionally with ``model_config_path``); identity = its sha256.
+* ``random``: seeded random initialisation of the exact architecture; identity
+  ``random-init:seed=N``. Anything using it says so (CLI warning, ``"weights": "random-init"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from retrieval.architectures import Architecture
+from retrieval.errors import WeightsError
+from retrieval.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_LABEL = "random-init"
+RANDOM_WEIGHTS_WARNING = (
+    "WARNING: MedVAE is running with RANDOM-INITIALISED weights (explicitly requested): "
+    "vectors and previews are pipeline tests, not clinically meaningful similarity."
+)
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """A resolved weights choice: files to load (if any) and the identity string for the space."""
+
+    kind: str  # "hub" | "checkpoint" | "random"
+    identity: str
+    checkpoint: Path | None = None
+    config: Path | None = None
+    seed: int | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind == "random"
+
+    @property
+    def public_label(self) -> str:
+        """What JSON outputs report under ``weights``."""
+        return RANDOM_WEIGHTS_LABEL if self.is_random else self.identity
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_weights(settings: Settings, architecture: Architecture) -> WeightsSource:
+    """Turn ``settings.weights`` into a :class:`WeightsSource`; raises :class:`WeightsError`."""
+    choice = settings.weights
+    if choice == "random":
+        return WeightsSource(kind="random", identity=f"{RANDOM_WEIGHTS_LABEL}:seed={settings.seed}", seed=settings.seed)
+    if choice == "hub":
+        return _download_from_hub(settings, architecture)
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"weights: {path} is not a file; use `hub`, `random` or a checkpoint path",
+            detail={"field": "weights", "value": choice},
+        )
+    config = settings.model_config_path
+    if config is not None and not Path(config).is_file():
+        raise WeightsError(f"model_config_path: {config} is not a file", detail={"field": "model_config_path"})
+    return WeightsSource(
+        kind="checkpoint", identity=f"sha256:{sha256_file(path)}", checkpoint=path.resolve(), config=config
+    )
+
+
+def _download_from_hub(settings: Settings, architecture: Architecture) -> WeightsSource:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:  # pragma: no cover - declared dependency
+        raise WeightsError("huggingface_hub is not installed") from exc
+    try:
+        config = Path(
+            hf_hub_download(repo_id=settings.hub_repo, filename=architecture.hub_config, revision=settings.hub_revision)
+        )
+        checkpoint = Path(
+            hf_hub_download(
+                repo_id=settings.hub_repo, filename=architecture.hub_checkpoint, revision=settings.hub_revision
+            )
+        )
+    except Exception as exc:  # network, auth, missing revision: all end the same way for the user
+        raise WeightsError(
+            f"could not download {architecture.name} weights from the Hugging Face hub "
+            f"({settings.hub_repo}@{settings.hub_revision}): {type(exc).__name__}: {exc}. "
+            "Set RETRIEVAL_WEIGHTS to a local checkpoint path, or to `random` for a pipeline test.",
+            detail={"field": "weights", "repo": settings.hub_repo, "revision": settings.hub_revision},
+        ) from exc
+    match = re.search(r"snapshots/([0-9a-f]{40})/", checkpoint.as_posix())
+    commit = match.group(1) if match else settings.hub_revision
+    digest = sha256_file(checkpoint)
+    logger.info("hub weights %s@%s sha256=%s", settings.hub_repo, commit, digest)
+    return WeightsSource(
+        kind="hub",
+        identity=f"hub:{settings.hub_repo}@{commit}:sha256:{digest}",
+        checkpoint=checkpoint,
+        config=config,
+    )

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny settings with seeded random weights, a PostgreSQL database per session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.settings import Settings
+
+PG_ADMIN_URL = os.environ.get("RETRIEVAL_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+
+
+def tiny_settings(data_dir: Path, database_url: str | None = None, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "weights": "random",
+        "seed": 0,
+        "input_size": 64,
+        "precision": "fp32",
+        "decode_workers": 0,
+        "batch_size": 4,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return tiny_settings(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def encoder():  # type: ignore[no-untyped-def]
+    from retrieval.encoder import MedVAEEncoder
+
+    return MedVAEEncoder(tiny_settings(Path("/nonexistent-unused")))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the test PostgreSQL server, dropped afterwards. Fails loudly if unreachable."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"medvae_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # pragma: no cover - environment problem, reported as a failure
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable ({exc}); start it or set RETRIEVAL_TEST_POSTGRES_URL")
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+def synthetic_image(seed: int, size: int = 96) -> np.ndarray:
+    """A structured float [0, 1] test image: a few seeded blobs and stripes (distinct per seed)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    image = np.zeros((size, size), np.float32)
+    for _ in range(4):
+        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.25)
+        image += rng.uniform(0.3, 1.0) * np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / r**2))
+    image += 0.3 * (np.sin(xx * rng.uniform(5, 30)) > 0)
+    return image / image.max()
+
+
+def write_png(path: Path, pixels: np.ndarray, *, bits: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if bits == 16:
+        Image.fromarray((pixels * 65535).astype(np.uint16)).save(path)
+    else:
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def make_archive(root: Path, *, studies: int = 4, per_study: int = 3) -> list[Path]:
+    """Folders of distinct synthetic studies (8- and 16-bit PNG); returns the files written."""
+    files = []
+    for s in range(studies):
+        for i in range(per_study):
+            base = synthetic_image(1000 * s)
+            variant = np.clip(base + 0.03 * synthetic_image(1000 * s + i + 1), 0, 1)
+            files.append(write_png(root / f"study_{s}" / f"img_{i}.png", variant, bits=16 if i % 2 else 8))
+    return files

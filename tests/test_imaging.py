@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from retrieval.errors import ImageDecodeError, ImageTooLargeError
+from retrieval.imaging import apply_window, decode_bytes, decode_path, fit_to_square
+
+from dicom_factory import write_dicom
+
+CAP = 80_000_000
+
+
+def test_16bit_png_keeps_full_range_without_wrapping(tmp_path: Path) -> None:
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1))
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    decoded = decode_path(path, max_pixels=CAP)
+    row = decoded.pixels[0]
+    assert decoded.pixels.dtype == np.float32
+    assert np.all(np.diff(row) >= 0), "a wrapped 16-bit image would not be monotonic"
+    assert row[0] == 0.0 and row[-1] == 1.0
+    assert np.allclose(row, ramp[0] / 65535.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
+def test_raster_modes_decode_to_unit_grayscale(tmp_path: Path, mode: str) -> None:
+    base = (np.linspace(0, 255, 64 * 48).reshape(48, 64)).astype(np.uint8)
+    image = Image.fromarray(base).convert(mode) if mode != "I;16" else Image.fromarray(base.astype(np.uint16) * 257)
+    path = tmp_path / f"img_{mode.replace(';', '')}.png"
+    image.save(path)
+    decoded = decode_path(path, max_pixels=CAP)
+    assert decoded.pixels.shape == (48, 64)
+    assert decoded.pixels.min() == 0.0 and decoded.pixels.max() == 1.0
+    assert np.corrcoef(decoded.pixels.ravel(), base.ravel())[0, 1] > 0.99
+
+
+def test_jpeg_decodes(tmp_path: Path) -> None:
+    base = (np.linspace(0, 255, 64 * 64).reshape(64, 64)).astype(np.uint8)
+    path = tmp_path / "x.jpg"
+    Image.fromarray(base).save(path, quality=95)
+    assert decode_path(path, max_pixels=CAP).pixels.shape == (64, 64)
+
+
+def test_dicom_rescale_then_window(tmp_path: Path) -> None:
+    raw = np.array([[0, 100, 200, 300]], dtype=np.uint16).repeat(4, axis=0)
+    # HU = 2 * raw - 100 -> -100, 100, 300, 500; window centre 200, width 401 -> [0, 1] over [0, 400]
+    path = write_dicom(tmp_path / "w.dcm", raw, slope=2, intercept=-100, window=(200, 401))
+    decoded = decode_path(path, max_pixels=CAP)
+    expected = apply_window(raw[0].astype(np.float32) * 2 - 100, center=200, width=401)
+    assert np.allclose(decoded.pixels[0], expected)
+    assert decoded.pixels[0, 0] == 0.0 and decoded.pixels[0, -1] == 1.0
+    assert 0.2 < decoded.pixels[0, 1] < 0.3
+
+
+def test_monochrome1_is_inverted(tmp_path: Path) -> None:
+    raw = np.array([[0, 1000, 2000, 3000]], dtype=np.uint16).repeat(4, axis=0)
+    mono2 = decode_path(write_dicom(tmp_path / "m2.dcm", raw, window=(1500, 3001)), max_pixels=CAP).pixels
+    mono1 = decode_path(
+        write_dicom(tmp_path / "m1.dcm", raw, window=(1500, 3001), photometric="MONOCHROME1"), max_pixels=CAP
+    ).pixels
+    assert np.allclose(mono1, 1.0 - mono2)
+
+
+def test_real_monochrome1_cr_file_bright_bones() -> None:
+    path = get_testdata_file("RG1_UNCR.dcm")  # CR chest PA, MONOCHROME1, window 15000/30000
+    assert path is not None, "pydicom-data is a dev dependency"
+    ds = pydicom.dcmread(path)
+    decoded = decode_path(path, max_pixels=CAP)
+    raw = ds.pixel_array.astype(np.float32)
+    assert decoded.pixels.shape == raw.shape
+    # MONOCHROME1: high stored values are dark, so the output must fall as the raw value rises
+    assert np.corrcoef(decoded.pixels.ravel()[::97], raw.ravel()[::97])[0, 1] < -0.99
+
+
+def test_no_window_uses_percentile_clipping() -> None:
+    path = get_testdata_file("CT_small.dcm")  # rescale -1024, no window
+    decoded = decode_path(path, max_pixels=CAP)
+    hu = pydicom.dcmread(path).pixel_array.astype(np.float32) - 1024
+    lo, hi = np.percentile(hu, [0.5, 99.5])
+    assert np.allclose(decoded.pixels, np.clip((hu - lo) / (hi - lo), 0, 1), atol=1e-6)
+    assert decoded.dicom.Modality == "CT"
+
+
+def test_multiframe_uses_first_frame() -> None:
+    path = get_testdata_file("emri_small.dcm")  # 10 frames
+    decoded = decode_path(path, max_pixels=CAP)
+    first = pydicom.dcmread(path).pixel_array[0].astype(np.float32)
+    lo, hi = np.percentile(first, [0.5, 99.5])
+    assert decoded.frames == 10
+    assert np.allclose(decoded.pixels, np.clip((first - lo) / (hi - lo), 0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("compressed", "uncompressed"), [("MR_small_RLE.dcm", "MR_small.dcm"), ("RG1_J2KR.dcm", "RG1_UNCR.dcm")]
+)
+def test_compressed_equals_uncompressed_twin(compressed: str, uncompressed: str) -> None:
+    a = decode_path(get_testdata_file(compressed), max_pixels=CAP).pixels
+    b = decode_path(get_testdata_file(uncompressed), max_pixels=CAP).pixels
+    assert np.array_equal(a, b)
+
+
+def test_color_dicom_reduced_to_luminance() -> None:
+    decoded = decode_path(get_testdata_file("SC_rgb_rle_2frame.dcm"), max_pixels=CAP)
+    assert decoded.pixels.ndim == 2 and decoded.frames == 2
+
+
+def _png_with_declared_size(path: Path, width: int, height: int) -> Path:
+    """A real 1x1 PNG whose IHDR is rewritten to declare width x height (a decompression bomb)."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = bytearray(data[12:29])
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_png_bomb_refused_before_decoding(tmp_path: Path) -> None:
+    path = _png_with_declared_size(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(ImageTooLargeError, match="bomb.png"):
+        decode_path(path, max_pixels=CAP)
+
+
+def test_dicom_pixel_cap_checked_from_header(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "huge.dcm", np.zeros((2, 2)), rows=60000, columns=60000, with_pixels=False)
+    with pytest.raises(ImageTooLargeError, match="60000x60000"):
+        decode_path(path, max_pixels=CAP)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.png", b"", "empty"),
+        ("noise.png", bytes(range(256)) * 8, "not a recognised image"),
+        ("noise.dcm", bytes(range(256)) * 8, "DICOM"),
+    ],
+)
+def test_bad_files_raise_with_file_name(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ImageDecodeError, match=message) as info:
+        decode_path(path, max_pixels=CAP)
+    assert name in str(info.value)
+
+
+def test_truncated_png_and_dicom_fail(tmp_path: Path) -> None:
+    png = tmp_path / "t.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(png)
+    png.write_bytes(png.read_bytes()[:-200])
+    with pytest.raises(ImageDecodeError):
+        decode_path(png, max_pixels=CAP)
+    dcm = write_dicom(tmp_path / "t.dcm", np.ones((64, 64)))
+    dcm.write_bytes(dcm.read_bytes()[:-3000])
+    with pytest.raises(ImageDecodeError):
+        decode_path(dcm, max_pixels=CAP)
+
+
+def test_dicom_without_pixel_data(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "nopix.dcm", np.zeros((4, 4)), with_pixels=False)
+    with pytest.raises(ImageDecodeError, match="no pixel data"):
+        decode_path(path, max_pixels=CAP)
+
+
+def test_decode_bytes_matches_decode_path(tmp_path: Path) -> None:
+    path = get_testdata_file("MR_small.dcm")
+    assert np.array_equal(decode_bytes(Path(path).read_bytes(), max_pixels=CAP).pixels, decode_path(path, max_pixels=CAP).pixels)
+
+
+def test_fit_to_square_preserves_aspect_and_pads() -> None:
+    pixels = np.ones((100, 200), np.float32)
+    fitted = fit_to_square(pixels, 64)
+    assert fitted.shape == (64, 64)
+    rows = np.where(fitted.max(axis=1) > 0.5)[0]
+    assert len(rows) == 32 and rows[0] == 16  # 200x100 -> 64x32, centred
+    assert fitted[:16].max() == 0.0 and fitted[48:].max() == 0.0
