@@ -16,8 +16,10 @@ bf16 autocast on CUDA and on CPUs with bf16 matrix units (``precision="fp32"`` t
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -38,10 +40,29 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- model surgery
 
 
+def _medvae_model_classes() -> tuple[Any, Any]:
+    """``(AutoencoderKL_2D, inject_trainable_lora_extended)`` from the installed ``medvae`` package.
+
+    ``medvae/__init__.py`` only re-exports ``MVAE``, whose data loaders import MONAI, polars and
+    the hub client: about 5 s per process, paid by every CLI command although none of it is used
+    here. When ``medvae`` is not imported yet, its package module is registered without running
+    that ``__init__``; the model and LoRA modules then load from the same files as usual.
+    """
+    if "medvae" not in sys.modules:
+        spec = importlib.util.find_spec("medvae")
+        if spec is None or not spec.submodule_search_locations:
+            raise WeightsError("the `medvae` package is not installed")
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["medvae"] = package  # namespace only: __init__ is skipped, submodules import normally
+    from medvae.models.autoencoder_kl import AutoencoderKL
+    from medvae.utils.lora import inject_trainable_lora_extended
+
+    return AutoencoderKL, inject_trainable_lora_extended
+
+
 def build_medvae_model(architecture: Architecture, ddconfig: dict[str, Any], embed_dim: int) -> nn.Module:
     """Construct ``medvae``'s AutoencoderKL_2D with LoRA injected exactly as ``medvae`` does."""
-    from medvae.models import AutoencoderKL_2D
-    from medvae.utils.lora import inject_trainable_lora_extended
+    AutoencoderKL_2D, inject_trainable_lora_extended = _medvae_model_classes()
 
     with contextlib.redirect_stdout(io.StringIO()):  # medvae prints shapes while building
         model = AutoencoderKL_2D(ddconfig=ddconfig, embed_dim=embed_dim)

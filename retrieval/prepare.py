@@ -94,8 +94,8 @@ def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
         if item.row:
             metadata = merge_manifest_row(metadata, item.row, secret=options.id_secret)
         pixels = fit_to_square(decoded.pixels, options.input_size)
-    except RetrievalError as exc:
-        return Prepared(item=item, sha256=fp.sha256, error=exc.message)
+    except RetrievalError as exc:  # the failure already names the source: keep the reason alone
+        return Prepared(item=item, sha256=fp.sha256, error=exc.message.removeprefix(f"{item.path}: "))
     except MemoryError:
         return Prepared(item=item, sha256=fp.sha256, error="out of memory while decoding")
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop a bulk ingest

@@ -182,6 +182,8 @@ class Store:
         An image already present (same sha256 or SOPInstanceUID) is reused: only its missing
         latent / vector are added. Nothing is written when any row fails.
         """
+        for new in images:
+            _check_arrays(new, space.dim)
         written: list[StoredVector] = []
         with self.sessions.begin() as session:
             for new in images:
@@ -358,6 +360,16 @@ class Store:
     def errors_of_run(self, run_id: str) -> list[IngestError]:
         with self.sessions() as session:
             return list(session.scalars(select(IngestError).where(IngestError.run_id == run_id).order_by(IngestError.id)))
+
+
+def _check_arrays(new: NewImage, dim: int) -> None:
+    """Refuse a vector or latent that would store garbage (wrong shape, NaN, infinity)."""
+    vector = np.asarray(new.vector) if new.vector is not None else None
+    if vector is None or vector.shape != (dim,) or not np.all(np.isfinite(vector)):
+        raise ValueError(f"{new.source_uri}: vector must be {dim} finite values, got {getattr(vector, 'shape', None)}")
+    z = np.asarray(new.z) if new.z is not None else None
+    if z is None or z.ndim != 3 or not np.all(np.isfinite(z)) or np.abs(z).max(initial=0.0) > 65000:
+        raise ValueError(f"{new.source_uri}: latent must be a finite (C, h, w) array within float16 range")
 
 
 def _image_row(new: NewImage, study_id: int) -> ImageRecord:

@@ -1,0 +1,5 @@
+"""``python -m retrieval`` = the ``retrieval`` command."""
+
+from retrieval.cli import app
+
+app()

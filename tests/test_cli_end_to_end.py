@@ -1,0 +1,232 @@
+"""The CLI as a user runs it: real `python -m retrieval` processes on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import create_engine, func, select, text
+
+from conftest import make_archive, synthetic_image, write_png
+from dicom_factory import write_dicom
+
+
+def run_cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "retrieval", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"retrieval {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def cli_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETRIEVAL_")}
+    env.update(
+        RETRIEVAL_DATA_DIR=str(tmp_path / "data"), RETRIEVAL_WEIGHTS="random", RETRIEVAL_SEED="0",
+        RETRIEVAL_INPUT_SIZE="64", RETRIEVAL_PRECISION="fp32", RETRIEVAL_BATCH_SIZE="4", RETRIEVAL_DECODE_WORKERS="1",
+        HF_HUB_OFFLINE="1",
+    )
+    if request.param == "postgres":
+        from sqlalchemy import create_engine as make
+
+        base = request.getfixturevalue("postgres_url")
+        name = f"{base.rsplit('/', 1)[1]}_{uuid_suffix()}"
+        admin = make(base.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        env["RETRIEVAL_DATABASE_URL"] = base.rsplit("/", 1)[0] + f"/{name}"
+        yield env
+        with admin.connect() as conn:
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+    else:
+        yield env
+
+
+def uuid_suffix() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:6]
+
+
+def database_url(env: dict[str, str]) -> str:
+    return env.get("RETRIEVAL_DATABASE_URL") or f"sqlite:///{Path(env['RETRIEVAL_DATA_DIR']) / 'retrieval.db'}"
+
+
+def db_counts(env: dict[str, str]) -> dict[str, int]:
+    engine = create_engine(database_url(env))
+    with engine.connect() as conn:
+        counts = {
+            table: conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+            for table in ("images", "latents", "vectors", "studies")
+        }
+        counts["distinct_sha"] = conn.execute(text("SELECT count(DISTINCT sha256) FROM images")).scalar_one()
+    engine.dispose()
+    return counts
+
+
+def index_count(env: dict[str, str]) -> int:
+    sidecars = list((Path(env["RETRIEVAL_DATA_DIR"]) / "index").glob("*.json"))
+    assert len(sidecars) == 1
+    return json.loads(sidecars[0].read_text())["count"]
+
+
+def test_ingest_search_reingest(cli_env: dict[str, str], tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    files = make_archive(archive, studies=4, per_study=3)
+    write_dicom(archive / "dicom_study" / "a.dcm", (synthetic_image(77) * 4000).astype(np.uint16), window=(2000, 4000),
+                PatientID="PAT-SECRET-1", PatientName="Doe^Jane", BodyPartExamined="CHEST", ViewPosition="PA")
+    result = run_cli(cli_env, "ingest", str(archive), "--json", "--no-progress")
+    report = json.loads(result.stdout)
+    assert report["ingested"] == len(files) + 1 and report["failed"] == 0
+    assert report["model"]["weights"] == "random-init"
+    assert "RANDOM-INITIALISED" in result.stderr
+
+    # a stored image finds its own study first, with score ~1
+    query = files[4]  # study_1/img_1.png
+    found = json.loads(run_cli(cli_env, "search", str(query), "-k", "3", "--json").stdout)
+    assert found["model"]["weights"] == "random-init" and found["space"]["weights"] == "random-init"
+    top = found["results"][0]
+    assert top["study"]["label"] == "study_1" and top["score"] > 0.9999
+    assert top["images"][0]["source"] == str(query.resolve())
+
+    # a resized, brightness-shifted copy still finds its original in the top 3
+    pixels = np.asarray(Image.open(files[7]).convert("L"), dtype=np.float32) / 255.0
+    shifted = Image.fromarray((np.clip(pixels * 0.8 + 0.15, 0, 1) * 255).astype(np.uint8)).resize((70, 70))
+    shifted.save(tmp_path / "query.png")
+    found = json.loads(run_cli(cli_env, "search", str(tmp_path / "query.png"), "-k", "3", "--json").stdout)
+    assert len(found["results"]) == 3
+    top3_sources = [image["source"] for result in found["results"] for image in result["images"]]
+    assert str(files[7].resolve()) in top3_sources
+
+    # filters and group_by=image
+    by_image = json.loads(run_cli(cli_env, "search", "--image-id", "1", "-k", "2", "--group-by", "image", "--json").stdout)
+    assert len(by_image["results"]) == 2 and len(by_image["results"][0]["images"]) == 1
+    chest = json.loads(run_cli(cli_env, "search", str(query), "--filter", "body_part=chest", "--json").stdout)
+    assert [r["images"][0]["body_part"] for r in chest["results"]] == ["CHEST"]
+
+    # re-ingest is a no-op
+    again = run_cli(cli_env, "ingest", str(archive), "--no-progress")
+    assert "ingested 0, skipped 13, failed 0" in again.stdout
+    counts = db_counts(cli_env)
+    assert counts["images"] == counts["vectors"] == counts["latents"] == counts["distinct_sha"] == 13
+    assert index_count(cli_env) == 13
+
+    # the patient identifiers never reach the database in clear
+    engine = create_engine(database_url(cli_env))
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT * FROM images")).fetchall() + conn.execute(text("SELECT * FROM studies")).fetchall()
+    engine.dispose()
+    dump = repr(rows)
+    assert "PAT-SECRET-1" not in dump and "Doe" not in dump and "Jane" not in dump
+
+
+def test_preview_export_reindex_doctor(cli_env: dict[str, str], tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    make_archive(archive, studies=2, per_study=2)
+    run_cli(cli_env, "ingest", str(archive), "--no-progress")
+    preview = tmp_path / "p.png"
+    run_cli(cli_env, "preview", "1", str(preview))
+    image = Image.open(preview)
+    assert image.size == (64, 64) and "reconstruction" in image.info["Description"]
+    run_cli(cli_env, "export", str(tmp_path / "export"))
+    shard = np.load(tmp_path / "export" / "latents-00000.npz")
+    assert shard["z"].shape == (4, 4, 8, 8) and shard["vectors"].shape == (4, 84)
+    assert (tmp_path / "export" / "metadata.csv").read_text().count("\n") == 5
+    out = run_cli(cli_env, "reindex", "--to-pooling", "grid:2").stdout
+    assert "4 vectors derived from stored z" in out and "index holds 4" in out
+    moved = dict(cli_env, RETRIEVAL_POOLING="grid:2")
+    found = json.loads(run_cli(moved, "search", "--image-id", "2", "-k", "1", "--json").stdout)
+    assert found["space"]["pooling"] == "grid:2" and found["space"]["dim"] == 16
+    assert found["results"][0]["images"][0]["image_id"] == 2
+    doctor = json.loads(run_cli(cli_env, "doctor", "--json").stdout)
+    assert doctor["weights"]["random"] is True and doctor["index"]["consistent"] is True
+    assert doctor["database"]["counts"]["images"] == 4
+
+
+def test_sigkill_mid_ingest_then_rerun_stores_each_image_once(cli_env: dict[str, str], tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    files = make_archive(archive, studies=8, per_study=5)
+    env = dict(cli_env, RETRIEVAL_BATCH_SIZE="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "retrieval", "ingest", str(archive), "--no-progress"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    stored = 0
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            stored = db_counts(env)["vectors"]
+        except Exception:  # the schema may not exist yet
+            stored = 0
+        if stored >= 5:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 5 <= stored < len(files), "the kill must land mid-ingest"
+    rerun = run_cli(env, "ingest", str(archive), "--no-progress")
+    assert "failed 0" in rerun.stdout
+    counts = db_counts(env)
+    assert counts["images"] == counts["distinct_sha"] == counts["vectors"] == counts["latents"] == len(files)
+    assert index_count(env) == len(files)
+
+
+def test_bad_files_are_recorded_and_good_ones_ingested(cli_env: dict[str, str], tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    archive = tmp_path / "archive"
+    good = make_archive(archive, studies=2, per_study=2)
+    bad = archive / "bad"
+    bad.mkdir()
+    (bad / "zero.png").write_bytes(b"")
+    write_png(bad / "trunc.png", synthetic_image(3))
+    (bad / "trunc.png").write_bytes((bad / "trunc.png").read_bytes()[:300])
+    dcm = write_dicom(bad / "trunc.dcm", (synthetic_image(4) * 1000).astype(np.uint16))
+    dcm.write_bytes(dcm.read_bytes()[:-2000])
+    (bad / "noise.png").write_bytes(np.random.default_rng(0).bytes(4096))
+    Image.new("L", (1, 1)).save(bad / "bomb.png")
+    data = bytearray((bad / "bomb.png").read_bytes())
+    ihdr = bytearray(data[12:29])
+    ihdr[4:12] = struct.pack(">II", 20000, 20000)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    (bad / "bomb.png").write_bytes(bytes(data))
+    (archive / "notes.txt").write_text("ignored: not an image suffix")
+
+    result = run_cli(cli_env, "ingest", str(archive), "--no-progress")
+    assert f"ingested {len(good)}, skipped 0, failed 5" in result.stdout
+    for name, reason in [("zero.png", "empty"), ("trunc.png", "truncated"), ("trunc.dcm", ""), ("noise.png", "not a recognised"),
+                         ("bomb.png", "pixel cap")]:
+        lines = [line for line in result.stdout.splitlines() if line.startswith("failed") and name in line]
+        assert lines and reason in lines[0], (name, result.stdout)
+    strict = run_cli(cli_env, "ingest", str(archive), "--no-progress", "--strict", check=False)
+    assert strict.returncode == 1  # the five bad files fail again; nothing else changes
+    assert db_counts(cli_env)["images"] == len(good)
+    engine = create_engine(database_url(cli_env))
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM ingest_errors")).scalar_one() == 10
+    engine.dispose()
+
+
+def test_errors_are_clear(cli_env: dict[str, str], tmp_path: Path) -> None:
+    missing = run_cli(cli_env, "ingest", str(tmp_path / "nowhere"), check=False)
+    assert missing.returncode == 2 and "no such file or folder" in missing.stderr
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,study\na.png,s\n")
+    bad_manifest = run_cli(cli_env, "ingest", str(manifest), check=False)
+    assert bad_manifest.returncode == 2 and "needs a `path` column" in bad_manifest.stderr
+    as_json = run_cli(cli_env, "search", str(tmp_path / "nope.png"), "--json", check=False)
+    assert as_json.returncode == 2 and json.loads(as_json.stdout)["error"]["code"] == "image_decode_error"

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.encoder import MedVAEEncoder, fold_lora, save_state_dict, use_fused_attention
+from retrieval.errors import ConfigurationError, WeightsError
+
+from conftest import synthetic_image, tiny_settings
+
+
+def _batch(n: int = 2, size: int = 64) -> np.ndarray:
+    from retrieval.imaging import fit_to_square
+
+    return np.stack([fit_to_square(synthetic_image(i, 80), size) for i in range(n)])
+
+
+def test_encode_is_deterministic_and_shaped(encoder: MedVAEEncoder) -> None:
+    pixels = _batch()
+    z1, z2 = encoder.encode(pixels), encoder.encode(pixels)
+    assert z1.shape == (2, 4, 8, 8) and z1.dtype == torch.float32
+    assert torch.equal(z1, z2), "posterior mode on CPU fp32 must be bitwise repeatable"
+    assert not torch.equal(z1[0], z1[1])
+
+
+def test_lora_fold_and_fused_attention_match_medvae_module(tmp_path: Path) -> None:
+    settings = tiny_settings(tmp_path)
+    reference = MedVAEEncoder(settings, fold=False, fused_attention=False)  # medvae's own modules, as built
+    fast = MedVAEEncoder(settings)
+    lora_layers = [m for m in reference.model.modules() if hasattr(m, "lora_up")]
+    assert lora_layers and any(m.lora_up.weight.abs().sum() > 0 for m in lora_layers), "LoRA must carry signal"
+    assert not any(hasattr(m, "lora_up") for m in fast.model.modules())
+    pixels = _batch(3)
+    z_ref, z_fast = reference.encode(pixels), fast.encode(pixels)
+    assert torch.allclose(z_ref, z_fast, rtol=1e-4, atol=1e-4), (z_ref - z_fast).abs().max()
+    decoded_ref, decoded_fast = reference.decode(z_ref), fast.decode(z_ref)
+    assert np.allclose(decoded_ref, decoded_fast, atol=1e-4)
+
+
+def test_fold_lora_alone_is_exact_on_one_layer() -> None:
+    from medvae.utils.lora import LoraInjectedConv2d
+
+    torch.manual_seed(0)
+    layer = LoraInjectedConv2d(8, 16, 3, padding=1, r=4).eval()
+    torch.nn.init.normal_(layer.lora_up.weight, std=0.1)
+    holder = torch.nn.Sequential(layer)
+    x = torch.randn(2, 8, 12, 12)
+    expected = holder(x)
+    assert fold_lora(holder) == 1
+    assert isinstance(holder[0], torch.nn.Conv2d)
+    assert torch.allclose(holder(x), expected, atol=1e-5)
+
+
+def test_fused_attention_equals_vanilla() -> None:
+    from medvae.utils.vae.diffusionmodels import AttnBlock
+
+    torch.manual_seed(0)
+    block = AttnBlock(64).eval()
+    holder = torch.nn.Sequential(block)
+    x = torch.randn(2, 64, 6, 6)
+    expected = holder(x)
+    assert use_fused_attention(holder) == 1
+    assert torch.allclose(holder(x), expected, atol=1e-5)
+
+
+def test_checkpoint_round_trip_gives_identical_latents(tmp_path: Path) -> None:
+    random_encoder = MedVAEEncoder(tiny_settings(tmp_path), fold=False, fused_attention=False)
+    checkpoint = tmp_path / "medvae.ckpt"
+    save_state_dict(random_encoder.model, checkpoint)
+    loaded = MedVAEEncoder(tiny_settings(tmp_path, weights=str(checkpoint)), fold=False, fused_attention=False)
+    assert loaded.weights.kind == "checkpoint" and loaded.weights.identity.startswith("sha256:")
+    assert not loaded.weights.is_random
+    pixels = _batch()
+    assert torch.equal(random_encoder.encode(pixels), loaded.encode(pixels))
+
+
+def test_checkpoint_with_missing_keys_is_refused(tmp_path: Path) -> None:
+    donor = MedVAEEncoder(tiny_settings(tmp_path), fold=False, fused_attention=False)
+    state = donor.model.state_dict()
+    state.pop("encoder.conv_in.weight")
+    state.pop("encoder.down.0.block.0.conv1.lora_up.weight")
+    checkpoint = tmp_path / "broken.ckpt"
+    torch.save({"state_dict": state}, checkpoint)
+    with pytest.raises(WeightsError, match="missing 2 keys"):
+        MedVAEEncoder(tiny_settings(tmp_path, weights=str(checkpoint)))
+
+
+def test_missing_checkpoint_path_and_unknown_model(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="not a file"):
+        MedVAEEncoder(tiny_settings(tmp_path, weights=str(tmp_path / "nope.ckpt")))
+    with pytest.raises(ConfigurationError, match="medvae_8_4_2d"):
+        MedVAEEncoder(tiny_settings(tmp_path, model="medvae_9_9_2d"))
+
+
+def test_hub_failure_is_an_error_never_a_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network in tests: the hub path must fail loudly
+    with pytest.raises(WeightsError, match="Hugging Face hub"):
+        MedVAEEncoder(tiny_settings(tmp_path, weights="hub"))
+
+
+def test_decode_returns_unit_images(encoder: MedVAEEncoder) -> None:
+    z = encoder.encode(_batch(1))
+    image = encoder.decode(z)
+    assert image.shape == (1, 64, 64) and image.min() >= 0.0 and image.max() <= 1.0
+
+
+def test_s2_latent_matches_medvae_forward(encoder: MedVAEEncoder) -> None:
+    pixels = _batch(1)
+    z = encoder.encode(pixels)
+    x = encoder.to_model_input(pixels)
+    with torch.inference_mode():
+        _, _, latent = encoder.model.compute_latent_proj(x, sample_posterior=False)
+    assert torch.allclose(encoder.s2_latent(z), latent.float(), atol=1e-4)

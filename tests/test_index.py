@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.index import SpaceIndex
+from retrieval.metadata import ImageMetadata
+from retrieval.spaces import SpaceIdentity
+from retrieval.store import NewImage, Store
+
+from conftest import tiny_settings
+
+DIM = 16
+
+
+def _store_with_vectors(tmp_path: Path, n: int, *, seed: int = 0) -> tuple[Store, object, np.ndarray]:
+    store = Store.open(tiny_settings(tmp_path / "data"))
+    space = store.ensure_space(SpaceIdentity("m", "w", 64, "v1", "spp:1", DIM))
+    vectors = _unit(np.random.default_rng(seed).normal(size=(n, DIM)))
+    _add(store, space, vectors, start=0)
+    return store, space, vectors
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    return (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _add(store: Store, space: object, vectors: np.ndarray, *, start: int) -> list:
+    rows = [
+        NewImage(
+            source_uri=f"/x/{start + i}.png", sha256=f"{start + i:064d}", study_key=f"folder:/x/{(start + i) % 5}",
+            study_label=str((start + i) % 5), kind="raster", width=8, height=8, frames=1, metadata=ImageMetadata(),
+            z=np.zeros((4, 2, 2), np.float32), vector=v,
+        )
+        for i, v in enumerate(vectors)
+    ]
+    return store.write_batch(space=space, images=rows)
+
+
+def test_flat_index_equals_exact_search(tmp_path: Path) -> None:
+    store, space, vectors = _store_with_vectors(tmp_path, 300)
+    index, report = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index")
+    assert report.action == "rebuilt" and index.count == 300
+    queries = _unit(np.random.default_rng(1).normal(size=(5, DIM)))
+    ids_by_row = {i: i + 1 for i in range(300)}  # image ids start at 1 in insertion order
+    exact = queries @ vectors.T
+    for q, hits in enumerate(index.search(queries, 10)):
+        expected = [ids_by_row[int(i)] for i in np.argsort(-exact[q])[:10]]
+        assert [image_id for image_id, _ in hits] == expected
+        assert np.allclose([s for _, s in hits], np.sort(exact[q])[::-1][:10], atol=1e-5)
+
+
+def test_search_drops_padding_ids(tmp_path: Path) -> None:
+    store, space, _ = _store_with_vectors(tmp_path, 3)
+    index, _ = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index")
+    hits = index.search(np.ones(DIM, np.float32) / 4, 10)[0]
+    assert len(hits) == 3 and all(image_id > 0 for image_id, _ in hits)
+
+
+def test_reopen_loads_then_catches_up_rows_committed_after_save(tmp_path: Path) -> None:
+    store, space, _ = _store_with_vectors(tmp_path, 20)
+    directory = tmp_path / "index"
+    SpaceIndex.open(store=store, space=space, directory=directory)
+    assert SpaceIndex.open(store=store, space=space, directory=directory)[1].action == "loaded"
+    # rows committed but never added to the saved index (a crash between commit and save)
+    _add(store, space, _unit(np.random.default_rng(5).normal(size=(7, DIM))), start=20)
+    index, report = SpaceIndex.open(store=store, space=space, directory=directory)
+    assert report.action == "caught_up" and report.added == 7 and index.count == 27
+    sidecar = json.loads((directory / f"{space.key}.json").read_text())
+    assert sidecar["count"] == 27 and sidecar["watermark"] == store.vector_stats(space.id)[1]
+
+
+@pytest.mark.parametrize("damage", ["sidecar_count", "other_space", "truncated_index", "missing_sidecar"])
+def test_inconsistent_files_trigger_rebuild(tmp_path: Path, damage: str) -> None:
+    store, space, _ = _store_with_vectors(tmp_path, 12)
+    directory = tmp_path / "index"
+    index, _ = SpaceIndex.open(store=store, space=space, directory=directory)
+    sidecar_path, index_path = index.sidecar_path, index.index_path
+    data = json.loads(sidecar_path.read_text())
+    if damage == "sidecar_count":
+        data["count"] = 5
+        sidecar_path.write_text(json.dumps(data))
+    elif damage == "other_space":
+        data["space_key"] = "0" * 64
+        sidecar_path.write_text(json.dumps(data))
+    elif damage == "truncated_index":
+        index_path.write_bytes(index_path.read_bytes()[:100])
+    else:
+        sidecar_path.unlink()
+    reopened, report = SpaceIndex.open(store=store, space=space, directory=directory)
+    assert report.action == "rebuilt" and reopened.count == 12
+
+
+def test_watermark_ahead_with_fewer_rows_rebuilds(tmp_path: Path) -> None:
+    """An index holding more vectors than the database (rows lost after a restore) is rebuilt."""
+    store, space, _ = _store_with_vectors(tmp_path, 10)
+    directory = tmp_path / "index"
+    index, _ = SpaceIndex.open(store=store, space=space, directory=directory)
+    from retrieval.store import StoredVector
+
+    index.add([StoredVector(row_id=5, image_id=999, vector=np.ones(DIM, np.float32) / 4)])
+    index.save()
+    reopened, report = SpaceIndex.open(store=store, space=space, directory=directory)
+    assert report.action == "rebuilt" and reopened.count == 10
+    assert 999 not in {i for i, _ in reopened.search(np.ones(DIM, np.float32) / 4, 20)[0]}
