@@ -29,6 +29,9 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+DEMO_INPUT_SIZE = 256
+
+
 class State:
     settings_overrides: dict[str, Any] = {}
 
@@ -168,6 +171,8 @@ def search(
 
 
 def _print_results(payload: dict[str, Any]) -> None:
+    for warning in payload.get("warnings", []):
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if not payload["results"]:
         out.print("no results")
     for rank, result in enumerate(payload["results"], start=1):
@@ -263,6 +268,48 @@ def sample(target: Annotated[Path, typer.Argument(help="Folder to write the samp
 
     write_sample_set(target)
     out.print(f"sample archive written to {target}", highlight=False)
+
+
+@app.command()
+def demo(
+    k: Annotated[int, typer.Option("-k", help="Studies to show for the demo query.")] = 3,
+) -> None:
+    """Write the sample archive, ingest it and run a similar-case search (the first-run main job)."""
+    import os
+
+    from retrieval.demo import demo_weights
+    from retrieval.ingest import IngestPipeline
+    from retrieval.sample import write_sample_set
+    from retrieval.search import run_search
+
+    explicit = State.settings_overrides.get("weights") or os.environ.get("RETRIEVAL_WEIGHTS")
+    weights, notice = demo_weights(explicit)
+    if notice:
+        err.print(f"[bold yellow]{notice}[/]")
+    State.settings_overrides["weights"] = weights
+    if "input_size" not in State.settings_overrides and not os.environ.get("RETRIEVAL_INPUT_SIZE"):
+        State.settings_overrides["input_size"] = DEMO_INPUT_SIZE
+        err.print(
+            f"demo: input size {DEMO_INPUT_SIZE} (about half the CPU time of the default 384); "
+            f"to query this archive later pass --input-size {DEMO_INPUT_SIZE} or set RETRIEVAL_INPUT_SIZE."
+        )
+    current = settings()
+    warn_if_random(current)
+    sample_dir = current.data_dir / "sample"
+    write_sample_set(sample_dir, studies=4, images_per_study=2)
+    out.print(f"sample archive: {sample_dir} (synthetic chest X-ray look-alikes + pydicom's bundled DICOM files)")
+    try:
+        service = _service(current)
+        report = IngestPipeline(service).run(sample_dir)
+        out.print(f"{report.summary()} ({report.images_per_second:.2f} images/s end to end)", highlight=False)
+        query = sample_dir / "study_02" / "view_1.png"
+        out.print(f"query: {query}")
+        payload = run_search(service, path=query, k=k)
+        service.close()
+    except RetrievalError as exc:
+        raise fail(exc, as_json=False) from None
+    _print_results(payload)
+    out.print(f"weights: {payload['model']['weights']}  space: {payload['space']['key'][:12]} ({payload['space']['pooling']})")
 
 
 @db_app.command("upgrade")

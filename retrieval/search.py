@@ -232,7 +232,22 @@ def run_search(
         "query": query,
         "group_by": group_by,
         "results": results_json(groups),
+        "warnings": empty_space_warnings(service),
     }
+
+
+def empty_space_warnings(service: RetrievalService) -> list[str]:
+    """When the searched space is empty, name the spaces that do hold vectors (settings differ)."""
+    if service.index.count > 0:
+        return []
+    others = []
+    for space in service.store.list_spaces():
+        count, _ = service.store.vector_stats(space.id)
+        if count and space.id != service.space.id:
+            others.append(f"{space.key[:12]} (input_size={space.input_size}, pooling={space.pooling}, {count} images)")
+    if not others:
+        return ["the archive is empty: ingest a folder or manifest first"]
+    return ["this space holds no images; the archive has vectors in other spaces: " + "; ".join(others)]
 
 
 def _vector_and_patient_of_file(service: RetrievalService, path: Any) -> tuple[np.ndarray, str | None]:

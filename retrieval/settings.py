@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA and on CPUs with bf16 units, else fp32."
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the encoder; auto = on for CUDA (3.4x there), off on CPU."
+    )
     batch_size: int = Field(8, ge=1, le=4096)
     decode_workers: int = Field(
         -1, ge=-1, le=64, description="Decode processes; -1 = one per spare core, 0 = in-process."

@@ -1,0 +1,144 @@
+"""Encoder throughput: medvae's own per-image path against ours, in one run on one machine.
+
+Reference ("medvae"): what ``medvae_inference`` does per file, minus file I/O: the model built by
+medvae's classes (LoRA injected, unfused attention), ``model(x, decode=False)`` on ONE image at a
+time, fp32, posterior *sampled* (that is medvae's forward), S2 latent out.
+Ours: :class:`retrieval.encoder.MedVAEEncoder` (LoRA folded, SDPA attention, channels_last, bf16
+autocast where the device has bf16 units), batched, posterior mode, plus S2 + pooling.
+
+Random seeded weights of the exact architecture (cost does not depend on weight values).
+Prints a table and writes JSON to ``bench/results/``. Example::
+
+    python bench/encode.py --device cpu --sizes 384 --ref-images 2 --images 8 --batch 4
+    python bench/encode.py --device cuda --sizes 384,1024 --ref-images 20 --images 512 --batch 32,64 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retrieval.encoder import MedVAEEncoder
+from retrieval.pooling import parse_pooling, pool
+from retrieval.settings import Settings
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench_reference(size: int, images: int, device: torch.device) -> dict[str, Any]:
+    """medvae's forward, one image at a time, fp32, as medvae_inference runs it."""
+    encoder = MedVAEEncoder(
+        Settings(weights="random", input_size=size, device=device.type, precision="fp32", compile="off"),
+        fold=False,
+        fused_attention=False,
+    )
+    model = encoder.model.to(memory_format=torch.contiguous_format)
+    x = torch.rand(1, 3, size, size, device=device) * 2 - 1
+    _reset_peak(device)
+    with torch.no_grad():
+        model(x, decode=False)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(images):
+            _, _, latent = model(x, decode=False)
+            latent.cpu()
+        _sync(device)
+    seconds = (time.perf_counter() - start) / images
+    return {"path": "medvae", "size": size, "batch": 1, "precision": "fp32", "ms_per_image": seconds * 1e3,
+            "images_per_s": 1 / seconds, "peak_mb": _peak_memory_mb(device)}
+
+
+def bench_ours(size: int, images: int, batch: int, device: torch.device, precision: str, compile_model: bool) -> dict[str, Any]:
+    encoder = MedVAEEncoder(
+        Settings(weights="random", input_size=size, device=device.type, precision=precision,
+                 compile="on" if compile_model else "off")
+    )
+    spec = parse_pooling("spp:1,2,4")
+    pixels = np.random.default_rng(0).random((batch, size, size), dtype=np.float32)
+    if device.type == "cuda":
+        pixels = torch.from_numpy(pixels).pin_memory()
+    _reset_peak(device)
+    for _ in range(2 if compile_model else 1):  # warm-up (compilation)
+        pool(encoder.s2_latent(encoder.encode(pixels)), spec)
+    _sync(device)
+    steps = max(1, images // batch)
+    start = time.perf_counter()
+    for _ in range(steps):
+        pool(encoder.s2_latent(encoder.encode(pixels)), spec)
+    _sync(device)
+    seconds = (time.perf_counter() - start) / (steps * batch)
+    return {"path": "ours" + ("+compile" if compile_model else ""), "size": size, "batch": batch,
+            "precision": encoder.precision_label, "ms_per_image": seconds * 1e3, "images_per_s": 1 / seconds,
+            "peak_mb": _peak_memory_mb(device)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", default="384")
+    parser.add_argument("--ref-images", type=int, default=2)
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--batch", default="4")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile of the encoder")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows: list[dict[str, Any]] = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        reference = bench_reference(size, args.ref_images, device)
+        rows.append(reference)
+        for batch in (int(b) for b in args.batch.split(",")):
+            for compiled in ([False, True] if args.compile else [False]):
+                try:
+                    row = bench_ours(size, args.images, batch, device, args.precision, compiled)
+                except torch.OutOfMemoryError:
+                    row = {"path": "ours", "size": size, "batch": batch, "error": "out of memory"}
+                if "images_per_s" in row:
+                    row["speedup_vs_medvae"] = row["images_per_s"] / reference["images_per_s"]
+                rows.append(row)
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or platform.machine()
+    result = {
+        "date": dt.date.today().isoformat(), "device": device_name, "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(), "rows": rows,
+    }
+    print(f"{'path':<16}{'size':>6}{'batch':>7}{'precision':>15}{'ms/img':>11}{'img/s':>10}{'peak MB':>10}{'speed-up':>10}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['path']:<16}{row['size']:>6}{row['batch']:>7}  {row['error']}")
+            continue
+        print(f"{row['path']:<16}{row['size']:>6}{row['batch']:>7}{row['precision']:>15}{row['ms_per_image']:>11.1f}"
+              f"{row['images_per_s']:>10.2f}{row['peak_mb']:>10.0f}{row.get('speedup_vs_medvae', 1.0):>10.1f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"encode-{device.type}-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path} ({device_name}, torch {torch.__version__})")
+
+
+if __name__ == "__main__":
+    main()
