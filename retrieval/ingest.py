@@ -47,7 +47,9 @@ class IngestReport:
     ingested: int = 0
     skipped: int = 0
     failures: list[Failure] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=lambda: {"encode": 0.0, "write": 0.0, "wall": 0.0})
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"decode_cpu": 0.0, "encode": 0.0, "write": 0.0, "wall": 0.0}
+    )
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -138,6 +140,8 @@ class IngestPipeline:
         items = list(scan(source))
         report.total = len(items)
         space, index = self.service.space, self.service.index  # load model + index before timing work
+        report.seconds["load"] = time.perf_counter() - report.started
+        report.started = time.perf_counter()
         logger.info("ingest %s: %d candidate files into space %s", source, len(items), space.key[:12])
         executor = make_executor(decode_worker_count(self.settings.decode_workers))
         last_save = time.monotonic()
@@ -152,6 +156,7 @@ class IngestPipeline:
                 todo = self._new_items(executor, chunk, report, seen)
                 tasks = [(fp, self.options) for fp in todo]
                 for prepared in executor.map(prepare, tasks, chunksize=2):
+                    report.seconds["decode_cpu"] += prepared.seconds
                     if prepared.error:
                         report.failures.append(Failure(prepared.item.path, "decode", prepared.error))
                         continue

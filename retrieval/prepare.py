@@ -8,6 +8,7 @@ records it and carries on.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class Prepared:
     study_key: str = ""
     study_label: str = ""
     error: str | None = None
+    seconds: float = 0.0  # CPU-side decode + fit time in the worker
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
     """Decode, read metadata, fit to the model's input size. Never raises for a bad file."""
     fp, options = task
     item = fp.item
+    started = time.perf_counter()
     try:
         decoded = decode_path(item.path, max_pixels=options.max_pixels)
         metadata = (
@@ -112,6 +115,7 @@ def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
         metadata=metadata,
         study_key=study_key,
         study_label=study_label,
+        seconds=time.perf_counter() - started,
     )
 
 

@@ -114,3 +114,14 @@ def test_s2_latent_matches_medvae_forward(encoder: MedVAEEncoder) -> None:
     with torch.inference_mode():
         _, _, latent = encoder.model.compute_latent_proj(x, sample_posterior=False)
     assert torch.allclose(encoder.s2_latent(z), latent.float(), atol=1e-4)
+
+
+def test_compiled_path_pads_and_splits_without_changing_results(encoder: MedVAEEncoder) -> None:
+    pixels = np.concatenate([_batch(3), _batch(3)[::-1]])  # 6 images, batch_size is 4
+    reference = encoder.encode(pixels)
+    encoder.compiled = True  # exercise the fixed-shape path (pad 2 -> 4, split 6 -> 4 + 2) without compiling
+    try:
+        assert torch.equal(encoder.encode(pixels), reference)
+        assert torch.equal(encoder.encode(pixels[:3]), reference[:3])
+    finally:
+        encoder.compiled = False

@@ -1,0 +1,168 @@
+"""End-to-end ingest throughput from generated folders of PNG and DICOM, and where the time goes.
+
+Generates realistic radiographs (default 2048x2048, 16-bit: synthetic chest look-alikes with
+noise, so PNG compression behaves like on real images), ingests them into a fresh SQLite data dir
+with :class:`retrieval.ingest.IngestPipeline` (decode workers overlapping the encoder), and
+reports images/s, the split decode (summed worker CPU) / encode / database+index write, the
+encoder's busy fraction of the wall time, peak RSS, and stored bytes per image against the
+source files. ``--scale`` runs the same folder kind at N and 10N images in separate processes and
+compares peak RSS (memory must stay flat as the archive grows).
+
+    python bench/ingest.py --kind png,dicom --count 64 --size 2048
+    python bench/ingest.py --kind dicom --count 50 --scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _write_one(task: tuple[str, str, int, int]) -> int:
+    from PIL import Image
+
+    from retrieval.sample import study_variant, synthetic_chest
+
+    kind, path, seed, size = task
+    rng = np.random.default_rng(seed)
+    pixels = (synthetic_chest(rng, size, variant=study_variant(rng)) * 4095).astype(np.uint16)
+    if kind == "png":
+        Image.fromarray(pixels).save(path, compress_level=6)
+    else:
+        from pydicom.dataset import Dataset, FileMetaDataset
+        from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.Modality, ds.PatientID, ds.BodyPartExamined, ds.ViewPosition = "DX", f"P{seed % 97}", "CHEST", "PA"
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(path, enforce_file_format=True)
+    return os.path.getsize(path)
+
+
+def generate(kind: str, folder: Path, count: int, size: int, workers: int) -> int:
+    """Write ``count`` images into ``folder``; returns total bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = "png" if kind == "png" else "dcm"
+    tasks = [(kind, str(folder / f"s{i // 4:05d}" / f"img_{i:06d}.{suffix}"), i, size) for i in range(count)]
+    for _, path, _, _ in tasks:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return sum(pool.map(_write_one, tasks, chunksize=4))
+
+
+def run_ingest(folder: Path, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from retrieval.ingest import IngestPipeline
+    from retrieval.service import RetrievalService
+    from retrieval.settings import Settings
+
+    settings = Settings(
+        data_dir=data_dir, weights="random", input_size=args.input_size, batch_size=args.batch,
+        decode_workers=args.workers, device=args.device,
+    )
+    service = RetrievalService(settings)
+    report = IngestPipeline(service).run(folder)
+    service.close()
+    db_bytes = sum(p.stat().st_size for p in data_dir.glob("retrieval.db*"))
+    index_bytes = sum(p.stat().st_size for p in (data_dir / "index").glob("*"))
+    seconds = report.seconds
+    return {
+        "images": report.ingested,
+        "failed": report.failed,
+        "images_per_s": report.images_per_second,
+        "seconds": seconds,
+        "encoder_busy_fraction": seconds["encode"] / seconds["wall"] if seconds["wall"] else 0.0,
+        "decode_cpu_ms_per_image": 1e3 * seconds["decode_cpu"] / max(report.ingested, 1),
+        "peak_rss_mb_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "stored_bytes_per_image": (db_bytes + index_bytes) / max(report.ingested, 1),
+        "device": str(service.encoder.device),
+        "precision": service.encoder.precision_label,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", default="png,dicom")
+    parser.add_argument("--count", type=int, default=32)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--input-size", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=-1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--scale", action="store_true", help="compare peak RSS at count and 10x count")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--one", nargs=2, metavar=("FOLDER", "DATA_DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # child process of --scale: one ingest, JSON on stdout
+        print(json.dumps(run_ingest(Path(args.one[0]), Path(args.one[1]), args)))
+        return
+    gen_workers = max(1, (os.cpu_count() or 2) - 1)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.kind.split(","):
+            counts = [args.count, 10 * args.count] if args.scale else [args.count]
+            for count in counts:
+                folder = Path(tmp) / f"{kind}-{count}"
+                tick = time.perf_counter()
+                source_bytes = generate(kind, folder, count, args.size, gen_workers)
+                generated = time.perf_counter() - tick
+                data_dir = Path(tmp) / f"data-{kind}-{count}"
+                child = subprocess.run(
+                    [sys.executable, __file__, "--one", str(folder), str(data_dir), "--input-size", str(args.input_size),
+                     "--batch", str(args.batch), "--workers", str(args.workers), "--device", args.device],
+                    capture_output=True, text=True, check=True,
+                )
+                row = json.loads(child.stdout.strip().splitlines()[-1])
+                row.update(kind=kind, count=count, size=args.size, source_bytes_per_image=source_bytes / count,
+                           generate_seconds=generated)
+                rows.append(row)
+    print(f"{'kind':<6}{'count':>7}{'load s':>8}{'img/s':>9}{'decode ms/img':>15}{'encode s':>10}{'write s':>9}{'wall s':>8}"
+          f"{'enc busy':>10}{'RSS MB':>8}{'stored B/img':>14}{'source B/img':>14}")
+    for r in rows:
+        s = r["seconds"]
+        print(f"{r['kind']:<6}{r['count']:>7}{s.get('load', 0.0):>8.1f}{r['images_per_s']:>9.1f}{r['decode_cpu_ms_per_image']:>15.1f}{s['encode']:>10.1f}"
+              f"{s['write']:>9.1f}{s['wall']:>8.1f}{r['encoder_busy_fraction']:>10.2f}{r['peak_rss_mb_main']:>8.0f}"
+              f"{r['stored_bytes_per_image']:>14.0f}{r['source_bytes_per_image']:>14.0f}")
+    if args.scale:
+        for kind in args.kind.split(","):
+            small, large = [r for r in rows if r["kind"] == kind][:2]
+            growth = large["peak_rss_mb_main"] / small["peak_rss_mb_main"] - 1
+            print(f"{kind}: peak RSS {small['peak_rss_mb_main']:.0f} MB at {small['count']} -> "
+                  f"{large['peak_rss_mb_main']:.0f} MB at {large['count']} images ({growth:+.1%})")
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.machine()
+    result = {"date": dt.date.today().isoformat(), "device": device, "cpus": os.cpu_count(), "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"ingest-{'cuda' if torch.cuda.is_available() else 'cpu'}-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path} ({device})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The ingest pipeline in-process: manifests, metadata, studies, failures, label filters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.ingest import IngestPipeline
+from retrieval.metadata import keyed_hash
+from retrieval.search import run_search
+from retrieval.service import RetrievalService
+from retrieval.settings import Settings
+
+from conftest import synthetic_image, write_png
+
+
+def test_manifest_ingest_groups_labels_and_hashes(settings: Settings, tmp_path: Path) -> None:
+    root = tmp_path / "files"
+    for i in range(4):
+        write_png(root / f"f{i}.png", synthetic_image(10 + i))
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(
+        "path,study,labels,modality,patient_id,patient_name,site\n"
+        "files/f0.png,S1,effusion|cardiomegaly,DX,PAT-1,Doe^John,north\n"
+        "files/f1.png,S1,effusion,DX,PAT-1,Doe^John,north\n"
+        "files/f2.png,S2,,CR,PAT-2,Roe^Jane,south\n"
+        f"{root / 'f3.png'},S3,cardiomegaly,DX,PAT-3,,south\n"
+        "files/missing.png,S4,,DX,,,\n"
+        ",S5,,,,,\n"
+    )
+    service = RetrievalService(settings)
+    report = IngestPipeline(service).run(manifest)
+    assert (report.ingested, report.skipped, report.failed) == (4, 0, 2)
+    reasons = {Path(f.source).name: f.reason for f in report.failures}
+    assert "cannot read file" in reasons["missing.png"]
+    assert any("empty `path`" in r for r in reasons.values())
+
+    images = {Path(img.source_uri).name: img for chunk in service.store.iter_images() for img in chunk}
+    assert images["f0.png"].labels == ["cardiomegaly", "effusion"]
+    assert images["f0.png"].study_id == images["f1.png"].study_id != images["f2.png"].study_id
+    assert images["f0.png"].study.label == "S1" and images["f2.png"].modality == "CR"
+    assert images["f0.png"].patient_hash == keyed_hash("PAT-1", settings.id_secret)
+    assert images["f0.png"].extra == {"site": "north"}  # patient_name is never kept
+    assert "Doe" not in repr([(i.extra, i.labels, i.study.label) for i in images.values()])
+
+    query = root / "f0.png"
+    effusion = run_search(service, path=query, k=10, filter_pairs=["label=effusion"])
+    assert [r["study"]["label"] for r in effusion["results"]] == ["S1"]
+    not_same_patient = run_search(service, image_id=images["f0.png"].id, k=10, exclude_same_patient=True)
+    assert "S1" not in [r["study"]["label"] for r in not_same_patient["results"]]
+    dx_only = run_search(service, path=query, k=10, filter_pairs=["modality=dx"])
+    assert {r["images"][0]["modality"] for r in dx_only["results"]} == {"DX"}
+    assert service.store.errors_of_run(report.run_id)[0].stage == "read"
+    service.close()
+
+
+def test_same_bytes_twice_in_one_run_is_stored_once(settings: Settings, tmp_path: Path) -> None:
+    pixels = synthetic_image(5)
+    write_png(tmp_path / "a" / "x.png", pixels)
+    write_png(tmp_path / "b" / "x_copy.png", pixels)
+    service = RetrievalService(settings)
+    report = IngestPipeline(service).run(tmp_path)
+    assert (report.ingested, report.skipped) == (1, 1)
+    assert service.store.counts()["images"] == 1
+    assert np.isclose(run_search(service, path=tmp_path / "a" / "x.png", k=1)["results"][0]["score"], 1.0, atol=1e-4)
