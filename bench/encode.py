@@ -9,24 +9,23 @@ autocast where the device has bf16 units), batched, posterior mode, plus S2 + po
 Random seeded weights of the exact architecture (cost does not depend on weight values).
 Prints a table and writes JSON to ``bench/results/``. Example::
 
-    python bench/encode.py --device cpu --sizes 384 --ref-images 2 --images 8 --batch 4
-    python bench/encode.py --device cuda --sizes 384,1024 --ref-images 20 --images 512 --batch 32,64 --compile
+    python -m bench.encode --device cpu --sizes 384 --ref-images 2 --images 8 --batch 4
+    python -m bench.encode --device cuda --sizes 384,1024 --ref-images 20 --images 512 --batch 32,64 --compile
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import resource
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bench.results_io import write_result
 from retrieval.encoder import MedVAEEncoder
 from retrieval.pooling import parse_pooling, pool
 from retrieval.settings import Settings
@@ -133,10 +132,7 @@ def main() -> None:
             continue
         print(f"{row['path']:<16}{row['size']:>6}{row['batch']:>7}{row['precision']:>15}{row['ms_per_image']:>11.1f}"
               f"{row['images_per_s']:>10.2f}{row['peak_mb']:>10.0f}{row.get('speedup_vs_medvae', 1.0):>10.1f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"encode-{device.type}-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_result(args.out, f"encode-{device.type}", result)
     print(f"wrote {path} ({device_name}, torch {torch.__version__})")
 
 

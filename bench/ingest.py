@@ -8,8 +8,8 @@ encoder's busy fraction of the wall time, peak RSS, and stored bytes per image a
 source files. ``--scale`` runs the same folder kind at N and 10N images in separate processes and
 compares peak RSS (memory must stay flat as the archive grows).
 
-    python bench/ingest.py --kind png,dicom --count 64 --size 2048
-    python bench/ingest.py --kind dicom --count 50 --scale
+    python -m bench.ingest --kind png,dicom --count 64 --size 2048
+    python -m bench.ingest --kind dicom --count 50 --scale
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.results_io import write_result
 
 
 def _write_one(task: tuple[str, str, int, int]) -> int:
@@ -132,7 +134,7 @@ def main() -> None:
                 generated = time.perf_counter() - tick
                 data_dir = Path(tmp) / f"data-{kind}-{count}"
                 child = subprocess.run(
-                    [sys.executable, __file__, "--one", str(folder), str(data_dir), "--input-size", str(args.input_size),
+                    [sys.executable, "-m", "bench.ingest", "--one", str(folder), str(data_dir), "--input-size", str(args.input_size),
                      "--batch", str(args.batch), "--workers", str(args.workers), "--device", args.device],
                     capture_output=True, text=True, check=True,
                 )
@@ -157,10 +159,7 @@ def main() -> None:
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.machine()
     result = {"date": dt.date.today().isoformat(), "device": device, "cpus": os.cpu_count(), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ingest-{'cuda' if torch.cuda.is_available() else 'cpu'}-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_result(args.out, f"ingest-{'cuda' if torch.cuda.is_available() else 'cpu'}", result)
     print(f"wrote {path} ({device})")
 
 

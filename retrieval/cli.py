@@ -7,9 +7,11 @@ failures, 2 for an error (printed as ``error: ...`` or, with ``--json``, the JSO
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -55,6 +57,22 @@ def fail(exc: RetrievalError, *, as_json: bool) -> typer.Exit:
     else:
         err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
     return typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def reported_errors(*, as_json: bool = False) -> Iterator[None]:
+    """Turn a :class:`RetrievalError` into the CLI's error output and exit status 2."""
+    try:
+        yield
+    except RetrievalError as exc:
+        raise fail(exc, as_json=as_json) from None
+
+
+def model_settings() -> Settings:
+    """Settings for a command that loads the model: warns first when the weights are random."""
+    current = settings()
+    warn_if_random(current)
+    return current
 
 
 @app.callback()
@@ -190,13 +208,8 @@ def reindex(
     from retrieval.pooling import parse_pooling
     from retrieval.reindex import reindex as run_reindex
 
-    current = settings()
-    warn_if_random(current)
-    try:
-        service = _service(current)
-        report = run_reindex(service, pooling=parse_pooling(pooling) if pooling else None)
-    except RetrievalError as exc:
-        raise fail(exc, as_json=False) from None
+    with reported_errors():
+        report = run_reindex(_service(model_settings()), pooling=parse_pooling(pooling) if pooling else None)
     out.print(
         f"space {report.space_key[:12]} (pooling {report.pooling}): {report.vectors_added} vectors derived from stored z, "
         f"index holds {report.index_count}",
@@ -211,12 +224,8 @@ def export(out_dir: Annotated[Path, typer.Argument(help="Output folder for .npz 
     """Export stored latents (z), vectors and metadata for downstream models."""
     from retrieval.export import export_latents
 
-    current = settings()
-    warn_if_random(current)
-    try:
-        manifest = export_latents(_service(current), out_dir)
-    except RetrievalError as exc:
-        raise fail(exc, as_json=False) from None
+    with reported_errors():
+        manifest = export_latents(_service(model_settings()), out_dir)
     out.print(f"exported {manifest['images']} images in {len(manifest['shards'])} shard(s) to {out_dir}", highlight=False)
 
 
@@ -228,12 +237,8 @@ def preview(
     """Write the MedVAE reconstruction of a stored image (decoded from its stored z) as PNG."""
     from retrieval.previews import preview_png
 
-    current = settings()
-    warn_if_random(current)
-    try:
-        data = preview_png(_service(current), image_id)
-    except RetrievalError as exc:
-        raise fail(exc, as_json=False) from None
+    with reported_errors():
+        data = preview_png(_service(model_settings()), image_id)
     output.write_bytes(data)
     out.print(f"wrote {output} (MedVAE reconstruction from the stored latent, not the original pixels)", highlight=False)
 
@@ -246,9 +251,7 @@ def doctor(
     """Environment, weights, database and index state."""
     from retrieval.doctor import diagnose
 
-    current = settings()
-    warn_if_random(current)
-    report = diagnose(current, load_model=not no_model)
+    report = diagnose(model_settings(), load_model=not no_model)
     if as_json:
         out.print_json(json.dumps(report, default=str))
         return
@@ -317,8 +320,6 @@ def db_upgrade() -> None:
     """Apply pending database migrations (also done automatically on first use)."""
     from retrieval.store import Store, current_revision
 
-    try:
+    with reported_errors():
         store = Store.open(settings())
-    except RetrievalError as exc:
-        raise fail(exc, as_json=False) from None
     out.print(f"database at revision {current_revision(store.engine)}", highlight=False)
