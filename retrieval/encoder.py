@@ -278,13 +278,14 @@ class MedVAEEncoder:
 
     def _encode_full(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = self.to_model_input(pixels)
-        short = self.settings.batch_size - x.shape[0]
-        if self.compiled and short > 0:
-            x = torch.cat([x, x.new_zeros((short, *x.shape[1:])).contiguous(memory_format=torch.channels_last)])
+        count = x.shape[0]
+        if self.compiled and count < self.settings.batch_size:
+            padding = x.new_zeros((self.settings.batch_size - count, *x.shape[1:]))
+            x = torch.cat([x, padding]).contiguous(memory_format=torch.channels_last)
         with self._lock, self._autocast():
             moments = self.model.quant_conv(self.model.encoder(x))
         mean, _logvar = torch.chunk(moments.float(), 2, dim=1)
-        return mean[: x.shape[0] - max(short, 0)].contiguous().cpu()
+        return mean[:count].contiguous().cpu()
 
     @torch.inference_mode()
     def s2_latent(self, z: torch.Tensor) -> torch.Tensor:
