@@ -274,10 +274,27 @@ def sample(target: Annotated[Path, typer.Argument(help="Folder to write the samp
 
 
 @app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Run the HTTP API (OpenAPI docs at /docs) with uvicorn."""
+    import uvicorn
+
+    from api.main import create_app
+
+    current = model_settings()
+    out.print(f"serving on http://{host}:{port} (OpenAPI docs at /docs)", highlight=False)
+    uvicorn.run(create_app(current), host=host, port=port, log_level="info")
+
+
+@app.command()
 def demo(
     k: Annotated[int, typer.Option("-k", help="Studies to show for the demo query.")] = 3,
+    serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Then serve the API on 127.0.0.1:8000.")] = True,
+    port: Annotated[int, typer.Option(help="Port for --serve.")] = 8000,
 ) -> None:
-    """Write the sample archive, ingest it and run a similar-case search (the first-run main job)."""
+    """Write the sample archive, ingest it, run a similar-case search, then serve the API."""
     import os
 
     from retrieval.demo import demo_weights
@@ -308,11 +325,19 @@ def demo(
         query = sample_dir / "study_02" / "view_1.png"
         out.print(f"query: {query}")
         payload = run_search(service, path=query, k=k)
-        service.close()
     except RetrievalError as exc:
         raise fail(exc, as_json=False) from None
     _print_results(payload)
     out.print(f"weights: {payload['model']['weights']}  space: {payload['space']['key'][:12]} ({payload['space']['pooling']})")
+    if not serve_after:
+        service.close()
+        return
+    import uvicorn
+
+    from api.main import create_app
+
+    out.print(f"serving the archive on http://127.0.0.1:{port} (OpenAPI docs at /docs); Ctrl-C stops", highlight=False)
+    uvicorn.run(create_app(current, service=service), host="127.0.0.1", port=port, log_level="warning")
 
 
 @db_app.command("upgrade")

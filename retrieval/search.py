@@ -194,6 +194,8 @@ def run_search(
     *,
     path: Any = None,
     image_id: int | None = None,
+    data: bytes | None = None,
+    data_name: str = "upload",
     vector: np.ndarray | None = None,
     query_patient_hash: str | None = None,
     k: int = 10,
@@ -202,7 +204,7 @@ def run_search(
     group_by: Literal["study", "image"] | str = "study",
     exclude_same_patient: bool = False,
 ) -> dict[str, Any]:
-    """Search by a file path, a stored image id or a ready vector; returns the ``--json`` payload."""
+    """Search by a file path, a stored image id, file bytes or a ready vector; returns the ``--json`` payload."""
     filters = filters or Filters.parse(filter_pairs or [])
     if image_id is not None:
         rows = service.store.images_by_id([image_id])
@@ -214,6 +216,9 @@ def run_search(
     elif path is not None:
         vector, query_patient_hash = _vector_and_patient_of_file(service, path)
         query = {"source": str(path)}
+    elif data is not None:
+        vector, query_patient_hash = _vector_and_patient_of_bytes(service, data, data_name)
+        query = {"source": data_name}
     elif vector is not None:
         query = {"source": "vector"}
     else:
@@ -251,10 +256,21 @@ def empty_space_warnings(service: RetrievalService) -> list[str]:
 
 
 def _vector_and_patient_of_file(service: RetrievalService, path: Any) -> tuple[np.ndarray, str | None]:
-    from retrieval.imaging import decode_path, fit_to_square
+    from retrieval.imaging import decode_path
+
+    return _vector_and_patient(service, decode_path(path, max_pixels=service.settings.max_image_pixels))
+
+
+def _vector_and_patient_of_bytes(service: RetrievalService, data: bytes, name: str) -> tuple[np.ndarray, str | None]:
+    from retrieval.imaging import decode_bytes
+
+    return _vector_and_patient(service, decode_bytes(data, name=name, max_pixels=service.settings.max_image_pixels))
+
+
+def _vector_and_patient(service: RetrievalService, decoded: Any) -> tuple[np.ndarray, str | None]:
+    from retrieval.imaging import fit_to_square
     from retrieval.metadata import from_dicom
 
-    decoded = decode_path(path, max_pixels=service.settings.max_image_pixels)
     pixels = fit_to_square(decoded.pixels, service.settings.input_size)
     vector = service.embed_pixels(pixels[None])[1][0]
     patient = from_dicom(decoded.dicom, secret=service.settings.id_secret).patient_hash if decoded.dicom is not None else None

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from retrieval.encoder import MedVAEEncoder
-from retrieval.imaging import PREPROCESSING_VERSION, decode_bytes, decode_path, fit_to_square
+from retrieval.imaging import PREPROCESSING_VERSION
 from retrieval.index import OpenReport, SpaceIndex
 from retrieval.models import Space
 from retrieval.pooling import PoolingSpec, parse_pooling, pool
@@ -89,16 +88,6 @@ class RetrievalService:
         z = self.encoder.encode(pixels)
         vectors = pool(self.encoder.s2_latent(z), self.pooling).numpy()
         return z, vectors
-
-    def query_vector_from_bytes(self, data: bytes, *, name: str) -> np.ndarray:
-        decoded = decode_bytes(data, name=name, max_pixels=self.settings.max_image_pixels)
-        pixels = fit_to_square(decoded.pixels, self.settings.input_size)
-        return self.embed_pixels(pixels[None])[1][0]
-
-    def query_vector_from_path(self, path: str | Path) -> np.ndarray:
-        decoded = decode_path(path, max_pixels=self.settings.max_image_pixels)
-        pixels = fit_to_square(decoded.pixels, self.settings.input_size)
-        return self.embed_pixels(pixels[None])[1][0]
 
     # -- descriptions shared by JSON outputs
 

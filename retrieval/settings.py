@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         80_000_000, ge=1, description="Largest decoded pixel count (rows x cols x frames x samples)."
     )
     overfetch: int = Field(4, ge=1, le=100, description="Search fetches k * overfetch images before grouping.")
+    api_keys: str = Field("", description="Comma-separated API keys; when set, every route but /healthz needs one.")
+    max_request_bytes: int = Field(64 * 2**20, ge=1024, description="Largest accepted request body (413 above).")
+    url_fetch_timeout: float = Field(10.0, gt=0, le=120, description="Seconds allowed to fetch an image_url.")
+    url_allow_hosts: str = Field(
+        "", description="Comma-separated hosts an image_url may use even when they resolve to non-global addresses."
+    )
 
     @field_validator("weights")
     @classmethod
@@ -77,6 +83,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'retrieval.db').resolve()}"
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
 
     @property
     def index_dir(self) -> Path:

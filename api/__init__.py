@@ -1,0 +1,1 @@
+"""HTTP API of medvae-retrieval (FastAPI). Build it with :func:`api.main.create_app`."""

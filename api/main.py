@@ -1,0 +1,68 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; state lives on ``app.state``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from api.errors import install_error_handlers
+from api.routes import archive, health, score, search
+from retrieval.service import RetrievalService
+from retrieval.settings import Settings
+from retrieval.weights import RANDOM_WEIGHTS_WARNING
+
+logger = logging.getLogger(__name__)
+
+
+def _warm_up(service: RetrievalService) -> None:
+    """Load the model and open the index in the background; requests needing them wait on its lock."""
+    try:
+        service.index  # noqa: B018 - loads encoder, space and index
+        if service.encoder.weights.is_random:
+            logger.warning(RANDOM_WEIGHTS_WARNING)
+    except Exception:  # noqa: BLE001 - /readyz reports it; requests will raise the typed error
+        logger.exception("model or index failed to load")
+
+
+def create_app(settings: Settings | None = None, *, service: RetrievalService | None = None) -> FastAPI:
+    """Build the app. The database opens (and migrates) at start; the model loads in the background."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.service = service or RetrievalService(settings)
+        app.state.preview_cache = {}
+        warm_up = threading.Thread(target=_warm_up, args=(app.state.service,), daemon=True, name="warm-up")
+        warm_up.start()
+        yield
+        warm_up.join()  # never tear down under a model that is still being built
+        app.state.service.close()
+
+    app = FastAPI(
+        title="medvae-retrieval",
+        version="0.1.0",
+        description="Similar-case search for radiology archives on MedVAE latents.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_request_bytes:
+            return JSONResponse(
+                {"error": {"code": "payload_too_large", "message": f"request body is larger than {settings.max_request_bytes} bytes",
+                           "detail": {"max_request_bytes": settings.max_request_bytes}}},
+                status_code=413,
+            )
+        return await call_next(request)
+
+    for module in (health, search, archive, score):
+        app.include_router(module.router)
+    return app

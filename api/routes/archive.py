@@ -1,0 +1,112 @@
+"""Stored studies and images: metadata, previews decoded from z, raw latents, spaces."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ServiceDep, require_api_key
+from api.errors import error_responses
+from api.schemas import ImageDetail, SpaceInfo, StudyDetail
+from retrieval.errors import NotFoundError
+from retrieval.models import Study
+from retrieval.previews import PREVIEW_NOTE, preview_png
+from retrieval.search import image_json, study_json
+
+router = APIRouter(prefix="/v1", tags=["archive"], dependencies=[Depends(require_api_key)])
+
+PREVIEW_CACHE_SIZE = 256
+
+
+def _image_or_404(service: Any, image_id: int) -> Any:
+    image = service.store.images_by_id([image_id]).get(image_id)
+    if image is None:
+        raise NotFoundError(f"image {image_id} does not exist", detail={"image_id": image_id})
+    return image
+
+
+@router.get("/studies/{study_id}", response_model=StudyDetail, responses=error_responses(401, 404))
+def get_study(study_id: int, service: ServiceDep) -> dict[str, Any]:
+    with service.store.sessions() as session:
+        study = session.scalar(select(Study).options(selectinload(Study.images)).where(Study.id == study_id))
+        if study is None:
+            raise NotFoundError(f"study {study_id} does not exist", detail={"study_id": study_id})
+        images = [dict(image_json(image), preview_url=f"/v1/images/{image.id}/preview.png") for image in study.images]
+        return {"study": study_json(study), "images": images, "weights": service.model_info()["weights"]}
+
+
+@router.get("/images/{image_id}", response_model=ImageDetail, responses=error_responses(401, 404))
+def get_image(image_id: int, service: ServiceDep) -> dict[str, Any]:
+    image = _image_or_404(service, image_id)
+    return {
+        **image_json(image),
+        "preview_url": f"/v1/images/{image.id}/preview.png",
+        "study": study_json(image.study),
+        "frames": image.frames,
+        "kind": image.kind,
+        "weights": service.model_info()["weights"],
+    }
+
+
+@router.get(
+    "/images/{image_id}/preview.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404)},
+)
+async def get_preview(image_id: int, service: ServiceDep, request: Request) -> Response:
+    """The MedVAE reconstruction decoded from the stored latent (cached; not the original pixels)."""
+    cache: dict[tuple[str, int], bytes] = request.app.state.preview_cache
+    key = (service.space.encoder_key, image_id)
+    png = cache.get(key)
+    if png is None:
+        png = await run_in_threadpool(preview_png, service, image_id)
+        if len(cache) >= PREVIEW_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = png
+    headers = {
+        "Cache-Control": "public, max-age=86400, immutable",
+        "ETag": f'"{key[0][:16]}-{image_id}"',
+        "X-Preview-Note": PREVIEW_NOTE,
+        "X-Weights": service.model_info()["weights"],
+    }
+    return Response(content=png, media_type="image/png", headers=headers)
+
+
+@router.get(
+    "/images/{image_id}/latent.npy",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(401, 404)},
+)
+def get_latent(image_id: int, service: ServiceDep) -> Response:
+    """The stored posterior-mode z of the image, ``(C, h, w)`` float16, as a NumPy ``.npy`` file."""
+    z = service.store.latent(image_id, service.space.encoder_key)
+    if z is None:
+        raise NotFoundError(f"image {image_id} has no stored latent for this encoder", detail={"image_id": image_id})
+    buffer = io.BytesIO()
+    np.save(buffer, z.astype(np.float16))
+    return Response(
+        content=buffer.getvalue(),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="image-{image_id}-z.npy"'},
+    )
+
+
+@router.get("/spaces", response_model=list[SpaceInfo], responses=error_responses(401))
+def list_spaces(service: ServiceDep) -> list[dict[str, Any]]:
+    active = service.space.key
+    out = []
+    for space in service.store.list_spaces():
+        count, _ = service.store.vector_stats(space.id)
+        weights = "random-init" if space.weights.startswith("random-init") else space.weights
+        out.append({
+            "key": space.key, "model": space.model, "weights": weights, "input_size": space.input_size,
+            "preprocessing": space.preprocessing, "pooling": space.pooling, "dim": space.dim, "images": count,
+            "active": space.key == active,
+        })
+    return out
