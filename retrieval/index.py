@@ -20,7 +20,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
@@ -198,12 +197,3 @@ class SpaceIndex:
             [(int(i), float(s)) for i, s in zip(id_row, score_row, strict=True) if i != -1]
             for id_row, score_row in zip(ids, scores, strict=True)
         ]
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "space": self.space.key,
-            "type": INDEX_TYPE_FLAT,
-            "count": self.count,
-            "watermark": self.watermark,
-            "path": str(self.index_path),
-        }

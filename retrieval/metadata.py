@@ -10,11 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
-
-STANDARD_FIELDS = ("modality", "body_part", "view", "laterality", "study_date", "patient_sex", "patient_age")
-
 
 @dataclass
 class ImageMetadata:
@@ -34,9 +31,6 @@ class ImageMetadata:
     accession_hash: str | None = None
     labels: list[str] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def keyed_hash(value: str | None, secret: str) -> str | None:

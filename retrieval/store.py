@@ -7,7 +7,6 @@ latent or vector and never duplicates an image (unique sha256 / SOPInstanceUID).
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -143,10 +142,6 @@ class Store:
     def list_spaces(self) -> list[Space]:
         with self.sessions() as session:
             return list(session.scalars(select(Space).order_by(Space.id)))
-
-    def get_space(self, key: str) -> Space | None:
-        with self.sessions() as session:
-            return session.scalar(select(Space).where(Space.key == key))
 
     def get_space_by_id(self, space_id: int) -> Space:
         with self.sessions() as session:
@@ -325,10 +320,6 @@ class Store:
                 out.update({row.id: row for row in rows})
         return out
 
-    def image_ids_by_sha256(self, sha256: str) -> int | None:
-        with self.sessions() as session:
-            return session.scalar(select(ImageRecord.id).where(ImageRecord.sha256 == sha256))
-
     def iter_images(self, chunk: int = 1000) -> Iterator[list[ImageRecord]]:
         last = 0
         while True:
@@ -407,6 +398,3 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

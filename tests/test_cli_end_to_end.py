@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, text
 
 from conftest import make_archive, synthetic_image, write_png
 from dicom_factory import write_dicom

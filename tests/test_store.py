@@ -60,7 +60,7 @@ def test_failed_batch_writes_nothing(store: Store) -> None:
     space = store.ensure_space(SpaceIdentity("m", "w", 64, "v1", "mean", 4))
     bad = _image(3)
     bad.vector = None  # type: ignore[assignment]
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="vector must be 4 finite values"):
         store.write_batch(space=space, images=[_image(4), bad])
     assert store.counts() == {"studies": 0, "images": 0, "latents": 0, "vectors": 0, "ingest_errors": 0}
 
