@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-BUNDLED_DICOM = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "emri_small.dcm", "MR_small_RLE.dcm")
+BUNDLED_DICOM = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm")  # all ship inside pydicom
 
 
 def synthetic_chest(rng: np.random.Generator, size: int = 256, *, variant: dict[str, float] | None = None) -> np.ndarray:

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS_LABEL = "random-init"
 RANDOM_WEIGHTS_WARNING = (
-    "WARNING: MedVAE is running with RANDOM-INITIALISED weights (explicitly requested): "
+    "WARNING: MedVAE is running with RANDOM-INITIALISED weights (weights=random): "
     "vectors and previews are pipeline tests, not clinically meaningful similarity."
 )
 
