@@ -21,6 +21,7 @@ from retrieval.pooling import PoolingSpec, parse_pooling, pool
 from retrieval.settings import Settings
 from retrieval.spaces import SpaceIdentity
 from retrieval.store import Store
+from retrieval.weights import RANDOM_WEIGHTS_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -96,18 +97,23 @@ class RetrievalService:
         return {"name": self.settings.model, "weights": weights.public_label, "weights_identity": weights.identity}
 
     def space_info(self) -> dict[str, Any]:
-        space = self.space
-        return {
-            "key": space.key,
-            "model": space.model,
-            "weights": "random-init" if self.encoder.weights.is_random else space.weights,
-            "input_size": space.input_size,
-            "preprocessing": space.preprocessing,
-            "pooling": space.pooling,
-            "dim": space.dim,
-        }
+        return space_json(self.space)
 
     def close(self) -> None:
         if self._index is not None:
             self._index.save()
         self.store.close()
+
+
+def space_json(space: Space) -> dict[str, Any]:
+    """A space as JSON outputs show it; random weights always read ``random-init``."""
+    random = space.weights.startswith(RANDOM_WEIGHTS_LABEL)
+    return {
+        "key": space.key,
+        "model": space.model,
+        "weights": RANDOM_WEIGHTS_LABEL if random else space.weights,
+        "input_size": space.input_size,
+        "preprocessing": space.preprocessing,
+        "pooling": space.pooling,
+        "dim": space.dim,
+    }

@@ -18,6 +18,7 @@ from retrieval.errors import NotFoundError
 from retrieval.models import Study
 from retrieval.previews import PREVIEW_NOTE, preview_png
 from retrieval.search import image_json, study_json
+from retrieval.service import space_json
 
 router = APIRouter(prefix="/v1", tags=["archive"], dependencies=[Depends(require_api_key)])
 
@@ -100,13 +101,7 @@ def get_latent(image_id: int, service: ServiceDep) -> Response:
 @router.get("/spaces", response_model=list[SpaceInfo], responses=error_responses(401))
 def list_spaces(service: ServiceDep) -> list[dict[str, Any]]:
     active = service.space.key
-    out = []
-    for space in service.store.list_spaces():
-        count, _ = service.store.vector_stats(space.id)
-        weights = "random-init" if space.weights.startswith("random-init") else space.weights
-        out.append({
-            "key": space.key, "model": space.model, "weights": weights, "input_size": space.input_size,
-            "preprocessing": space.preprocessing, "pooling": space.pooling, "dim": space.dim, "images": count,
-            "active": space.key == active,
-        })
-    return out
+    return [
+        {**space_json(space), "images": service.store.vector_stats(space.id)[0], "active": space.key == active}
+        for space in service.store.list_spaces()
+    ]
