@@ -207,7 +207,8 @@ class IngestPipeline:
         """Encode one batch and store it in one transaction; failures are per batch stage."""
         tick = time.perf_counter()
         try:
-            pixels = np.stack([p.pixels for p in batch if p.pixels is not None])
+            # every batched item decoded (errors never enter a batch); no filter here, so z[i] is batch[i]
+            pixels = np.stack([p.pixels for p in batch])
             z, vectors = self.service.embed_pixels(pixels)
         except Exception as exc:  # noqa: BLE001 - record and carry on with the next batch
             logger.exception("encode failed for a batch of %d", len(batch))
