@@ -5,8 +5,9 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
+from api.schemas import MAX_ROW_ID
 from retrieval.errors import RetrievalError
 from retrieval.service import RetrievalService
 from retrieval.settings import Settings
@@ -37,4 +38,6 @@ def require_api_key(request: Request) -> None:
 
 
 ServiceDep = Annotated[RetrievalService, Depends(get_service)]
+#: database row ids: positive 32-bit integers (PostgreSQL ``integer``); anything else is a 422, never a 500
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +12,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrieval.errors import RetrievalError
+
+logger = logging.getLogger(__name__)
 
 
 class ErrorBody(BaseModel):
@@ -44,6 +47,14 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         message = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
         return JSONResponse(_payload("invalid_request", message, {"errors": errors}), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            _payload("internal_error", f"internal error ({type(exc).__name__}); the server log has the details"),
+            status_code=500,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from api.errors import install_error_handlers
-from api.routes import archive, health, score, search
+from api.limits import BodySizeLimitMiddleware
+from api.metrics import Metrics, RequestTimingMiddleware
+from api import web
+from api.routes import archive, compare, health, jobs, score, search
+from api.web import SecurityHeadersMiddleware
 from retrieval.service import RetrievalService
 from retrieval.settings import Settings
 from retrieval.weights import RANDOM_WEIGHTS_WARNING
@@ -37,6 +41,7 @@ def create_app(settings: Settings | None = None, *, service: RetrievalService | 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.service = service or RetrievalService(settings)
+        app.state.metrics.attach(app.state.service)
         app.state.preview_cache = {}
         warm_up = threading.Thread(target=_warm_up, args=(app.state.service,), daemon=True, name="warm-up")
         warm_up.start()
@@ -52,17 +57,14 @@ def create_app(settings: Settings | None = None, *, service: RetrievalService | 
     )
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return JSONResponse(
-                {"error": {"code": "payload_too_large", "message": f"request body is larger than {settings.max_request_bytes} bytes",
-                           "detail": {"max_request_bytes": settings.max_request_bytes}}},
-                status_code=413,
-            )
-        return await call_next(request)
+    metrics = Metrics()
+    app.state.metrics = metrics
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestTimingMiddleware, metrics=metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
 
-    for module in (health, search, archive, score):
+    for module in (health, search, compare, archive, jobs, score):
         app.include_router(module.router)
+    app.include_router(web.router)
+    app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     return app

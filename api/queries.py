@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+from typing import Any, TypeVar
 
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from api.schemas import QueryImage
 from retrieval.errors import InvalidRequestError
 from retrieval.fetch import fetch_image_url
 from retrieval.settings import Settings
+
+Params = TypeVar("Params", bound=QueryImage)
 
 
 def decode_base64_image(text: str, *, field: str = "image_base64") -> bytes:
@@ -35,3 +45,63 @@ def image_bytes_from_reference(reference: str, settings: Settings, *, field: str
             detail={"field": field},
         )
     return decode_base64_image(reference, field=field)
+
+
+def _validated(model: type[Params], values: dict[str, Any]) -> Params:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+async def parse_query_request(request: Request, model: type[Params]) -> tuple[Params, bytes | None, str]:
+    """Parameters and (for multipart) the uploaded file's bytes and name.
+
+    multipart/form-data: field ``file`` plus the model's other fields as form fields (``filters``
+    as a JSON string); application/json: the model as a JSON object.
+    """
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("file")
+        values: dict[str, Any] = {
+            name: form[name] for name in model.model_fields if name != "filters" and name in form and form[name] != ""
+        }
+        if "filters" in model.model_fields and form.get("filters"):
+            try:
+                values["filters"] = json.loads(str(form["filters"]))
+            except ValueError:
+                raise InvalidRequestError("filters: not a JSON object", detail={"field": "filters"}) from None
+        params = _validated(model, values)
+        if upload is None or isinstance(upload, str):
+            if params.image_id is None and not params.image_url and not params.image_base64:
+                raise InvalidRequestError("a multipart request needs a `file` field", detail={"field": "file"})
+            return params, None, ""
+        return params, await upload.read(), upload.filename or "upload"
+    if content_type.startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidRequestError("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise InvalidRequestError("request body must be a JSON object")
+        return _validated(model, body), None, ""
+    raise InvalidRequestError(
+        "send multipart/form-data (field `file`) or application/json", detail={"content_type": content_type}
+    )
+
+
+async def query_image_bytes(
+    params: QueryImage, upload: bytes | None, upload_name: str, settings: Settings
+) -> tuple[bytes | None, str]:
+    """The query's bytes and a name for messages; ``(None, "")`` when the query is a stored image id."""
+    if upload is not None:
+        return upload, upload_name
+    if params.image_base64:
+        return decode_base64_image(params.image_base64), "image_base64"
+    if params.image_url:
+        data = await run_in_threadpool(image_bytes_from_reference, params.image_url, settings, field="image_url")
+        return data, "image_url"
+    if params.image_id is None:
+        raise InvalidRequestError("give exactly one of image_base64, image_url, image_id (or upload a file)")
+    return None, ""

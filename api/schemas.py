@@ -16,13 +16,23 @@ class SearchFilters(BaseModel):
     body_part: list[str] | str | None = None
     view: list[str] | str | None = None
     laterality: list[str] | str | None = None
+    patient_sex: list[str] | str | None = None
     labels: list[str] | str | None = None
     date_from: dt.date | None = None
     date_to: dt.date | None = None
+    age_from: float | None = Field(None, ge=0, le=200, description="Years, from DICOM PatientAge.")
+    age_to: float | None = Field(None, ge=0, le=200)
+    min_psnr: float | None = None
+    max_psnr: float | None = None
+    min_ssim: float | None = None
+    max_ssim: float | None = None
 
     def to_filters(self, min_score: float | None) -> Filters:
-        filters = Filters(min_score=min_score, date_from=self.date_from, date_to=self.date_to)
-        for key in ("modality", "body_part", "view", "laterality"):
+        filters = Filters(min_score=min_score, date_from=self.date_from, date_to=self.date_to,
+                          age_from=self.age_from, age_to=self.age_to)
+        filters.quality = {key: getattr(self, key) for key in ("min_psnr", "max_psnr", "min_ssim", "max_ssim")
+                           if getattr(self, key) is not None}
+        for key in ("modality", "body_part", "view", "laterality", "patient_sex"):
             value = getattr(self, key)
             if value:
                 filters.set(key, value if isinstance(value, str) else ",".join(value))
@@ -31,31 +41,75 @@ class SearchFilters(BaseModel):
         return filters
 
 
-class SearchParams(BaseModel):
-    """Search parameters; for JSON requests exactly one of the three query fields is required."""
+MAX_ROW_ID = 2_147_483_647
+
+
+class QueryImage(BaseModel):
+    """The query image of a JSON request: at most one of the three (a multipart ``file`` is the fourth)."""
 
     image_base64: str | None = None
     image_url: str | None = None
-    image_id: int | None = Field(None, ge=1)
-    k: int = Field(10, ge=1, le=1000)
-    filters: SearchFilters = SearchFilters()
-    min_score: float | None = Field(None, ge=-1.0, le=1.0)
-    group_by: Literal["study", "image"] = "study"
-    exclude_same_patient: bool = False
-    previews: Literal["none", "url", "inline"] = "url"
+    image_id: int | None = Field(None, ge=1, le=MAX_ROW_ID)
 
     @model_validator(mode="after")
-    def _one_query_at_most(self) -> SearchParams:
+    def _one_query_at_most(self) -> QueryImage:
         given = [name for name in ("image_base64", "image_url", "image_id") if getattr(self, name) not in (None, "")]
         if len(given) > 1:
             raise InvalidRequestError(f"give exactly one query, not {', '.join(given)}", detail={"fields": given})
         return self
 
 
+class SearchParams(QueryImage):
+    """Search parameters; for JSON requests exactly one of the three query fields is required."""
+
+    k: int = Field(10, ge=1, le=1000)
+    filters: SearchFilters = SearchFilters()
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+    group_by: Literal["study", "image"] = "study"
+    exclude_same_patient: bool = False
+    previews: Literal["none", "url", "inline"] = "url"
+    sort: Literal["score", "psnr", "ssim"] = "score"
+
+
+class SimilarityParams(QueryImage):
+    """A query image and a stored image to compare it with, cell by cell."""
+
+    target_image_id: int = Field(..., ge=1, le=MAX_ROW_ID)
+
+
+class SimilarityGrid(BaseModel):
+    rows: int
+    cols: int
+    cells: list[list[float]]
+
+
+class SimilarityResponse(BaseModel):
+    target_image_id: int
+    score: float
+    grid: SimilarityGrid
+    query_preview_png_base64: str
+    target_preview_url: str
+    weights: str
+    note: str
+
+
+class ServiceInfo(BaseModel):
+    version: str
+    model: str
+    weights: str
+    random_weights: bool
+    warning: str | None = None
+    space: dict[str, Any]
+    max_request_bytes: int
+    ingest_enabled: bool
+
+
 class ImageResult(BaseModel):
     image_id: int
     source: str
     score: float | None = None
+    recon_psnr: float | None = Field(None, description="PSNR (dB) of the MedVAE reconstruction, when scored.")
+    recon_ssim: float | None = Field(None, description="SSIM of the MedVAE reconstruction, when scored.")
     modality: str | None = None
     body_part: str | None = None
     view: str | None = None
@@ -94,6 +148,9 @@ class SearchResponse(BaseModel):
     query: dict[str, Any]
     group_by: str
     results: list[StudyResult]
+    neighbour_labels: dict[str, float] = Field(
+        default_factory=dict, description="Label frequencies among the returned images, weighted by score."
+    )
     warnings: list[str] = []
     took_ms: float
 
@@ -141,4 +198,49 @@ class ScorePrediction(BaseModel):
 
 class ScoreResponse(BaseModel):
     predictions: list[ScorePrediction]
+    weights: str
+
+
+class IngestJobRequest(BaseModel):
+    """A server-side folder or CSV manifest under the ingest roots, or an allow-listed DICOMweb source."""
+
+    source: str = Field(
+        ..., min_length=1, max_length=4096,
+        description="Path on the server (under RETRIEVAL_INGEST_ROOTS), or dicomweb+http(s)://HOST:PORT/PATH"
+        "[?since=YYYY-MM-DD&modality=CR,DX&study=UID] with a base URL in RETRIEVAL_DICOMWEB_ALLOWED_URLS.",
+    )
+
+
+class JobCounts(BaseModel):
+    total: int
+    ingested: int
+    skipped: int
+    failed: int
+
+
+class JobFailure(BaseModel):
+    source: str
+    stage: str
+    reason: str
+
+
+class IngestJobInfo(BaseModel):
+    job_id: str
+    source: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    cancel_requested: bool
+    attempts: int
+    counts: JobCounts
+    images_per_second: float
+    message: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    heartbeat_at: str | None = None
+    finished_at: str | None = None
+    failures: list[JobFailure] | None = None
+    weights: str = Field(..., description="Weights of the archive's space; `random-init` when random.")
+
+
+class IngestJobList(BaseModel):
+    jobs: list[IngestJobInfo]
     weights: str

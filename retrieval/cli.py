@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import InvalidRequestError, RetrievalError
 from retrieval.settings import Settings
 from retrieval.weights import RANDOM_WEIGHTS_WARNING
 
@@ -42,8 +42,8 @@ def settings() -> Settings:
     """Settings from the environment / .env, with the global CLI options applied."""
     try:
         return Settings(**State.settings_overrides)
-    except Exception as exc:  # pydantic's ValidationError names the field
-        raise RetrievalError(f"invalid settings: {exc}") from exc
+    except Exception as exc:  # pydantic's ValidationError names the field; every command exits 2 with it
+        raise fail(RetrievalError(f"invalid settings: {exc}"), as_json=False) from None
 
 
 def warn_if_random(current: Settings) -> None:
@@ -110,17 +110,24 @@ def _service(current: Settings) -> Any:
 
 @app.command()
 def ingest(
-    source: Annotated[str, typer.Argument(help="Folder (recursive) or CSV manifest with a `path` column.")],
+    source: Annotated[str, typer.Argument(help="Folder (recursive), CSV manifest with a `path` column, or dicomweb+http(s)://HOST:PORT/PATH.")],
+    since: Annotated[Optional[str], typer.Option(help="DICOMweb: only studies dated on or after YYYY-MM-DD.")] = None,
+    modality: Annotated[Optional[str], typer.Option(help="DICOMweb: only series of these modalities, e.g. CR,DX.")] = None,
+    study: Annotated[Optional[list[str]], typer.Option(help="DICOMweb: only this StudyInstanceUID (repeatable).")] = None,
     strict: Annotated[bool, typer.Option(help="Exit with status 1 when any file failed.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
+    quality: Annotated[Optional[bool], typer.Option("--quality/--no-quality", help="Score reconstructions (PSNR/SSIM; ~3.3x encode cost) [RETRIEVAL_INGEST_QUALITY].")] = None,
 ) -> None:
     """Encode and store every new image of SOURCE; already stored images are skipped."""
     from retrieval.ingest import IngestPipeline
 
+    if quality is not None:
+        State.settings_overrides["ingest_quality"] = quality
     current = settings()
     warn_if_random(current)
     try:
+        source = _ingest_source(source, since=since, modality=modality, studies=study or [])
         service = _service(current)
         with Progress(
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -151,15 +158,28 @@ def ingest(
         raise typer.Exit(code=1)
 
 
+def _ingest_source(source: str, *, since: str | None, modality: str | None, studies: list[str]) -> str:
+    """The source string with the DICOMweb options folded in (they only apply to DICOMweb sources)."""
+    from retrieval.dicomweb import DicomwebQuery, is_dicomweb
+
+    if not is_dicomweb(source):
+        if since or modality or studies:
+            raise InvalidRequestError("--since, --modality and --study apply to dicomweb+http(s):// sources only",
+                                      detail={"field": "source"})
+        return source
+    return DicomwebQuery.parse(source).narrowed(since=since, modality=modality, studies=studies).source_string()
+
+
 @app.command()
 def search(
     image: Annotated[Optional[Path], typer.Argument(help="Query image file (PNG, JPEG, DICOM, ...).")] = None,
     image_id: Annotated[Optional[int], typer.Option(help="Query with an image already in the archive.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Number of studies (or images).")] = 10,
-    filters: Annotated[Optional[list[str]], typer.Option("--filter", help="key=value: modality, body_part, view, laterality, label, date_from, date_to, min_score.")] = None,
+    filters: Annotated[Optional[list[str]], typer.Option("--filter", help="key=value: modality, body_part, view, laterality, label, date_from, date_to, min_score, min_psnr, max_psnr, min_ssim, max_ssim.")] = None,
     group_by: Annotated[str, typer.Option(help="study | image")] = "study",
     exclude_same_patient: Annotated[bool, typer.Option(help="Drop images of the query's patient (needs --image-id or a DICOM query).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    sort: Annotated[str, typer.Option(help="score | psnr | ssim (reconstruction quality, worst first).")] = "score",
 ) -> None:
     """Find the studies most similar to IMAGE (or to --image-id)."""
     from retrieval.search import run_search
@@ -178,7 +198,7 @@ def search(
         service = _service(current)
         payload = run_search(
             service, path=image, image_id=image_id, k=k, filter_pairs=filters or [], group_by=group_by,
-            exclude_same_patient=exclude_same_patient,
+            exclude_same_patient=exclude_same_patient, sort=sort,
         )
     except RetrievalError as exc:
         raise fail(exc, as_json=as_json) from None
@@ -220,13 +240,22 @@ def reindex(
 
 
 @app.command()
-def export(out_dir: Annotated[Path, typer.Argument(help="Output folder for .npz shards, metadata.csv, manifest.json.")]) -> None:
-    """Export stored latents (z), vectors and metadata for downstream models."""
+def export(
+    out_dir: Annotated[Path, typer.Argument(help="Output folder for shards / latents.h5, metadata.csv, manifest.json.")],
+    formats: Annotated[str, typer.Option("--format", help="npz, hdf5 or npz,hdf5.")] = "npz",
+    include_s2: Annotated[bool, typer.Option("--include-s2", help="Also write the stage-2 latents.")] = False,
+    shard_size: Annotated[int, typer.Option(help="Images per .npz shard (and per streamed chunk).")] = 1000,
+) -> None:
+    """Export stored latents (z), pooled vectors, optionally S2 latents, with metadata and labels."""
     from retrieval.export import export_latents
 
+    chosen = tuple(part.strip() for part in formats.split(",") if part.strip())
     with reported_errors():
-        manifest = export_latents(_service(model_settings()), out_dir)
-    out.print(f"exported {manifest['images']} images in {len(manifest['shards'])} shard(s) to {out_dir}", highlight=False)
+        manifest = export_latents(_service(model_settings()), out_dir, shard_size=shard_size, formats=chosen,
+                                  include_s2=include_s2)
+    files = len(manifest["shards"]) + (1 if manifest["hdf5"] else 0)
+    out.print(f"exported {manifest['images']} images ({', '.join(chosen)}) in {files} file(s) to {out_dir}",
+              highlight=False)
 
 
 @app.command()
@@ -286,6 +315,166 @@ def serve(
     current = model_settings()
     out.print(f"serving on http://{host}:{port} (OpenAPI docs at /docs)", highlight=False)
     uvicorn.run(create_app(current), host=host, port=port, log_level="info")
+
+
+@app.command("quality")
+def quality_command(
+    limit: Annotated[int, typer.Option(help="Score at most this many stored images.")] = 100_000,
+    batch: Annotated[int, typer.Option(help="Images per decoder batch.")] = 16,
+) -> None:
+    """Score stored images' reconstructions (PSNR/SSIM of decode(z) vs the re-read source file)."""
+    from retrieval.quality import score_stored
+
+    with reported_errors():
+        scored, unreadable = score_stored(_service(model_settings()), limit=limit, batch=batch)
+    out.print(f"scored {scored} images; {unreadable} source files could not be read", highlight=False)
+
+
+@app.command("eval")
+def eval_command(
+    manifest: Annotated[Path, typer.Argument(help="CSV with a `path` column and a label column (labels `|`-separated).")],
+    label_column: Annotated[str, typer.Option(help="Column holding the labels.")] = "labels",
+    k: Annotated[str, typer.Option("--k", help="Comma-separated cut-offs.")] = "1,5,10",
+    exclude_same_patient: Annotated[bool, typer.Option(help="Never count an image of the query's patient.")] = False,
+    poolings: Annotated[Optional[str], typer.Option(help="Pooling study: e.g. mean,spp:1,2,4,grid:4,gem:3 (from stored z).")] = None,
+    near_duplicates: Annotated[bool, typer.Option("--near-duplicates", help="Robustness: transformed copies find their originals?")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write report.md and PNG plots into this folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Leave-one-out retrieval quality on labelled images already in the archive (image and study level)."""
+    from retrieval import eval_archive
+
+    with reported_errors(as_json=as_json):
+        service = _service(model_settings())
+        ks = sorted({int(value) for value in k.split(",") if value.strip()})
+        if not ks or ks[0] < 1:
+            raise RetrievalError("--k needs positive integers, e.g. 1,5,10")
+        items, not_in_archive = eval_archive.labelled_items(service, manifest, label_column)
+        if len(items) < 2:
+            raise RetrievalError(
+                f"{manifest}: {len(items)} of its images are in the archive ({not_in_archive} rows are not in the "
+                f"archive); run `retrieval ingest {manifest}` first"
+            )
+        payload: dict[str, Any] = {
+            "space": service.space_info(),
+            "items": len(items),
+            "not_in_archive": not_in_archive,
+            "exclude_same_patient": exclude_same_patient,
+            "results": eval_archive.evaluate_archive(service, items, ks, exclude_same_patient=exclude_same_patient),
+        }
+        if poolings:
+            specs = [spec.strip() for spec in _split_poolings(poolings)]
+            payload["pooling_study"] = eval_archive.pooling_study(
+                service, items, specs, ks, exclude_same_patient=exclude_same_patient
+            )
+        if near_duplicates:
+            payload["near_duplicates"] = eval_archive.near_duplicates(service, items)
+        if report is not None:
+            payload["report"] = str(eval_archive.write_report(report, payload))
+    if as_json:
+        out.print_json(json.dumps(payload))
+        return
+    for level, result in payload["results"].items():
+        out.print(f"{level:5} level, {result['queries']} queries: "
+                  + "  ".join(f"P@{k_}={v}" for k_, v in result["precision_at_k"].items())
+                  + "  " + "  ".join(f"mAP@{k_}={v}" for k_, v in result["map_at_k"].items()), highlight=False)
+    if report is not None:
+        out.print(f"report: {payload['report']}", highlight=False)
+
+
+@app.command()
+def classify(
+    manifest: Annotated[Path, typer.Argument(help="CSV with a `path` column and a label column.")],
+    label_column: Annotated[str, typer.Option(help="Column holding the labels.")] = "labels",
+    k: Annotated[int, typer.Option("-k", help="Neighbours that vote.")] = 10,
+    test_fraction: Annotated[float, typer.Option(help="Share of studies (patients when known) held out.")] = 0.3,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """kNN label voting on stored vectors: accuracy and AUROC per label on a held-out split by study/patient."""
+    from retrieval import eval_archive
+    from retrieval.evaluation import knn_classification
+
+    with reported_errors(as_json=as_json):
+        service = _service(model_settings())
+        items, not_in_archive = eval_archive.labelled_items(service, manifest, label_column)
+        if len(items) < 4:
+            raise RetrievalError(f"{manifest}: only {len(items)} of its images are in the archive; ingest it first")
+        vectors = service.store.vectors_of(service.space.id, [item.image_id for item in items])
+        try:
+            result = knn_classification(items, vectors, k=k, test_fraction=test_fraction, seed=seed)
+        except ValueError as exc:
+            raise RetrievalError(str(exc)) from None
+        result.update(space=service.space_info(), not_in_archive=not_in_archive)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    out.print(f"kNN (k={k}) on {result['train']} train / {result['test']} held-out images", highlight=False)
+    for label, row in result["per_label"].items():
+        out.print(f"{label:24} accuracy {row['accuracy']:.3f}  AUROC {row['auroc'] if row['auroc'] is not None else 'n/a'}"
+                  f"  ({row['positives']} positive, {row['negatives']} negative)", highlight=False)
+
+
+def _split_poolings(text: str) -> list[str]:
+    """``mean,spp:1,2,4,grid:4`` -> ``["mean", "spp:1,2,4", "grid:4"]`` (numbers belong to the spec before them)."""
+    specs: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.isdigit() and specs:
+            specs[-1] += f",{part}"
+        elif part:
+            specs.append(part)
+    return specs
+
+
+@app.command("backup")
+def backup_command(
+    target: Annotated[Path, typer.Argument(help="New or empty folder for the backup.")],
+) -> None:
+    """Back up the database (SQLite online backup or pg_dump) and the index files, with a manifest."""
+    from retrieval.backup import backup
+
+    with reported_errors():
+        manifest = backup(settings(), target)
+    counts = manifest["counts"]
+    out.print(f"backed up {counts['images']} images ({manifest['database']}) to {target}", highlight=False)
+
+
+@app.command("restore")
+def restore_command(
+    source: Annotated[Path, typer.Argument(help="A folder written by `retrieval backup`.")],
+    force: Annotated[bool, typer.Option(help="Overwrite a database that already holds images.")] = False,
+) -> None:
+    """Restore a backup into the configured (empty) database and data dir; checks every file's sha256."""
+    from retrieval.backup import restore
+
+    with reported_errors():
+        manifest = restore(settings(), source, force=force)
+    out.print(f"restored {manifest['counts']['images']} images from {source} (backup of {manifest['created_at']})",
+              highlight=False)
+
+
+@app.command()
+def worker(
+    once: Annotated[bool, typer.Option("--once", help="Exit when the queue is empty instead of waiting.")] = False,
+    poll: Annotated[float, typer.Option(help="Seconds between polls of an empty queue.")] = 2.0,
+) -> None:
+    """Run ingest jobs submitted through the API (POST /v1/ingest-jobs) until stopped.
+
+    SIGTERM / Ctrl-C ends the current batch and gives the job back to the queue.
+    """
+    import signal
+
+    from retrieval.worker import Worker
+
+    with reported_errors():
+        runner = Worker(_service(model_settings()), poll_seconds=poll)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: runner.stop())
+        err.print(f"worker {runner.worker_id}: waiting for ingest jobs", highlight=False)
+        ran = runner.run(once=once)
+        runner.service.close()
+    err.print(f"worker {runner.worker_id}: stopped after {ran} job(s)", highlight=False)
 
 
 @app.command()

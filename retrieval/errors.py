@@ -66,3 +66,31 @@ class IndexStateError(RetrievalError):
 
     code = "index_state_error"
     http_status = 503
+
+
+class ForbiddenError(RetrievalError):
+    """The request is understood but not allowed (e.g. a path outside the allowed ingest roots)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+class ConflictError(RetrievalError):
+    """The request conflicts with the current state (e.g. cancelling a finished job)."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class PayloadTooLargeError(RetrievalError):
+    """The request body is larger than the configured cap."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
+class SourceUnavailableError(RetrievalError):
+    """A remote source (a DICOMweb server) refused us or could not be reached; nothing was stored."""
+
+    code = "source_unavailable"
+    http_status = 502

@@ -6,6 +6,11 @@ Contract (design decision 1):
 * Persisted as ``<space key>.faiss`` plus a sidecar ``<space key>.json`` (space, dim, index type,
   count, watermark = highest vector row id included, highest image id). Both are written to a
   temp file and ``os.replace``d, index first.
+* Several processes share the files (API server, CLI ingest, workers): saves take an exclusive
+  ``flock`` on ``<space key>.lock`` and loads a shared one, so a reader never pairs one writer's
+  index file with another writer's sidecar. Writers add what the database committed
+  (:meth:`SpaceIndex.catch_up`), never only their own rows, so every saved file is a prefix of the
+  database by row id (vector row ids grow in commit order, see ``Store.write_batch``).
 * :meth:`SpaceIndex.open` never returns an index that disagrees with the database: it checks the
   sidecar against the space and the file, adds rows above the watermark (catch-up), and rebuilds
   from the database when anything does not add up (count mismatch, other space, unreadable file).
@@ -13,11 +18,14 @@ Contract (design decision 1):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,11 +33,66 @@ import faiss
 import numpy as np
 
 from retrieval.models import Space
+from retrieval.settings import Settings
 from retrieval.store import Store, StoredVector
 
 logger = logging.getLogger(__name__)
 
-INDEX_TYPE_FLAT = "flat-ip"
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which FAISS index holds a space: exact ``flat`` or graph-based ``hnsw`` (inner product).
+
+    Search parameters (``efSearch``) go with each call as ``SearchParametersHNSW``; the shared
+    index object is never mutated to change them.
+    """
+
+    kind: str  # "flat" | "hnsw"
+    m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+
+    @classmethod
+    def flat(cls) -> IndexSpec:
+        return cls("flat")
+
+    @classmethod
+    def hnsw(cls, *, m: int = 32, ef_search: int = 128) -> IndexSpec:
+        return cls("hnsw", m=m, ef_search=ef_search)
+
+    @property
+    def name(self) -> str:
+        """Recorded in the sidecar; a different name on disk means rebuild."""
+        return "flat-ip" if self.kind == "flat" else f"hnsw-ip:m={self.m},efc={self.ef_construction}"
+
+    def empty(self, dim: int) -> faiss.Index:
+        if self.kind == "flat":
+            inner = faiss.IndexFlatIP(dim)
+        else:
+            inner = faiss.IndexHNSWFlat(dim, self.m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = self.ef_construction
+        return faiss.IndexIDMap2(inner)
+
+    def search_params(self, k: int, ef_search: int | None) -> faiss.SearchParameters | None:
+        if self.kind == "flat":
+            return None
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = max(k, ef_search or self.ef_search)
+        return params
+
+
+def choose_index_spec(vector_count: int, settings: Settings) -> IndexSpec:
+    """``index_type`` = flat | hnsw, or auto: exact search below ``hnsw_min_vectors``, HNSW above.
+
+    Exact search costs a full scan per query (about 3 ms per 100k vectors of dimension 84 on
+    one core here); HNSW answers 1M vectors in well under 10 ms at recall@10 >= 0.95
+    (bench/search.py, docs/benchmarks.md).
+    """
+    kind = settings.index_type
+    if kind == "auto":
+        kind = "hnsw" if vector_count >= settings.hnsw_min_vectors else "flat"
+    return IndexSpec.hnsw(m=settings.hnsw_m, ef_search=settings.hnsw_ef_search) if kind == "hnsw" else IndexSpec.flat()
 
 
 @dataclass
@@ -70,12 +133,24 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def file_lock(path: Path, *, exclusive: bool) -> Iterator[None]:
+    """An advisory ``flock`` on ``path`` (created when missing), released on exit."""
+    with path.open("a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 class SpaceIndex:
     """FAISS index + sidecar for one space. Thread-safe: adds and searches hold one lock."""
 
-    def __init__(self, *, space: Space, directory: Path) -> None:
+    def __init__(self, *, space: Space, directory: Path, spec: IndexSpec | None = None) -> None:
         self.space = space
         self.directory = directory
+        self.spec = spec or IndexSpec.flat()
         self.index = self._empty()
         self.watermark = 0
         self.max_image_id = 0
@@ -92,19 +167,28 @@ class SpaceIndex:
         return self.directory / f"{self.space.key}.json"
 
     @property
+    def lock_path(self) -> Path:
+        return self.directory / f"{self.space.key}.lock"
+
+    @property
     def count(self) -> int:
         return int(self.index.ntotal)
 
     def _empty(self) -> faiss.Index:
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.space.dim))
+        return self.spec.empty(self.space.dim)
 
     # -- lifecycle
 
     @classmethod
-    def open(cls, *, store: Store, space: Space, directory: Path) -> tuple[SpaceIndex, OpenReport]:
-        """Load, catch up or rebuild so that the index equals the database's vectors of ``space``."""
+    def open(
+        cls, *, store: Store, space: Space, directory: Path, spec: IndexSpec | None = None
+    ) -> tuple[SpaceIndex, OpenReport]:
+        """Load, catch up or rebuild so that the index equals the database's vectors of ``space``.
+
+        An index of another type than ``spec`` on disk is rebuilt as ``spec``.
+        """
         directory.mkdir(parents=True, exist_ok=True)
-        index = cls(space=space, directory=directory)
+        index = cls(space=space, directory=directory, spec=spec)
         reason = index._try_load()
         db_count, db_top = store.vector_stats(space.id)
         if reason:
@@ -112,11 +196,7 @@ class SpaceIndex:
             index.rebuild(store)
             report.added = index.count
             return index, report
-        added = 0
-        if db_top > index.watermark:
-            for chunk in store.vectors_after(space.id, index.watermark):
-                index.add(chunk)
-                added += len(chunk)
+        added = index.catch_up(store) if db_top > index.watermark else 0
         if index.count != db_count:
             report = OpenReport("rebuilt", reason=f"index holds {index.count} vectors, database {db_count}")
             index.rebuild(store)
@@ -129,13 +209,17 @@ class SpaceIndex:
 
     def _try_load(self) -> str:
         """Load from disk; returns why a rebuild is needed, or "" when loaded consistently."""
+        with file_lock(self.lock_path, exclusive=False):
+            return self._load_files()
+
+    def _load_files(self) -> str:
         sidecar = Sidecar.read(self.sidecar_path)
         if sidecar is None or not self.index_path.exists():
             return "no index on disk"
         if sidecar.space_key != self.space.key or sidecar.dim != self.space.dim:
             return "sidecar belongs to another space"
-        if sidecar.index_type != INDEX_TYPE_FLAT:
-            return f"index type {sidecar.index_type} differs from {INDEX_TYPE_FLAT}"
+        if sidecar.index_type != self.spec.name:
+            return f"index type {sidecar.index_type} differs from {self.spec.name}"
         try:
             loaded = faiss.read_index(str(self.index_path))
         except RuntimeError as exc:
@@ -149,12 +233,24 @@ class SpaceIndex:
 
     def rebuild(self, store: Store) -> None:
         """Build afresh from every stored vector of the space, then save."""
-        fresh = SpaceIndex(space=self.space, directory=self.directory)
+        fresh = SpaceIndex(space=self.space, directory=self.directory, spec=self.spec)
         for chunk in store.vectors_after(self.space.id, 0):
             fresh.add(chunk)
         with self._lock:
             self.index, self.watermark, self.max_image_id = fresh.index, fresh.watermark, fresh.max_image_id
-        self.save()
+        self.save(force=True)
+
+    def catch_up(self, store: Store) -> int:
+        """Add every vector the database committed above the watermark; returns how many.
+
+        Holds the index lock throughout, so concurrent callers never add a row twice.
+        """
+        added = 0
+        with self._lock:
+            for chunk in store.vectors_after(self.space.id, self.watermark):
+                self.add(chunk)
+                added += len(chunk)
+        return added
 
     def add(self, vectors: list[StoredVector]) -> None:
         """Add stored vectors (ids = image ids) and advance the watermark."""
@@ -167,32 +263,46 @@ class SpaceIndex:
             self.watermark = max(self.watermark, max(v.row_id for v in vectors))
             self.max_image_id = max(self.max_image_id, int(ids.max()))
 
-    def save(self) -> None:
-        """Persist atomically: index file, then sidecar."""
+    def save(self, *, force: bool = False) -> None:
+        """Persist atomically: index file, then sidecar.
+
+        Unless ``force`` (a rebuild), a save never replaces files holding a longer prefix of the
+        database (higher watermark) written meanwhile by another process.
+        """
         with self._lock:
             data = faiss.serialize_index(self.index).tobytes()
             sidecar = Sidecar(
                 space_key=self.space.key,
                 dim=self.space.dim,
-                index_type=INDEX_TYPE_FLAT,
+                index_type=self.spec.name,
                 count=self.count,
                 watermark=self.watermark,
                 max_image_id=self.max_image_id,
                 faiss_version=faiss.__version__,
                 written_at=time.time(),
             )
-        _atomic_write_bytes(self.index_path, data)
-        _atomic_write_bytes(self.sidecar_path, json.dumps(asdict(sidecar), indent=2).encode())
+        with file_lock(self.lock_path, exclusive=True):
+            on_disk = Sidecar.read(self.sidecar_path)
+            if not force and on_disk is not None and on_disk.space_key == sidecar.space_key and on_disk.watermark > sidecar.watermark:
+                return  # another process saved a newer prefix of the database; keep it
+            _atomic_write_bytes(self.index_path, data)
+            _atomic_write_bytes(self.sidecar_path, json.dumps(asdict(sidecar), indent=2).encode())
 
     # -- queries
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        """Top-``k`` ``(image_id, score)`` per query row, FAISS's ``-1`` padding dropped."""
+    def search(
+        self, queries: np.ndarray, k: int, *, ef_search: int | None = None
+    ) -> list[list[tuple[int, float]]]:
+        """Top-``k`` ``(image_id, score)`` per query row, FAISS's ``-1`` padding dropped.
+
+        ``ef_search`` (HNSW only) trades speed for recall for this call alone.
+        """
         if queries.ndim == 1:
             queries = queries[None, :]
         k = max(1, min(k, max(self.count, 1)))
+        params = self.spec.search_params(k, ef_search)
         with self._lock:
-            scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         return [
             [(int(i), float(s)) for i, s in zip(id_row, score_row, strict=True) if i != -1]
             for id_row, score_row in zip(ids, scores, strict=True)

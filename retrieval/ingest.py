@@ -15,19 +15,24 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from retrieval.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
+from retrieval.errors import RetrievalError
 from retrieval.prepare import Fingerprint, Prepared, PrepareOptions, fingerprint, prepare
+from retrieval.quality import score_latents
 from retrieval.service import RetrievalService
-from retrieval.sources import SourceItem, scan
+from retrieval.sources import SourceItem, printable_path, scan
 from retrieval.store import NewImage
 
 logger = logging.getLogger(__name__)
@@ -35,9 +40,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Failure:
+    """A file that failed; ``source`` is stored and shown, so it is made printable here, once."""
+
     source: str
     stage: str
     reason: str
+
+    def __post_init__(self) -> None:
+        self.source = printable_path(self.source)
 
 
 @dataclass
@@ -47,6 +57,7 @@ class IngestReport:
     ingested: int = 0
     skipped: int = 0
     failures: list[Failure] = field(default_factory=list)
+    stopped: bool = False  # should_stop ended the run before every item was seen
     seconds: dict[str, float] = field(
         default_factory=lambda: {"decode_cpu": 0.0, "encode": 0.0, "write": 0.0, "wall": 0.0}
     )
@@ -75,6 +86,7 @@ class IngestReport:
             "ingested": self.ingested,
             "skipped": self.skipped,
             "failed": self.failed,
+            "stopped": self.stopped,
             "images_per_second": round(self.images_per_second, 3),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "failures": [f.__dict__ for f in self.failures],
@@ -128,16 +140,31 @@ class IngestPipeline:
         self.progress = progress
         self.index_save_seconds = index_save_seconds
         self.should_stop = should_stop or (lambda: False)
+        self.job_id: str | None = None
+        self.remote: DicomwebSource | None = None
+        self.spool: Path | None = None  # where fetched remote instances wait for decoding
         self.options = PrepareOptions(
             input_size=self.settings.input_size,
             max_pixels=self.settings.max_image_pixels,
             id_secret=self.settings.id_secret,
+            date_shift_days=self.settings.date_shift_days,
         )
 
-    def run(self, source: str | Path) -> IngestReport:
-        """Ingest everything under ``source``; returns the report (failures included)."""
-        report = IngestReport(run_id=uuid.uuid4().hex[:12])
-        items = list(scan(source))
+    def run(self, source: str | Path, *, job_id: str | None = None) -> IngestReport:
+        """Ingest everything under ``source``; returns the report (failures included).
+
+        A job passes its ``job_id``: it names the run in the ingest-errors table, and every batch
+        write adds to the job's ``ingested`` count in its own transaction.
+        """
+        self.job_id = job_id
+        report = IngestReport(run_id=job_id or uuid.uuid4().hex[:12])
+        self.remote = None
+        if is_dicomweb(source):
+            self.remote = DicomwebSource(DicomwebQuery.parse(str(source)), self.settings)
+            source = self.remote.query.source_string()
+            items = self.remote.list_items()
+        else:
+            items = list(scan(source))
         report.total = len(items)
         space, index = self.service.space, self.service.index  # load model + index before timing work
         report.seconds["load"] = time.perf_counter() - report.started
@@ -151,14 +178,15 @@ class IngestPipeline:
         try:
             for start in range(0, len(items), chunk_size):
                 if self.should_stop():
+                    report.stopped = True
                     break
                 chunk = items[start : start + chunk_size]
                 todo = self._new_items(executor, chunk, report, seen)
                 tasks = [(fp, self.options) for fp in todo]
-                for prepared in executor.map(prepare, tasks, chunksize=2):
+                for prepared in self._prepared(executor, tasks):
                     report.seconds["decode_cpu"] += prepared.seconds
                     if prepared.error:
-                        report.failures.append(Failure(prepared.item.path, "decode", prepared.error))
+                        report.failures.append(Failure(prepared.item.display, "decode", prepared.error))
                         continue
                     batch.append(prepared)
                     if len(batch) >= self.settings.batch_size:
@@ -167,11 +195,19 @@ class IngestPipeline:
                         if time.monotonic() - last_save > self.index_save_seconds:
                             index.save()
                             last_save = time.monotonic()
+                        if self.should_stop():  # stop between batches; what is decoded but unstored is redone later
+                            report.stopped = True
+                            break
+                if report.stopped:
+                    break
                 self._notify(report)
-            if batch:
+            if batch and not report.stopped:
                 self._flush(batch, report)
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
+            if self.spool is not None:
+                shutil.rmtree(self.spool, ignore_errors=True)
+                self.spool = None
             index.save()
             self.service.store.record_errors(
                 run_id=report.run_id, failures=[(f.source, f.stage, f.reason) for f in report.failures]
@@ -181,15 +217,28 @@ class IngestPipeline:
         logger.info("ingest %s: %s in %.1fs", report.run_id, report.summary(), report.seconds["wall"])
         return report
 
+    def _prepared(self, executor: Any, tasks: list[tuple[Fingerprint, PrepareOptions]]) -> Iterator[Prepared]:
+        """Decode a chunk's new files; fetched (spooled) files are deleted once decoded."""
+        for prepared in executor.map(prepare, tasks, chunksize=2):
+            if prepared.item.remote is not None:
+                Path(prepared.item.path).unlink(missing_ok=True)
+            yield prepared
+
     def _new_items(
         self, executor: Any, chunk: list[SourceItem], report: IngestReport, seen: set[str]
     ) -> list[Fingerprint]:
-        """Fingerprint a chunk and keep what is neither stored in the space nor seen in this run."""
+        """Fingerprint a chunk and keep what is neither stored in the space nor seen in this run.
+
+        Items whose SOPInstanceUID the source already listed are checked first, so a stored
+        remote instance is skipped without being fetched.
+        """
+        chunk = self._skip_listed_uids(chunk, report, seen)
+        chunk = self._fetch_remote(chunk, report)
         prints: list[Fingerprint] = list(executor.map(fingerprint, chunk, chunksize=8))
         good = [fp for fp in prints if not fp.error]
         for fp in prints:
             if fp.error:
-                report.failures.append(Failure(fp.item.path, "read", fp.error))
+                report.failures.append(Failure(fp.item.display, "read", fp.error))
         stored = self.service.store.already_in_space(
             self.service.space.id, [fp.sha256 for fp in good], [fp.sop_uid for fp in good if fp.sop_uid]
         )
@@ -203,6 +252,46 @@ class IngestPipeline:
             todo.append(fp)
         return todo
 
+    def _skip_listed_uids(self, chunk: list[SourceItem], report: IngestReport, seen: set[str]) -> list[SourceItem]:
+        listed = [item.sop_uid for item in chunk if item.sop_uid]
+        if not listed:
+            return chunk
+        stored = self.service.store.already_in_space(self.service.space.id, [], listed)
+        kept = []
+        for item in chunk:
+            if item.sop_uid and (item.sop_uid in stored or item.sop_uid in seen):
+                report.skipped += 1
+                continue
+            kept.append(item)
+        return kept
+
+    def _fetch_remote(self, chunk: list[SourceItem], report: IngestReport) -> list[SourceItem]:
+        """Fetch remote items into the spool folder (concurrently); a failed fetch is a ``fetch`` failure."""
+        remote = [item for item in chunk if item.remote is not None and not item.error]
+        if not remote or self.remote is None:
+            return chunk
+        if self.spool is None:
+            self.spool = Path(tempfile.mkdtemp(prefix="dicomweb-", dir=self._spool_parent()))
+        source, spool = self.remote, self.spool
+
+        def fetch(item: SourceItem) -> SourceItem | None:
+            try:
+                item.path = str(source.fetch(item, spool))
+                return item
+            except Exception as exc:  # noqa: BLE001 - one instance failing never stops a sync
+                message = exc.message if isinstance(exc, RetrievalError) else f"{type(exc).__name__}: {exc}"
+                report.failures.append(Failure(item.display, "fetch", message))
+                return None
+
+        with ThreadPoolExecutor(max_workers=self.settings.dicomweb_fetch_workers) as pool:
+            fetched = {id(item): item for item in pool.map(fetch, remote) if item is not None}
+        return [item for item in chunk if item.remote is None or id(item) in fetched]
+
+    def _spool_parent(self) -> Path:
+        parent = self.settings.data_dir / "spool"
+        parent.mkdir(parents=True, exist_ok=True)
+        return parent
+
     def _flush(self, batch: list[Prepared], report: IngestReport) -> None:
         """Encode one batch and store it in one transaction; failures are per batch stage."""
         tick = time.perf_counter()
@@ -212,13 +301,18 @@ class IngestPipeline:
             z, vectors = self.service.embed_pixels(pixels)
         except Exception as exc:  # noqa: BLE001 - record and carry on with the next batch
             logger.exception("encode failed for a batch of %d", len(batch))
-            report.failures.extend(Failure(p.item.path, "encode", f"{type(exc).__name__}: {exc}") for p in batch)
+            report.failures.extend(Failure(p.item.display, "encode", f"{type(exc).__name__}: {exc}") for p in batch)
             return
         report.seconds["encode"] += time.perf_counter() - tick
+        quality: list[tuple[float, float] | None] = [None] * len(batch)
+        if self.settings.ingest_quality:
+            tick = time.perf_counter()
+            quality = [*score_latents(self.service, z, pixels)]
+            report.seconds["quality"] = report.seconds.get("quality", 0.0) + time.perf_counter() - tick
         tick = time.perf_counter()
         rows = [
             NewImage(
-                source_uri=str(Path(p.item.path).resolve()),
+                source_uri=p.item.uri or printable_path(Path(p.item.path).resolve()),
                 sha256=p.sha256,
                 study_key=p.study_key,
                 study_label=p.study_label,
@@ -229,16 +323,18 @@ class IngestPipeline:
                 metadata=p.metadata,
                 z=z[i].numpy(),
                 vector=vectors[i],
+                quality=quality[i],
             )
             for i, p in enumerate(batch)
         ]
         try:
-            written = self.service.store.write_batch(space=self.service.space, images=rows)
+            self.service.store.write_batch(space=self.service.space, images=rows, job_id=self.job_id)
         except Exception as exc:  # noqa: BLE001 - the transaction rolled back; nothing was stored
             logger.exception("database write failed for a batch of %d", len(batch))
-            report.failures.extend(Failure(p.item.path, "store", f"{type(exc).__name__}: {exc}") for p in batch)
+            report.failures.extend(Failure(p.item.display, "store", f"{type(exc).__name__}: {exc}") for p in batch)
             return
-        self.service.index.add(written)
+        # add what the database committed (ours and any concurrent writer's), never only ours
+        self.service.index.catch_up(self.service.store)
         report.seconds["write"] += time.perf_counter() - tick
         report.ingested += len(batch)
         self._notify(report)

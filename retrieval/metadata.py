@@ -58,6 +58,35 @@ def parse_date(value: Any) -> dt.date | None:
     return None
 
 
+AGE_UNIT_YEARS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+def age_in_years(value: str | None) -> float | None:
+    """DICOM AS (``045Y``, ``006M``, ``003W``, ``010D``) or a plain number of years; ``None`` if unreadable."""
+    if not value:
+        return None
+    text = value.strip().upper()
+    unit = AGE_UNIT_YEARS.get(text[-1:], None)
+    number = text[:-1] if unit is not None else text
+    try:
+        return float(number) * (unit if unit is not None else 1.0)
+    except ValueError:
+        return None
+
+
+def shifted_date(date: dt.date | None, patient_id: str | None, *, secret: str, max_days: int) -> dt.date | None:
+    """``date`` moved by a per-patient offset in ``[-max_days, max_days]`` keyed by ``secret``.
+
+    The same patient always gets the same offset, so intervals between a patient's studies are kept
+    while calendar dates no longer identify the visit. ``max_days=0`` or no PatientID: unchanged.
+    """
+    if date is None or max_days <= 0 or not (patient_id or "").strip():
+        return date
+    digest = keyed_hash(f"date-shift:{patient_id.strip()}", secret)
+    offset = int(digest[:8], 16) % (2 * max_days + 1) - max_days
+    return date + dt.timedelta(days=offset)
+
+
 def _text(dataset: Any, keyword: str) -> str | None:
     value = dataset.get(keyword)
     if value is None:
@@ -66,8 +95,11 @@ def _text(dataset: Any, keyword: str) -> str | None:
     return text or None
 
 
-def from_dicom(dataset: Any, *, secret: str) -> ImageMetadata:
-    """Read the stored fields from a DICOM header; identifiers are hashed here and only here."""
+def from_dicom(dataset: Any, *, secret: str, date_shift_days: int = 0) -> ImageMetadata:
+    """Read the stored fields from a DICOM header; identifiers are hashed here and only here.
+
+    ``date_shift_days > 0`` moves StudyDate by the patient's keyed offset (:func:`shifted_date`).
+    """
     laterality = _text(dataset, "ImageLaterality") or _text(dataset, "Laterality")
     modality = _text(dataset, "Modality")
     return ImageMetadata(
@@ -78,7 +110,9 @@ def from_dicom(dataset: Any, *, secret: str) -> ImageMetadata:
         body_part=(_text(dataset, "BodyPartExamined") or "").upper() or None,
         view=(_text(dataset, "ViewPosition") or "").upper() or None,
         laterality=laterality.upper() if laterality else None,
-        study_date=parse_date(dataset.get("StudyDate")),
+        study_date=shifted_date(
+            parse_date(dataset.get("StudyDate")), _text(dataset, "PatientID"), secret=secret, max_days=date_shift_days
+        ),
         patient_sex=_text(dataset, "PatientSex"),
         patient_age=_text(dataset, "PatientAge"),
         patient_hash=keyed_hash(_text(dataset, "PatientID"), secret),

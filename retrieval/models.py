@@ -1,7 +1,8 @@
 """SQLAlchemy 2.0 typed ORM: the database is the source of truth (design decision 1).
 
 Tables: embedding spaces, studies, images (metadata, never direct identifiers), latents (z as fp16
-bytes + shape, one per image and encoder), vectors (one per image and space), ingest errors.
+bytes + shape, one per image and encoder), vectors (one per image and space), ingest errors, and
+ingest jobs (the queue that ``retrieval worker`` processes claim from).
 The schema itself is created by Alembic (``migrations/``), never by ``create_all`` at runtime.
 """
 
@@ -12,8 +13,10 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Date,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -93,6 +96,9 @@ class ImageRecord(Base):
     frames: Mapped[int] = mapped_column(Integer, default=1)
     labels: Mapped[list[str]] = mapped_column(JSON, default=list)
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # reconstruction quality (opt-in): PSNR (dB) and SSIM of decode(z) against the normalised input
+    recon_psnr: Mapped[float | None] = mapped_column(Float, index=True)
+    recon_ssim: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, server_default=func.now())
 
     study: Mapped[Study] = relationship(back_populates="images")
@@ -138,3 +144,32 @@ class IngestError(Base):
     stage: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, server_default=func.now())
+
+
+class IngestJob(Base):
+    """A queued bulk ingest of a server-side source, run by a ``retrieval worker`` process.
+
+    ``state`` moves ``queued -> running -> succeeded | failed | cancelled``. A running job whose
+    ``heartbeat_at`` is older than the stale limit is claimable again (its worker died); the ingest
+    is idempotent, so the new attempt skips what the dead one stored. Counts are cumulative over
+    attempts: ``ingested`` is what this job stored, ``skipped`` what was already in the archive.
+    """
+
+    __tablename__ = "ingest_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    ingested: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    images_per_second: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, server_default=func.now())
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -6,6 +6,9 @@ A pooling is named by a spec string that is part of the embedding space's identi
 * ``spp:L1,L2,...``: spatial pyramid of average pools at LxL grids, concatenated
   (D = C * sum(L^2)); ``spp:1,2,4`` gives 84 values for medvae_8_4_2d. Default.
 * ``grid:N``: the latent average-pooled to an NxN grid and flattened (D = C * N^2).
+* ``gem:P``: generalized mean per channel, ``mean(|x|^P)^(1/P)`` carrying the sign of the
+  channel mean (the latent is signed; classic GeM assumes ReLU features). D = C. P=1 is close to
+  ``mean`` of magnitudes; large P approaches max-pooling.
 
 Every pooled vector is L2-normalised, so inner product = cosine similarity.
 """
@@ -37,6 +40,8 @@ class PoolingSpec:
             return channels
         if self.name == "spp":
             return channels * sum(level * level for level in self.params)
+        if self.name == "gem":
+            return channels
         return channels * self.params[0] ** 2  # grid
 
 
@@ -53,8 +58,11 @@ def parse_pooling(spec: str) -> PoolingSpec:
         return PoolingSpec("spp", tuple(sorted(set(params))))
     if name == "grid" and len(params) == 1 and params[0] >= 1:
         return PoolingSpec("grid", params)
+    if name == "gem" and len(params) == 1 and 1 <= params[0] <= 32:
+        return PoolingSpec("gem", params)
     raise ConfigurationError(
-        f"pooling {spec!r} is not one of `mean`, `spp:L1,L2,...`, `grid:N`", detail={"field": "pooling", "value": spec}
+        f"pooling {spec!r} is not one of `mean`, `spp:L1,L2,...`, `grid:N`, `gem:P`",
+        detail={"field": "pooling", "value": spec},
     )
 
 
@@ -68,6 +76,10 @@ def pool(s2: torch.Tensor, spec: PoolingSpec) -> torch.Tensor:
         vectors = torch.cat(parts, dim=1)
     elif spec.name == "grid":
         vectors = F.adaptive_avg_pool2d(s2, spec.params[0]).flatten(1)
+    elif spec.name == "gem":
+        p = float(spec.params[0])
+        magnitude = s2.abs().clamp_min(1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+        vectors = magnitude * torch.sign(s2.mean(dim=(2, 3)))
     else:  # parse_pooling never produces anything else
         raise ConfigurationError(f"unknown pooling {spec.name!r}")
     return F.normalize(vectors, p=2, dim=1, eps=1e-12)

@@ -51,6 +51,7 @@ class PrepareOptions:
     input_size: int
     max_pixels: int
     id_secret: str
+    date_shift_days: int = 0
 
 
 def fingerprint(item: SourceItem) -> Fingerprint:
@@ -67,6 +68,8 @@ def fingerprint(item: SourceItem) -> Fingerprint:
                 digest.update(block)
     except OSError as exc:
         return Fingerprint(item=item, error=f"cannot read file ({exc.strerror or exc})")
+    if not head:  # never an image; and every empty file would otherwise be a "duplicate" of the first
+        return Fingerprint(item=item, error="file is empty")
     sop_uid = None
     if looks_like_dicom(head[:132]) or path.suffix.lower() in DICOM_SUFFIXES:
         sop_uid = _read_sop_uid(path)
@@ -92,7 +95,7 @@ def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
     try:
         decoded = decode_path(item.path, max_pixels=options.max_pixels)
         metadata = (
-            from_dicom(decoded.dicom, secret=options.id_secret) if decoded.dicom is not None else ImageMetadata()
+            from_dicom(decoded.dicom, secret=options.id_secret, date_shift_days=options.date_shift_days) if decoded.dicom is not None else ImageMetadata()
         )
         if item.row:
             metadata = merge_manifest_row(metadata, item.row, secret=options.id_secret)

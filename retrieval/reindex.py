@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from retrieval.index import SpaceIndex
+from retrieval.index import SpaceIndex, choose_index_spec
 from retrieval.models import Vector
 from retrieval.pooling import PoolingSpec, pool
 from retrieval.service import RetrievalService
@@ -38,7 +38,8 @@ def reindex(service: RetrievalService, *, pooling: PoolingSpec | None = None, ba
     else:
         space = service.store.ensure_space(service.identity(pooling))
         added = _pool_missing(service, space_id=space.id, encoder_key=space.encoder_key, spec=pooling, batch=batch)
-    index = SpaceIndex(space=space, directory=service.settings.index_dir)
+    count, _ = service.store.vector_stats(space.id)
+    index = SpaceIndex(space=space, directory=service.settings.index_dir, spec=choose_index_spec(count, service.settings))
     index.rebuild(service.store)
     logger.info("reindex %s (%s): %d vectors added, index holds %d", space.key[:12], space.pooling, added, index.count)
     return ReindexReport(space_key=space.key, pooling=space.pooling, vectors_added=added, index_count=index.count)

@@ -9,17 +9,21 @@ When filters leave fewer than ``k`` groups it widens the fetch, up to the whole 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from retrieval.errors import InvalidRequestError, NotFoundError
-from retrieval.metadata import parse_date
+from retrieval.evaluation import neighbour_label_scores
+from retrieval.metadata import age_in_years, parse_date
 from retrieval.models import ImageRecord, Study
 from retrieval.service import RetrievalService
 
-FILTER_KEYS = ("modality", "body_part", "view", "laterality", "label", "date_from", "date_to")
+QUALITY_KEYS = ("min_psnr", "max_psnr", "min_ssim", "max_ssim")
+FILTER_KEYS = ("modality", "body_part", "view", "laterality", "patient_sex", "label", "date_from", "date_to",
+               "age_from", "age_to")
 
 
 @dataclass
@@ -33,8 +37,13 @@ class Filters:
     labels: set[str] | None = None  # all must be present
     date_from: dt.date | None = None
     date_to: dt.date | None = None
+    patient_sex: set[str] | None = None  # DICOM PatientSex: M, F, O
+    age_from: float | None = None  # years, from DICOM PatientAge (images without an age never pass a bound)
+    age_to: float | None = None
     min_score: float | None = None
     exclude_patient_hash: str | None = None
+    #: reconstruction quality bounds (images without a stored score never pass a bound)
+    quality: dict[str, float] = field(default_factory=dict)  # min_psnr, max_psnr, min_ssim, max_ssim
 
     @classmethod
     def parse(cls, pairs: list[str]) -> Filters:
@@ -50,7 +59,7 @@ class Filters:
 
     def set(self, key: str, value: str) -> None:
         values = {v.strip().upper() for v in value.split(",") if v.strip()}
-        if key in ("modality", "body_part", "view", "laterality"):
+        if key in ("modality", "body_part", "view", "laterality", "patient_sex"):
             setattr(self, key, values)
         elif key in ("label", "labels"):
             self.labels = {v.strip() for v in value.split(",") if v.strip()}
@@ -59,6 +68,16 @@ class Filters:
             if date is None:
                 raise InvalidRequestError(f"filter {key}: {value!r} is not a date (YYYY-MM-DD)", detail={"field": key})
             setattr(self, key, date)
+        elif key in QUALITY_KEYS:
+            try:
+                self.quality[key] = float(value)
+            except ValueError:
+                raise InvalidRequestError(f"filter {key}: {value!r} is not a number", detail={"field": key}) from None
+        elif key in ("age_from", "age_to"):
+            try:
+                setattr(self, key, float(value))
+            except ValueError:
+                raise InvalidRequestError(f"filter {key}: {value!r} is not a number of years", detail={"field": key}) from None
         elif key == "min_score":
             try:
                 self.min_score = float(value)
@@ -66,15 +85,21 @@ class Filters:
                 raise InvalidRequestError(f"filter min_score: {value!r} is not a number", detail={"field": key}) from None
         else:
             raise InvalidRequestError(
-                f"unknown filter {key!r}; use one of {', '.join(FILTER_KEYS)}, min_score", detail={"field": "filter"}
+                f"unknown filter {key!r}; use one of {', '.join(FILTER_KEYS + QUALITY_KEYS)}, min_score", detail={"field": "filter"}
             )
 
     def accepts(self, image: ImageRecord, score: float) -> bool:
         if self.min_score is not None and score < self.min_score:
             return False
-        for key in ("modality", "body_part", "view", "laterality"):
+        for key in ("modality", "body_part", "view", "laterality", "patient_sex"):
             wanted = getattr(self, key)
             if wanted is not None and (getattr(image, key) or "").upper() not in wanted:
+                return False
+        if self.age_from is not None or self.age_to is not None:
+            age = age_in_years(image.patient_age)
+            if age is None or (self.age_from is not None and age < self.age_from):
+                return False
+            if self.age_to is not None and age > self.age_to:
                 return False
         if self.labels and not self.labels.issubset(set(image.labels or [])):
             return False
@@ -85,6 +110,10 @@ class Filters:
             return False
         if self.exclude_patient_hash and image.patient_hash == self.exclude_patient_hash:
             return False
+        for key, bound in self.quality.items():
+            value = image.recon_psnr if key.endswith("psnr") else image.recon_ssim
+            if value is None or (value < bound if key.startswith("min") else value > bound):
+                return False
         return True
 
 
@@ -113,11 +142,13 @@ def search_vector(
     if k < 1:
         raise InvalidRequestError("k must be at least 1", detail={"field": "k"})
     filters = filters or Filters()
-    index = service.index
+    index = service.searchable_index()
     total = index.count
     fetch = min(total, k * service.settings.overfetch)
     while True:
+        tick = time.perf_counter()
         hits = index.search(vector, fetch)[0] if fetch else []
+        service.observe("search_seconds", time.perf_counter() - tick)
         rows = service.store.images_by_id([image_id for image_id, _ in hits])
         groups = _group(hits, rows, filters, group_by)
         if len(groups) >= k or fetch >= total:
@@ -143,7 +174,7 @@ def _group(
 
 def stored_vector(service: RetrievalService, image_id: int) -> np.ndarray:
     """The query vector of an image already in the archive (its stored vector in this space)."""
-    index = service.index
+    index = service.searchable_index()
     try:
         return index.index.reconstruct(int(image_id)).astype(np.float32)
     except RuntimeError:
@@ -169,9 +200,15 @@ def image_json(image: ImageRecord, score: float | None = None) -> dict[str, Any]
         "view": image.view,
         "laterality": image.laterality,
         "study_date": image.study_date.isoformat() if image.study_date else None,
+        "patient_sex": image.patient_sex,
+        "patient_age": image.patient_age,
+        "series_uid": image.series_uid,
+        "sop_uid": image.sop_uid,
         "width": image.width,
         "height": image.height,
         "labels": list(image.labels or []),
+        "recon_psnr": None if image.recon_psnr is None else round(float(image.recon_psnr), 2),
+        "recon_ssim": None if image.recon_ssim is None else round(float(image.recon_ssim), 4),
     }
     if score is not None:
         out["score"] = round(float(score), 6)
@@ -203,6 +240,7 @@ def run_search(
     filters: Filters | None = None,
     group_by: Literal["study", "image"] | str = "study",
     exclude_same_patient: bool = False,
+    sort: str = "score",
 ) -> dict[str, Any]:
     """Search by a file path, a stored image id, file bytes or a ready vector; returns the ``--json`` payload."""
     filters = filters or Filters.parse(filter_pairs or [])
@@ -231,18 +269,46 @@ def run_search(
             )
         filters.exclude_patient_hash = query_patient_hash
     groups = search_vector(service, vector, k=k, filters=filters, group_by="image" if group_by == "image" else "study")
+    groups = sort_groups(groups, sort)
+    hits = [hit for group in groups for hit in group.images]
     return {
         "model": service.model_info(),
         "space": service.space_info(),
         "query": query,
         "group_by": group_by,
         "results": results_json(groups),
+        # label frequencies among the returned images, weighted by score: kNN "CAD on latents"
+        "neighbour_labels": neighbour_label_scores(
+            [frozenset(hit.image.labels or []) for hit in hits], [hit.score for hit in hits]
+        ),
         "warnings": empty_space_warnings(service),
     }
 
 
+SORT_KEYS = ("score", "psnr", "ssim")
+
+
+def sort_groups(groups: list[StudyHit], sort: str) -> list[StudyHit]:
+    """Order the top-k: by score (default), or by the best image's reconstruction PSNR / SSIM,
+    worst first, so that poorly represented (out-of-distribution) cases surface; unscored last."""
+    if sort == "score":
+        return groups
+    if sort not in SORT_KEYS:
+        raise InvalidRequestError(f"sort must be one of {', '.join(SORT_KEYS)}", detail={"field": "sort"})
+    attribute = "recon_psnr" if sort == "psnr" else "recon_ssim"
+
+    def key(group: StudyHit) -> tuple[bool, float]:
+        value = getattr(group.images[0].image, attribute)
+        return (value is None, value if value is not None else 0.0)
+
+    return sorted(groups, key=key)
+
+
 def empty_space_warnings(service: RetrievalService) -> list[str]:
-    """When the searched space is empty, name the spaces that do hold vectors (settings differ)."""
+    """When the searched space is empty, name the spaces that do hold vectors (settings differ).
+
+    Called right after a search, which has already brought the index up to date with the database.
+    """
     if service.index.count > 0:
         return []
     others = []
@@ -272,6 +338,6 @@ def _vector_and_patient(service: RetrievalService, decoded: Any) -> tuple[np.nda
     from retrieval.metadata import from_dicom
 
     pixels = fit_to_square(decoded.pixels, service.settings.input_size)
-    vector = service.embed_pixels(pixels[None])[1][0]
+    vector = service.embed_query(pixels)[1]
     patient = from_dicom(decoded.dicom, secret=service.settings.id_secret).patient_hash if decoded.dicom is not None else None
     return vector, patient

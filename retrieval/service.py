@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from retrieval.batching import MicroBatcher
 from retrieval.encoder import MedVAEEncoder
 from retrieval.imaging import PREPROCESSING_VERSION
-from retrieval.index import OpenReport, SpaceIndex
+from retrieval.index import OpenReport, SpaceIndex, choose_index_spec
 from retrieval.models import Space
 from retrieval.pooling import PoolingSpec, parse_pooling, pool
 from retrieval.settings import Settings
@@ -38,6 +41,9 @@ class RetrievalService:
         self._index: SpaceIndex | None = None
         self.index_report: OpenReport | None = None
         self._lock = threading.RLock()
+        self._batcher: MicroBatcher | None = None
+        #: optional ``(name, value)`` hook for timings (the API feeds Prometheus with it)
+        self.observe: Callable[[str, float], None] = lambda _name, _value: None
 
     # -- lazily loaded parts
 
@@ -76,19 +82,61 @@ class RetrievalService:
     def index(self) -> SpaceIndex:
         with self._lock:
             if self._index is None:
+                count, _ = self.store.vector_stats(self.space.id)
                 self._index, self.index_report = SpaceIndex.open(
-                    store=self.store, space=self.space, directory=self.settings.index_dir
+                    store=self.store,
+                    space=self.space,
+                    directory=self.settings.index_dir,
+                    spec=choose_index_spec(count, self.settings),
                 )
                 logger.info("index %s: %s %s", self.space.key[:12], self.index_report.action, self.index_report.reason)
             return self._index
+
+    def searchable_index(self) -> SpaceIndex:
+        """The index with every vector committed so far (by workers or other processes) added."""
+        index = self.index
+        index.catch_up(self.store)
+        return index
 
     # -- embedding
 
     def embed_pixels(self, pixels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """``(B, S, S)`` normalised pixels -> (z ``(B, C, h, w)``, vectors ``(B, D)`` float32)."""
+        tick = time.perf_counter()
         z = self.encoder.encode(pixels)
-        vectors = pool(self.encoder.s2_latent(z), self.pooling).numpy()
+        vectors = self.pool_s2(self.encoder.s2_latent(z))
+        self.observe("encode_seconds", time.perf_counter() - tick)
         return z, vectors
+
+    def pool_s2(self, s2: torch.Tensor) -> np.ndarray:
+        """``(B, C, h, w)`` stage-2 latents -> this space's ``(B, D)`` float32 vectors."""
+        return pool(s2, self.pooling).numpy()
+
+    def embed_query(self, pixels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """One ``(S, S)`` query image -> (z ``(C, h, w)``, vector ``(D,)``).
+
+        With query batching on (``query_batching``; auto = CUDA), concurrent callers share one
+        encoder call; the result is the same as encoding the image alone.
+        """
+        if self._query_batching():
+            return self._query_batcher().submit(pixels)
+        z, vectors = self.embed_pixels(pixels[None])
+        return z[0], vectors[0]
+
+    def _query_batching(self) -> bool:
+        mode = self.settings.query_batching
+        return mode == "on" or (mode == "auto" and self.encoder.device.type == "cuda")
+
+    def _query_batcher(self) -> MicroBatcher:
+        with self._lock:
+            if self._batcher is None:
+                self._batcher = MicroBatcher(
+                    self.embed_pixels,
+                    max_batch=self.settings.batch_size,
+                    wait_seconds=self.settings.query_batch_wait_ms / 1000.0,
+                    on_batch=lambda size: self.observe("query_batch_size", float(size)),
+                )
+            return self._batcher
 
     # -- descriptions shared by JSON outputs
 
@@ -100,6 +148,8 @@ class RetrievalService:
         return space_json(self.space)
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
         if self._index is not None:
             self._index.save()
         self.store.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ID_SECRET = "change-me-medvae-retrieval"
@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         80_000_000, ge=1, description="Largest decoded pixel count (rows x cols x frames x samples)."
     )
+    date_shift_days: int = Field(
+        0, ge=0, le=3650,
+        description="Shift DICOM StudyDate by a per-patient keyed offset within +-N days (0 = store dates as they are).",
+    )
     overfetch: int = Field(4, ge=1, le=100, description="Search fetches k * overfetch images before grouping.")
     api_keys: str = Field("", description="Comma-separated API keys; when set, every route but /healthz needs one.")
     max_request_bytes: int = Field(64 * 2**20, ge=1024, description="Largest accepted request body (413 above).")
@@ -69,6 +73,50 @@ class Settings(BaseSettings):
     url_allow_hosts: str = Field(
         "", description="Comma-separated hosts an image_url may use even when they resolve to non-global addresses."
     )
+
+    index_type: Literal["auto", "flat", "hnsw"] = Field(
+        "auto", description="FAISS index: exact flat, HNSW, or auto (flat below hnsw_min_vectors)."
+    )
+    hnsw_min_vectors: int = Field(50_000, ge=1, description="auto: spaces with at least this many vectors use HNSW.")
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree.")
+    hnsw_ef_search: int = Field(128, ge=8, le=4096, description="HNSW efSearch per query (recall vs speed).")
+    ingest_quality: bool = Field(
+        False, description="Score each ingested image's reconstruction (PSNR/SSIM); costs a decoder pass (~2.3x encode)."
+    )
+    ingest_roots: str = Field(
+        "", description="Comma-separated server folders that API ingest jobs may read; empty = API ingest disabled."
+    )
+    job_heartbeat_seconds: float = Field(5.0, gt=0, le=600, description="How often a worker reports job progress.")
+    job_stale_seconds: float = Field(
+        60.0, gt=0, le=86400, description="A running job without a heartbeat this long is resumed by another worker."
+    )
+    query_batching: Literal["auto", "on", "off"] = Field(
+        "auto", description="Micro-batch concurrent query encodes; auto = on for CUDA."
+    )
+    query_batch_wait_ms: float = Field(
+        4.0, ge=0, le=1000, description="How long a query waits for others to share its encoder batch."
+    )
+
+    dicomweb_username: str = Field("", description="DICOMweb basic-auth user (with dicomweb_password).")
+    dicomweb_password: SecretStr = Field(SecretStr(""), description="DICOMweb basic-auth password; never logged.")
+    dicomweb_token: SecretStr = Field(SecretStr(""), description="DICOMweb bearer token; never logged.")
+    dicomweb_retries: int = Field(3, ge=0, le=20, description="Retries per DICOMweb request (connect errors, 429, 5xx).")
+    dicomweb_backoff: float = Field(0.5, ge=0, le=60, description="Exponential backoff factor between retries, seconds.")
+    dicomweb_timeout: float = Field(30.0, gt=0, le=600, description="Seconds allowed per DICOMweb request.")
+    dicomweb_fetch_workers: int = Field(4, ge=1, le=32, description="Concurrent WADO-RS instance fetches.")
+    dicomweb_allowed_urls: str = Field(
+        "", description="Comma-separated DICOMweb base URLs that API ingest jobs may sync from; empty = none."
+    )
+
+    @model_validator(mode="after")
+    def _own_secret_on_shared_databases(self) -> Settings:
+        """A shared (PostgreSQL) archive must not hash identifiers with the public placeholder key."""
+        if (self.database_url or "").startswith("postgresql") and self.id_secret == DEFAULT_ID_SECRET:
+            raise ValueError(
+                "RETRIEVAL_ID_SECRET is the built-in placeholder: set your own secret before using PostgreSQL "
+                "(PatientID hashes keyed with a public value can be reversed by trying IDs)"
+            )
+        return self
 
     @field_validator("weights")
     @classmethod
@@ -83,6 +131,14 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'retrieval.db').resolve()}"
+
+    @property
+    def ingest_root_list(self) -> list[Path]:
+        return [Path(root.strip()).expanduser().resolve() for root in self.ingest_roots.split(",") if root.strip()]
+
+    @property
+    def dicomweb_allowed_url_list(self) -> list[str]:
+        return [url.strip().rstrip("/") for url in self.dicomweb_allowed_urls.split(",") if url.strip()]
 
     @property
     def api_key_list(self) -> list[str]:

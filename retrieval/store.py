@@ -18,12 +18,12 @@ import numpy as np
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, event, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from retrieval.metadata import ImageMetadata
-from retrieval.models import ImageRecord, IngestError, Latent, Space, Study, Vector
+from retrieval.models import ImageRecord, IngestError, IngestJob, Latent, Space, Study, Vector
 from retrieval.settings import Settings
 from retrieval.spaces import SpaceIdentity
 
@@ -83,6 +83,7 @@ class NewImage:
     metadata: ImageMetadata
     z: np.ndarray  # (C, h, w) float32; stored as float16
     vector: np.ndarray  # (D,) float32, L2-normalised
+    quality: tuple[float, float] | None = None  # (PSNR dB, SSIM) of decode(z), when scored at ingest
 
 
 @dataclass
@@ -171,16 +172,20 @@ class Store:
 
     # -- writes
 
-    def write_batch(self, *, space: Space, images: Sequence[NewImage]) -> list[StoredVector]:
+    def write_batch(
+        self, *, space: Space, images: Sequence[NewImage], job_id: str | None = None
+    ) -> list[StoredVector]:
         """Store a batch in ONE transaction; returns the vectors written (for the index).
 
         An image already present (same sha256 or SOPInstanceUID) is reused: only its missing
-        latent / vector are added. Nothing is written when any row fails.
+        latent / vector are added. Nothing is written when any row fails. With ``job_id``, the
+        job's ``ingested`` count grows in the same transaction, so it stays exact across crashes.
         """
         for new in images:
             _check_arrays(new, space.dim)
         written: list[StoredVector] = []
         with self.sessions.begin() as session:
+            _serialize_vector_writes(session, space.id)
             for new in images:
                 image = self._find_image(session, new)
                 if image is None:
@@ -188,6 +193,8 @@ class Store:
                     image = _image_row(new, study.id)
                     session.add(image)
                     session.flush()
+                elif new.quality is not None and image.recon_psnr is None:
+                    image.recon_psnr, image.recon_ssim = new.quality
                 has_latent = session.scalar(
                     select(Latent.id).where(Latent.image_id == image.id, Latent.encoder_key == space.encoder_key)
                 )
@@ -212,12 +219,20 @@ class Store:
                 session.add(row)
                 session.flush()
                 written.append(StoredVector(row_id=row.id, image_id=image.id, vector=vector))
+            if job_id is not None and written:
+                session.execute(
+                    update(IngestJob)
+                    .where(IngestJob.id == job_id)
+                    .values(ingested=IngestJob.ingested + len(written))
+                    .execution_options(synchronize_session=False)
+                )
         return written
 
     def add_vectors(self, *, space: Space, vectors: Sequence[tuple[int, np.ndarray]]) -> list[StoredVector]:
         """Add vectors for already stored images (re-pooling from stored z) in one transaction."""
         written: list[StoredVector] = []
         with self.sessions.begin() as session:
+            _serialize_vector_writes(session, space.id)
             for image_id, vector in vectors:
                 data = np.ascontiguousarray(vector, dtype=np.float32)
                 row = Vector(image_id=image_id, space_id=space.id, data=data.tobytes())
@@ -320,6 +335,44 @@ class Store:
                 out.update({row.id: row for row in rows})
         return out
 
+    def images_by_sha256(self, sha256s: Sequence[str]) -> list[ImageRecord]:
+        """Stored images with these content hashes."""
+        out: list[ImageRecord] = []
+        with self.sessions() as session:
+            for chunk in _chunks(list(sha256s), 500):
+                out.extend(session.scalars(select(ImageRecord).where(ImageRecord.sha256.in_(chunk))))
+        return out
+
+    def vectors_of(self, space_id: int, image_ids: Sequence[int]) -> np.ndarray:
+        """The space's vectors of ``image_ids``, in that order, as a ``(N, D)`` float32 matrix."""
+        found: dict[int, np.ndarray] = {}
+        with self.sessions() as session:
+            for chunk in _chunks(list(image_ids), 500):
+                rows = session.execute(
+                    select(Vector.image_id, Vector.data).where(Vector.space_id == space_id, Vector.image_id.in_(chunk))
+                )
+                found.update({row[0]: np.frombuffer(row[1], dtype=np.float32) for row in rows})
+        missing = [image_id for image_id in image_ids if image_id not in found]
+        if missing:
+            raise KeyError(f"images without a vector in space {space_id}: {missing[:10]}")
+        return np.stack([found[image_id] for image_id in image_ids])
+
+    def images_without_quality(self, limit: int) -> list[ImageRecord]:
+        with self.sessions() as session:
+            return list(session.scalars(
+                select(ImageRecord).where(ImageRecord.recon_psnr.is_(None)).order_by(ImageRecord.id).limit(limit)
+            ))
+
+    def set_quality(self, scores: Sequence[tuple[int, float, float]]) -> None:
+        """Store ``(image_id, PSNR, SSIM)`` rows in one transaction."""
+        with self.sessions.begin() as session:
+            for image_id, psnr_db, ssim_value in scores:
+                session.execute(
+                    update(ImageRecord).where(ImageRecord.id == image_id)
+                    .values(recon_psnr=float(psnr_db), recon_ssim=float(ssim_value))
+                    .execution_options(synchronize_session=False)
+                )
+
     def iter_images(self, chunk: int = 1000) -> Iterator[list[ImageRecord]]:
         last = 0
         while True:
@@ -351,6 +404,22 @@ class Store:
     def errors_of_run(self, run_id: str) -> list[IngestError]:
         with self.sessions() as session:
             return list(session.scalars(select(IngestError).where(IngestError.run_id == run_id).order_by(IngestError.id)))
+
+
+def _serialize_vector_writes(session: Session, space_id: int) -> None:
+    """Make vector row ids of a space grow in commit order, so an index watermark never skips a row.
+
+    PostgreSQL hands out sequence values at insert time: with two writers, row 102 may commit
+    before row 101, and a reader that saw 102 would never look below it again. A transaction-level
+    advisory lock per space orders the writers (a batch write holds it for milliseconds). SQLite
+    already allows one writer at a time.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:namespace, :space_id)"),
+                        {"namespace": _ADVISORY_NAMESPACE, "space_id": space_id})
+
+
+_ADVISORY_NAMESPACE = 0x6D76  # "mv": keeps our advisory locks apart from other applications'
 
 
 def _check_arrays(new: NewImage, dim: int) -> None:
@@ -386,6 +455,8 @@ def _image_row(new: NewImage, study_id: int) -> ImageRecord:
         frames=new.frames,
         labels=list(meta.labels),
         extra=dict(meta.extra),
+        recon_psnr=new.quality[0] if new.quality else None,
+        recon_ssim=new.quality[1] if new.quality else None,
     )
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import create_engine, text
 
+from live_server import tiny_env
 from retrieval.settings import Settings
 
 PG_ADMIN_URL = os.environ.get("RETRIEVAL_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
@@ -26,6 +28,7 @@ def tiny_settings(data_dir: Path, database_url: str | None = None, **overrides: 
         "precision": "fp32",
         "decode_workers": 0,
         "batch_size": 4,
+        "id_secret": "test-secret-not-for-production",
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -93,3 +96,43 @@ def make_archive(root: Path, *, studies: int = 4, per_study: int = 3) -> list[Pa
             variant = np.clip(base + 0.03 * synthetic_image(1000 * s + i + 1), 0, 1)
             files.append(write_png(root / f"study_{s}" / f"img_{i}.png", variant, bits=16 if i % 2 else 8))
     return files
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def cli_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment for `python -m retrieval` processes: tiny random-weights settings, SQLite or PostgreSQL."""
+    env = tiny_env(tmp_path / "data", RETRIEVAL_DECODE_WORKERS="1")  # one real decode worker process
+    if request.param == "postgres":
+        base = request.getfixturevalue("postgres_url")
+        name = f"{base.rsplit('/', 1)[1]}_{uuid_suffix()}"
+        admin = create_engine(base.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        env["RETRIEVAL_DATABASE_URL"] = base.rsplit("/", 1)[0] + f"/{name}"
+        yield env
+        with admin.connect() as conn:
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+    else:
+        yield env
+
+
+def uuid_suffix() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+def database_url(env: dict[str, str]) -> str:
+    return env.get("RETRIEVAL_DATABASE_URL") or f"sqlite:///{Path(env['RETRIEVAL_DATA_DIR']) / 'retrieval.db'}"
+
+
+def db_counts(env: dict[str, str]) -> dict[str, int]:
+    engine = create_engine(database_url(env))
+    with engine.connect() as conn:
+        counts = {
+            table: conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+            for table in ("images", "latents", "vectors", "studies")
+        }
+        counts["distinct_sha"] = conn.execute(text("SELECT count(DISTINCT sha256) FROM images")).scalar_one()
+    engine.dispose()
+    return counts

@@ -187,13 +187,18 @@ def test_score_refuses_local_paths(client: TestClient) -> None:
 
 def test_api_keys_protect_every_route_but_healthz(archive: tuple[Path, list[Path]]) -> None:
     for client in _client(archive[0], api_keys="k1,k2"):
-        routes = [("get", "/v1/images/1"), ("get", "/v1/studies/1"), ("get", "/v1/images/1/preview.png"),
-                  ("get", "/v1/images/1/latent.npy"), ("get", "/v1/spaces"), ("get", "/readyz"),
-                  ("post", "/v1/search"), ("post", "/score")]
+        public = {"/healthz", "/"}
+        routes = [
+            (method, re.sub(r"\{[^}]+\}", "1", path))
+            for path, operations in client.app.openapi()["paths"].items()
+            if path not in public
+            for method in operations
+        ]
+        assert len(routes) >= 13  # every API route is listed from the app itself, new ones included
         for method, path in routes:
             for headers in ({}, {"Authorization": "Bearer wrong"}):
-                response = getattr(client, method)(path, headers=headers)
-                assert response.status_code == 401, (path, headers)
+                response = client.request(method, path, headers=headers)
+                assert response.status_code == 401, (method, path, headers)
                 assert response.json()["error"]["code"] == "unauthorized"
         assert client.get("/healthz").status_code == 200
         assert client.get("/v1/images/1", headers={"Authorization": "Bearer k2"}).status_code == 200
@@ -203,3 +208,97 @@ def test_body_cap_gives_413(archive: tuple[Path, list[Path]]) -> None:
     for client in _client(archive[0], max_request_bytes=2048):
         response = client.post("/v1/search", files={"file": ("big.png", b"x" * 5000, "image/png")})
         assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_streamed_body_without_length_is_capped(archive: tuple[Path, list[Path]]) -> None:
+    for client in _client(archive[0], max_request_bytes=2048):
+        def chunks() -> Iterator[bytes]:
+            for _ in range(10):
+                yield b"{" + b" " * 1000
+        response = client.post("/v1/search", content=chunks(), headers={"content-type": "application/json"})
+        assert "content-length" not in response.request.headers
+        assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_ingest_job_routes(archive: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    root, _ = archive
+    for client in _client(root):
+        disabled = client.post("/v1/ingest-jobs", json={"source": str(root / "archive")})
+        assert disabled.status_code == 403 and "RETRIEVAL_INGEST_ROOTS" in disabled.json()["error"]["message"]
+    allowed = tmp_path / "allowed"
+    (allowed / "folder").mkdir(parents=True)
+    (allowed / "escape").symlink_to(root / "archive")
+    for client in _client(root, ingest_roots=str(allowed)):
+        escape = client.post("/v1/ingest-jobs", json={"source": str(allowed / "escape")})
+        assert escape.status_code == 403, "a symlink out of the root is outside it"
+        dotdot = client.post("/v1/ingest-jobs", json={"source": str(allowed / ".." / "allowed" / ".." )})
+        assert dotdot.status_code == 403
+        missing = client.post("/v1/ingest-jobs", json={"source": str(allowed / "nope")})
+        assert missing.status_code == 400 and "no such file or folder" in missing.json()["error"]["message"]
+        assert client.post("/v1/ingest-jobs", json={}).status_code == 422
+        job = client.post("/v1/ingest-jobs", json={"source": str(allowed / "folder")})
+        assert job.status_code == 202 and job.json()["state"] == "queued" and job.json()["failures"] == []
+        assert job.json()["weights"] == "random-init"
+        job_id = job.json()["job_id"]
+        listed = client.get("/v1/ingest-jobs").json()["jobs"]
+        assert [j["job_id"] for j in listed] == [job_id]
+        fetched = client.get(f"/v1/ingest-jobs/{job_id}").json()
+        assert fetched["source"] == str((allowed / "folder").resolve()) and fetched["counts"]["ingested"] == 0
+        cancelled = client.delete(f"/v1/ingest-jobs/{job_id}")
+        assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+        again = client.delete(f"/v1/ingest-jobs/{job_id}")
+        assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+        assert client.get("/v1/ingest-jobs/0123").status_code == 404
+        assert client.delete("/v1/ingest-jobs/0123").status_code == 404
+
+
+def test_metrics_report_routes_timings_and_archive(client: TestClient, archive: tuple[Path, list[Path]]) -> None:
+    client.post("/v1/search", files={"file": ("q.png", archive[1][0].read_bytes(), "image/png")}, data={"k": "1"})
+    client.get("/v1/images/1")
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'medvae_http_request_duration_seconds_count{method="POST",route="/v1/search",status="200"}' in text
+    assert 'route="/v1/images/{image_id}"' in text  # route templates, never raw URLs
+    encodes = re.search(r"^medvae_encode_seconds_count (\S+)$", text, re.M)
+    searches = re.search(r"^medvae_index_search_seconds_count (\S+)$", text, re.M)
+    assert encodes and float(encodes.group(1)) >= 1 and searches and float(searches.group(1)) >= 1
+    assert 'medvae_archive_rows{table="images"} 6.0' in text
+    assert "medvae_index_vectors 6.0" in text
+
+
+def test_similarity_map_and_info(client: TestClient, archive: tuple[Path, list[Path]]) -> None:
+    info = client.get("/v1/info").json()
+    assert info["random_weights"] is True and "RANDOM-INITIALISED" in info["warning"]
+    assert info["space"]["pooling"] == "spp:1,2,4" and info["max_request_bytes"] > 0
+    same = client.post("/v1/similarity-map", json={"image_id": 3, "target_image_id": 3}).json()
+    assert same["grid"]["rows"] == same["grid"]["cols"] == 8  # 64 px input / 8
+    assert np.allclose(same["grid"]["cells"], 1.0, atol=1e-3) and same["score"] > 0.9999
+    upload = client.post("/v1/similarity-map", files={"file": ("q.png", archive[1][0].read_bytes(), "image/png")},
+                         data={"target_image_id": "4"})
+    assert upload.status_code == 200, upload.text
+    body = upload.json()
+    cells = np.array(body["grid"]["cells"])
+    assert cells.shape == (8, 8) and cells.min() < 0.999 and cells.max() <= 1.0
+    assert body["target_preview_url"] == "/v1/images/4/preview.png" and "reconstruction" in body["note"]
+    assert Image.open(io.BytesIO(base64.b64decode(body["query_preview_png_base64"]))).size == (64, 64)
+    search = client.post("/v1/search", json={"image_id": 4, "k": 1, "group_by": "image"}).json()
+    first = archive[1][0]
+    by_upload = client.post("/v1/search", files={"file": ("q.png", first.read_bytes(), "image/png")},
+                            data={"k": "6", "group_by": "image"}).json()
+    score_of_4 = next(i["score"] for r in by_upload["results"] for i in r["images"] if i["image_id"] == 4)
+    assert abs(body["score"] - score_of_4) < 1e-4  # the map's score is the search score
+    assert search["results"][0]["images"][0]["image_id"] == 4
+    missing = client.post("/v1/similarity-map", json={"image_id": 3, "target_image_id": 999})
+    assert missing.status_code == 404
+    assert client.post("/v1/similarity-map", json={"image_id": 3}).status_code == 422
+
+
+def test_web_page_is_served_with_security_headers(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "medvae-retrieval" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    script = client.get("/static/app.js")
+    assert script.status_code == 200 and "content-security-policy" in script.headers
+    assert "http://" not in script.text and "https://" not in script.text  # no CDN, works offline

@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from conftest import make_archive, synthetic_image, write_png
+from conftest import database_url, db_counts, make_archive, synthetic_image, write_png
 from dicom_factory import write_dicom
 
 
@@ -26,54 +25,6 @@ def run_cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.C
     if check and result.returncode != 0:
         raise AssertionError(f"retrieval {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def cli_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RETRIEVAL_")}
-    env.update(
-        RETRIEVAL_DATA_DIR=str(tmp_path / "data"), RETRIEVAL_WEIGHTS="random", RETRIEVAL_SEED="0",
-        RETRIEVAL_INPUT_SIZE="64", RETRIEVAL_PRECISION="fp32", RETRIEVAL_BATCH_SIZE="4", RETRIEVAL_DECODE_WORKERS="1",
-        HF_HUB_OFFLINE="1",
-    )
-    if request.param == "postgres":
-        from sqlalchemy import create_engine as make
-
-        base = request.getfixturevalue("postgres_url")
-        name = f"{base.rsplit('/', 1)[1]}_{uuid_suffix()}"
-        admin = make(base.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        env["RETRIEVAL_DATABASE_URL"] = base.rsplit("/", 1)[0] + f"/{name}"
-        yield env
-        with admin.connect() as conn:
-            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
-    else:
-        yield env
-
-
-def uuid_suffix() -> str:
-    import uuid
-
-    return uuid.uuid4().hex[:6]
-
-
-def database_url(env: dict[str, str]) -> str:
-    return env.get("RETRIEVAL_DATABASE_URL") or f"sqlite:///{Path(env['RETRIEVAL_DATA_DIR']) / 'retrieval.db'}"
-
-
-def db_counts(env: dict[str, str]) -> dict[str, int]:
-    engine = create_engine(database_url(env))
-    with engine.connect() as conn:
-        counts = {
-            table: conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
-            for table in ("images", "latents", "vectors", "studies")
-        }
-        counts["distinct_sha"] = conn.execute(text("SELECT count(DISTINCT sha256) FROM images")).scalar_one()
-    engine.dispose()
-    return counts
 
 
 def index_count(env: dict[str, str]) -> int:

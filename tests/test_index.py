@@ -106,3 +106,31 @@ def test_watermark_ahead_with_fewer_rows_rebuilds(tmp_path: Path) -> None:
     reopened, report = SpaceIndex.open(store=store, space=space, directory=directory)
     assert report.action == "rebuilt" and reopened.count == 10
     assert 999 not in {i for i, _ in reopened.search(np.ones(DIM, np.float32) / 4, 20)[0]}
+
+
+def test_hnsw_index_is_chosen_by_size_recalls_and_persists_its_type(tmp_path: Path) -> None:
+    import faiss
+
+    from retrieval.index import IndexSpec, choose_index_spec
+
+    settings = tiny_settings(tmp_path / "data", hnsw_min_vectors=500)
+    assert choose_index_spec(499, settings).kind == "flat" and choose_index_spec(500, settings).kind == "hnsw"
+    assert choose_index_spec(10, tiny_settings(tmp_path / "d", index_type="hnsw")).kind == "hnsw"
+    store, space, vectors = _store_with_vectors(tmp_path, 2000)
+    spec = choose_index_spec(2000, settings)
+    index, report = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index", spec=spec)
+    assert report.action == "rebuilt" and index.count == 2000
+    assert json.loads(index.sidecar_path.read_text())["index_type"] == spec.name == "hnsw-ip:m=32,efc=80"
+    queries = _unit(np.random.default_rng(7).normal(size=(50, DIM)))
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10] + 1
+    found = index.search(queries, 10, ef_search=256)
+    recall = np.mean([len({i for i, _ in hits} & set(exact[q])) / 10 for q, hits in enumerate(found)])
+    assert recall >= 0.95
+    inner = faiss.downcast_index(index.index.index)
+    ef_before = inner.hnsw.efSearch
+    index.search(queries, 10, ef_search=16)
+    assert inner.hnsw.efSearch == ef_before  # per-call parameters never mutate the shared index
+    # a reopen with the same spec loads; a different type on disk is rebuilt as asked
+    assert SpaceIndex.open(store=store, space=space, directory=tmp_path / "index", spec=spec)[1].action == "loaded"
+    flat, report = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index", spec=IndexSpec.flat())
+    assert report.action == "rebuilt" and "differs" in report.reason and flat.count == 2000

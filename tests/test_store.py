@@ -7,6 +7,7 @@ import pytest
 from sqlalchemy import inspect
 
 from retrieval.metadata import ImageMetadata, keyed_hash
+from retrieval.models import Base
 from retrieval.spaces import SpaceIdentity
 from retrieval.store import NewImage, Store, current_revision
 
@@ -26,7 +27,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     url = None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     opened = Store.open(tiny_settings(tmp_path / "data", url))
     if request.param == "postgres":  # the session database is shared: start each test empty
-        from retrieval.models import Base
+
 
         with opened.engine.begin() as conn:
             for table in reversed(Base.metadata.sorted_tables):
@@ -38,10 +39,19 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 def test_migrations_create_schema_and_are_idempotent(store: Store) -> None:
     from retrieval.store import upgrade_database
 
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from retrieval.store import alembic_config
+
     upgrade_database(store.engine)
-    assert current_revision(store.engine) == "0001"
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert current_revision(store.engine) == head
     tables = set(inspect(store.engine).get_table_names())
-    assert {"spaces", "studies", "images", "latents", "vectors", "ingest_errors"} <= tables
+    assert {"spaces", "studies", "images", "latents", "vectors", "ingest_errors", "ingest_jobs"} <= tables
+    with store.engine.connect() as connection:  # the migrations build exactly what the models declare
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
 
 
 def test_write_batch_is_idempotent_and_keeps_latents(store: Store) -> None:

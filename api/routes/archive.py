@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ServiceDep, require_api_key
+from api.deps import RowId, ServiceDep, require_api_key
 from api.errors import error_responses
 from api.schemas import ImageDetail, SpaceInfo, StudyDetail
 from retrieval.errors import NotFoundError
@@ -33,7 +33,7 @@ def _image_or_404(service: Any, image_id: int) -> Any:
 
 
 @router.get("/studies/{study_id}", response_model=StudyDetail, responses=error_responses(401, 404))
-def get_study(study_id: int, service: ServiceDep) -> dict[str, Any]:
+def get_study(study_id: RowId, service: ServiceDep) -> dict[str, Any]:
     with service.store.sessions() as session:
         study = session.scalar(select(Study).options(selectinload(Study.images)).where(Study.id == study_id))
         if study is None:
@@ -43,7 +43,7 @@ def get_study(study_id: int, service: ServiceDep) -> dict[str, Any]:
 
 
 @router.get("/images/{image_id}", response_model=ImageDetail, responses=error_responses(401, 404))
-def get_image(image_id: int, service: ServiceDep) -> dict[str, Any]:
+def get_image(image_id: RowId, service: ServiceDep) -> dict[str, Any]:
     image = _image_or_404(service, image_id)
     return {
         **image_json(image),
@@ -60,7 +60,7 @@ def get_image(image_id: int, service: ServiceDep) -> dict[str, Any]:
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404)},
 )
-async def get_preview(image_id: int, service: ServiceDep, request: Request) -> Response:
+async def get_preview(image_id: RowId, service: ServiceDep, request: Request) -> Response:
     """The MedVAE reconstruction decoded from the stored latent (cached; not the original pixels)."""
     cache: dict[tuple[str, int], bytes] = request.app.state.preview_cache
     key = (service.space.encoder_key, image_id)
@@ -84,7 +84,7 @@ async def get_preview(image_id: int, service: ServiceDep, request: Request) -> R
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(401, 404)},
 )
-def get_latent(image_id: int, service: ServiceDep) -> Response:
+def get_latent(image_id: RowId, service: ServiceDep) -> Response:
     """The stored posterior-mode z of the image, ``(C, h, w)`` float16, as a NumPy ``.npy`` file."""
     z = service.store.latent(image_id, service.space.encoder_key)
     if z is None:

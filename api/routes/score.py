@@ -40,7 +40,7 @@ def _score(service: RetrievalService, request: ScoreRequest) -> dict[str, Any]:
         data = image_bytes_from_reference(row[path_at], service.settings, field=f"input_data.data[{number}].image_path")
         decoded = decode_bytes(data, name=f"input_data.data[{number}]", max_pixels=service.settings.max_image_pixels)
         pixels = fit_to_square(decoded.pixels, service.settings.input_size)
-        z = service.encoder.encode(pixels[None])
+        z = service.embed_query(pixels)[0][None]
         latent = service.encoder.s2_latent(z)[0].numpy()
         prediction: dict[str, Any] = {"latent": np.round(latent, 5).tolist()}
         if want_decoded:

@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import base64
-import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import ServiceDep, require_api_key
 from api.errors import error_responses
-from api.queries import decode_base64_image, image_bytes_from_reference
+from api.queries import parse_query_request, query_image_bytes
 from api.schemas import SearchParams, SearchResponse
-from retrieval.errors import InvalidRequestError
 from retrieval.previews import preview_png
 from retrieval.search import run_search
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_api_key)])
-
-FORM_FIELDS = ("k", "min_score", "group_by", "exclude_same_patient", "previews", "image_id", "image_url", "image_base64")
 
 _REQUEST_BODY: dict[str, Any] = {
     "requestBody": {
@@ -34,12 +28,13 @@ _REQUEST_BODY: dict[str, Any] = {
                     "type": "object",
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        "k": {"type": "integer"},
+                        "k": {"type": "integer", "minimum": 1, "maximum": 1000},
                         "filters": {"type": "string", "description": "JSON object of filters"},
                         "min_score": {"type": "number"},
                         "group_by": {"type": "string", "enum": ["study", "image"]},
                         "exclude_same_patient": {"type": "boolean"},
                         "previews": {"type": "string", "enum": ["none", "url", "inline"]},
+                        "sort": {"type": "string", "enum": ["score", "psnr", "ssim"]},
                     },
                     "required": ["file"],
                 }
@@ -47,41 +42,6 @@ _REQUEST_BODY: dict[str, Any] = {
         },
     }
 }
-
-
-def _validated(values: dict[str, Any]) -> SearchParams:
-    try:
-        return SearchParams.model_validate(values)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
-
-
-async def _parse(request: Request) -> tuple[SearchParams, bytes | None, str]:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        form = await request.form()
-        upload = form.get("file")
-        values: dict[str, Any] = {k: form[k] for k in FORM_FIELDS if k in form and form[k] != ""}
-        if "filters" in form and form["filters"]:
-            try:
-                values["filters"] = json.loads(str(form["filters"]))
-            except ValueError:
-                raise InvalidRequestError("filters: not a JSON object", detail={"field": "filters"}) from None
-        params = _validated(values)
-        if upload is None or isinstance(upload, str):
-            if params.image_id is None and not params.image_url and not params.image_base64:
-                raise InvalidRequestError("multipart search needs a `file` field", detail={"field": "file"})
-            return params, None, ""
-        return params, await upload.read(), upload.filename or "upload"
-    if content_type.startswith("application/json"):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise InvalidRequestError("request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise InvalidRequestError("request body must be a JSON object")
-        return _validated(body), None, ""
-    raise InvalidRequestError("send multipart/form-data (field `file`) or application/json", detail={"content_type": content_type})
 
 
 @router.post(
@@ -93,16 +53,8 @@ async def _parse(request: Request) -> tuple[SearchParams, bytes | None, str]:
 )
 async def search(request: Request, service: ServiceDep) -> dict[str, Any]:
     started = time.perf_counter()
-    params, upload, upload_name = await _parse(request)
-    data: bytes | None = upload
-    name = upload_name
-    if data is None and params.image_base64:
-        data, name = decode_base64_image(params.image_base64), "image_base64"
-    elif data is None and params.image_url:
-        data = await run_in_threadpool(image_bytes_from_reference, params.image_url, service.settings, field="image_url")
-        name = "image_url"
-    if data is None and params.image_id is None:
-        raise InvalidRequestError("give exactly one of image_base64, image_url, image_id (or upload a file)")
+    params, upload, upload_name = await parse_query_request(request, SearchParams)
+    data, name = await query_image_bytes(params, upload, upload_name, service.settings)
     payload = await run_in_threadpool(
         run_search,
         service,
@@ -113,6 +65,7 @@ async def search(request: Request, service: ServiceDep) -> dict[str, Any]:
         filters=params.filters.to_filters(params.min_score),
         group_by=params.group_by,
         exclude_same_patient=params.exclude_same_patient,
+        sort=params.sort,
     )
     base = str(request.base_url).rstrip("/")
     for result in payload["results"]:

@@ -1,0 +1,485 @@
+// medvae-retrieval web page: no build step, no dependencies. Talks to the /v1 API of the server that serves it.
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const state = {
+  file: null,          // File of an uploaded / pasted query
+  imageId: null,       // or a stored image id ("more like this")
+  k: 24,
+  payload: null,       // last search response
+  info: null,
+  apiKey: sessionStorage.getItem("medvae-api-key") || "",
+};
+const FILTER_FIELDS = ["modality", "body_part", "view", "laterality", "labels", "date_from", "date_to"];
+
+// ---------- HTTP ----------
+
+class ApiError extends Error {
+  constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+}
+
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (state.apiKey) headers.set("Authorization", `Bearer ${state.apiKey}`);
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers });
+  } catch (err) {
+    throw new ApiError(0, "network", `The server could not be reached (${err.message}).`);
+  }
+  if (response.status === 401) {
+    $("#key-form").hidden = false;
+    $("#api-key").focus();
+    throw new ApiError(401, "unauthorized", "This server needs an API key: enter it above.");
+  }
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    let code = "http_error";
+    try {
+      const body = await response.json();
+      if (body.error) { message = body.error.message; code = body.error.code; }
+    } catch (_) { /* not JSON */ }
+    if (response.status === 413) message = `The file is too large for this server. ${message}`;
+    throw new ApiError(response.status, code, message);
+  }
+  return response;
+}
+
+async function loadImage(img, url) {
+  // previews come through fetch so that an API key can go with them
+  try {
+    const blob = await (await api(url)).blob();
+    img.src = URL.createObjectURL(blob);
+  } catch (err) {
+    img.alt = `preview unavailable: ${err.message}`;
+  }
+}
+
+// ---------- status, errors ----------
+
+function busy(on, text = "") {
+  $("#progress").hidden = !on;
+  $("#results").setAttribute("aria-busy", String(on));
+  $("#search-button").disabled = on;
+  $("#status").textContent = text;
+}
+
+function showError(message) {
+  const box = $("#error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+// ---------- info, banner, key ----------
+
+async function loadInfo() {
+  try {
+    state.info = await (await api("/v1/info")).json();
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
+  const info = state.info;
+  $("#model-info").textContent = `${info.model} · weights: ${info.weights} · pooling ${info.space.pooling}`;
+  const banner = $("#random-banner");
+  banner.hidden = !info.random_weights;
+  banner.textContent = info.random_weights
+    ? "This server runs MedVAE with RANDOM-INITIALISED weights: results and previews test the pipeline; they are not meaningful similarity."
+    : "";
+}
+
+$("#key-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  state.apiKey = $("#api-key").value.trim();
+  sessionStorage.setItem("medvae-api-key", state.apiKey);
+  $("#key-form").hidden = true;
+  showError("");
+  await loadInfo();
+  if (state.file || state.imageId) runSearch();
+});
+
+// ---------- query input: drop, choose, paste ----------
+
+function setFile(file) {
+  if (!file) return;
+  const limit = state.info ? state.info.max_request_bytes : Infinity;
+  if (file.size > limit) {
+    showError(`${file.name}: ${(file.size / 1e6).toFixed(1)} MB is too large (this server accepts up to ${(limit / 1e6).toFixed(1)} MB).`);
+    return;
+  }
+  if (file.size === 0) {
+    showError(`${file.name}: the file is empty.`);
+    return;
+  }
+  state.file = file;
+  state.imageId = null;
+  state.k = pageSize();
+  $("#file-input").value = "";  // choosing the same file again still fires "change"
+  $("#query-summary").textContent = `Query: uploaded file ${file.name} (${(file.size / 1024).toFixed(0)} KB). Uploaded queries are not kept in the page address; click a result to get a shareable query.`;
+  runSearch();
+}
+
+const dropZone = $("#drop-zone");
+dropZone.addEventListener("dragover", (event) => { event.preventDefault(); dropZone.classList.add("over"); });
+dropZone.addEventListener("dragleave", () => dropZone.classList.remove("over"));
+dropZone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  dropZone.classList.remove("over");
+  setFile(event.dataTransfer.files[0]);
+});
+$("#choose-file").addEventListener("click", () => $("#file-input").click());
+$("#file-input").addEventListener("change", (event) => setFile(event.target.files[0]));
+document.addEventListener("paste", (event) => {
+  const item = [...(event.clipboardData?.items || [])].find((entry) => entry.kind === "file");
+  if (item) setFile(item.getAsFile());
+});
+
+// ---------- search ----------
+
+function pageSize() { return Number($("#filters").elements.page_size.value) || 24; }
+
+function currentFilters() {
+  const form = $("#filters").elements;
+  const filters = {};
+  for (const name of FILTER_FIELDS) {
+    const value = form[name].value.trim();
+    if (value) filters[name] = value;
+  }
+  return filters;
+}
+
+function searchRequest() {
+  const form = $("#filters").elements;
+  const minScore = form.min_score.value.trim();
+  const common = {
+    k: state.k,
+    filters: currentFilters(),
+    exclude_same_patient: form.exclude_same_patient.checked,
+    previews: "url",
+  };
+  if (minScore) common.min_score = Number(minScore);
+  if (state.file) {
+    const body = new FormData();
+    body.append("file", state.file, state.file.name);
+    for (const [key, value] of Object.entries(common)) {
+      body.append(key, typeof value === "object" ? JSON.stringify(value) : String(value));
+    }
+    return { method: "POST", body };
+  }
+  return {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ ...common, image_id: state.imageId }),
+  };
+}
+
+async function runSearch({ push = true } = {}) {
+  if (!state.file && !state.imageId) return;
+  showError("");
+  busy(true, "Searching…");
+  try {
+    const payload = await (await api("/v1/search", searchRequest())).json();
+    state.payload = payload;
+    renderResults(payload);
+    const studies = payload.results.length;
+    busy(false, `${studies} stud${studies === 1 ? "y" : "ies"} in ${Math.round(payload.took_ms)} ms` +
+      (payload.warnings.length ? ` — ${payload.warnings.join(" ")}` : ""));
+    if (push) writeUrl();
+  } catch (err) {
+    busy(false, "");
+    showError(err.message);
+  }
+}
+
+$("#filters").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.k = pageSize();
+  if (!state.file && !state.imageId) { showError("Choose a query image first."); return; }
+  runSearch();
+});
+
+$("#load-more").addEventListener("click", () => {
+  state.k += pageSize();
+  runSearch();
+});
+
+// ---------- results ----------
+
+function meta(image) {
+  return [image.modality, image.body_part, image.view, image.laterality, image.study_date].filter(Boolean).join(" · ") || "no DICOM metadata";
+}
+
+function imageFigure(image, { score = true } = {}) {
+  const figure = document.createElement("figure");
+  const img = document.createElement("img");
+  img.alt = `Image ${image.image_id}: MedVAE reconstruction`;
+  img.width = 192;
+  img.height = 192;
+  loadImage(img, image.preview_url || `/v1/images/${image.image_id}/preview.png`);
+  const caption = document.createElement("figcaption");
+  caption.innerHTML = "";
+  const line = document.createElement("span");
+  line.textContent = `#${image.image_id}` + (score && image.score !== undefined ? ` · score ${image.score.toFixed(3)}` : "");
+  const metaLine = document.createElement("span");
+  metaLine.className = "muted";
+  metaLine.textContent = meta(image);
+  const recon = document.createElement("span");
+  recon.className = "tag";
+  recon.textContent = "MedVAE reconstruction";
+  caption.append(line, metaLine, recon);
+  if (image.recon_psnr !== null && image.recon_psnr !== undefined) {
+    const quality = document.createElement("span");
+    quality.className = "muted quality";
+    quality.textContent = `reconstruction PSNR ${image.recon_psnr.toFixed(1)} dB · SSIM ${image.recon_ssim.toFixed(3)}`;
+    caption.append(quality);
+  }
+  if (image.labels && image.labels.length) {
+    const labels = document.createElement("span");
+    labels.className = "labels";
+    labels.textContent = image.labels.join(", ");
+    caption.append(labels);
+  }
+  figure.append(img, caption);
+  return figure;
+}
+
+function button(text, onClick, label) {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.textContent = text;
+  if (label) element.setAttribute("aria-label", label);
+  element.addEventListener("click", onClick);
+  return element;
+}
+
+function renderResults(payload) {
+  const list = $("#results");
+  list.replaceChildren();
+  payload.results.forEach((result, rank) => {
+    const best = result.images[0];
+    const item = document.createElement("li");
+    item.className = "card";
+    const title = document.createElement("h3");
+    title.textContent = `${rank + 1}. ${result.study.label}`;
+    const score = document.createElement("p");
+    score.className = "score";
+    score.textContent = `score ${result.score.toFixed(3)}`;
+    const actions = document.createElement("div");
+    actions.className = "card-actions";
+    actions.append(
+      button("More like this", () => moreLikeThis(best.image_id), `More like this: image ${best.image_id}`),
+      button("Compare", () => openCompare(best.image_id), `Compare: query with image ${best.image_id}`),
+      button("Study", () => openStudy(result.study.study_id), `Study: ${result.study.label}`),
+    );
+    item.append(title, score, imageFigure(best), actions);
+    if (result.images.length > 1) {
+      const more = document.createElement("details");
+      const summary = document.createElement("summary");
+      summary.textContent = `${result.images.length - 1} more matching image${result.images.length > 2 ? "s" : ""} in this study`;
+      more.append(summary);
+      more.addEventListener("toggle", () => {
+        if (more.open && more.children.length === 1) {
+          for (const image of result.images.slice(1)) {
+            const wrap = document.createElement("div");
+            wrap.append(imageFigure(image), button("More like this", () => moreLikeThis(image.image_id), `More like this: image ${image.image_id}`));
+            more.append(wrap);
+          }
+        }
+      });
+      item.append(more);
+    }
+    list.append(item);
+  });
+  $("#load-more").hidden = payload.results.length < state.k;
+  $("#export-csv").disabled = $("#export-json").disabled = payload.results.length === 0;
+}
+
+function moreLikeThis(imageId) {
+  closeOverlays();
+  state.file = null;
+  state.imageId = imageId;
+  state.k = pageSize();
+  $("#query-summary").textContent = `Query: stored image #${imageId}.`;
+  runSearch();
+}
+
+// ---------- URL state ----------
+
+function writeUrl() {
+  const params = new URLSearchParams();
+  if (state.imageId) params.set("image_id", state.imageId);
+  for (const [key, value] of Object.entries(currentFilters())) params.set(key, value);
+  const form = $("#filters").elements;
+  if (form.min_score.value) params.set("min_score", form.min_score.value);
+  if (form.exclude_same_patient.checked) params.set("exclude_same_patient", "1");
+  params.set("k", state.k);
+  const url = `${location.pathname}?${params}${location.hash}`;
+  if (url !== `${location.pathname}${location.search}${location.hash}`) history.pushState(null, "", url);
+}
+
+function readUrl() {
+  const params = new URLSearchParams(location.search);
+  const form = $("#filters").elements;
+  for (const name of FILTER_FIELDS) form[name].value = params.get(name) || "";
+  form.min_score.value = params.get("min_score") || "";
+  form.exclude_same_patient.checked = params.get("exclude_same_patient") === "1";
+  state.k = Number(params.get("k")) || pageSize();
+  const imageId = Number(params.get("image_id"));
+  if (imageId > 0) {
+    state.file = null;
+    state.imageId = imageId;
+    $("#query-summary").textContent = `Query: stored image #${imageId}.`;
+    runSearch({ push: false });
+  }
+}
+window.addEventListener("popstate", readUrl);
+
+// ---------- study view ----------
+
+async function openStudy(studyId) {
+  const view = $("#study-view");
+  $("#study-images").replaceChildren();
+  $("#study-title").textContent = "Study…";
+  view.hidden = false;
+  view.querySelector("[data-close]").focus();
+  try {
+    const body = await (await api(`/v1/studies/${studyId}`)).json();
+    $("#study-title").textContent = `Study ${body.study.label}`;
+    $("#study-meta").textContent = [body.study.study_date, body.study.study_uid, `${body.images.length} image(s)`, `weights: ${body.weights}`].filter(Boolean).join(" · ");
+    for (const image of body.images) {
+      const item = document.createElement("li");
+      item.className = "card";
+      item.append(imageFigure(image, { score: false }), button("More like this", () => moreLikeThis(image.image_id), `More like this: image ${image.image_id}`));
+      $("#study-images").append(item);
+    }
+  } catch (err) {
+    $("#study-meta").textContent = err.message;
+  }
+}
+
+// ---------- compare view ----------
+
+function heatColour(value, low, high) {
+  // cosine scaled to this map's own range (low..high) -> blue (least similar) .. green .. red (most similar)
+  const t = high > low ? Math.max(0, Math.min(1, (value - low) / (high - low))) : 1;
+  const r = Math.round(255 * Math.min(1, 2 * t));
+  const g = Math.round(255 * (1 - Math.abs(2 * t - 1)));
+  const b = Math.round(255 * Math.min(1, 2 * (1 - t)));
+  return [r, g, b];
+}
+
+function drawCompare(targetImage, grid, withHeat) {
+  const canvas = $("#compare-canvas");
+  const context = canvas.getContext("2d");
+  context.imageSmoothingEnabled = true;
+  context.globalAlpha = 1;
+  context.drawImage(targetImage, 0, 0, canvas.width, canvas.height);
+  if (!withHeat) return;
+  const cells = document.createElement("canvas");
+  cells.width = grid.cols;
+  cells.height = grid.rows;
+  const cellContext = cells.getContext("2d");
+  const pixels = cellContext.createImageData(grid.cols, grid.rows);
+  const values = grid.cells.flat();
+  const low = Math.min(...values);
+  const high = Math.max(...values);
+  $("#legend-low").textContent = `least similar cell (${low.toFixed(3)})`;
+  $("#legend-high").textContent = `most similar cell (${high.toFixed(3)}); cosine of latent cells`;
+  grid.cells.forEach((row, y) => row.forEach((value, x) => {
+    const [r, g, b] = heatColour(value, low, high);
+    pixels.data.set([r, g, b, 255], 4 * (y * grid.cols + x));
+  }));
+  cellContext.putImageData(pixels, 0, 0);
+  context.globalAlpha = 0.45;
+  context.drawImage(cells, 0, 0, canvas.width, canvas.height); // bilinear upsampling of the latent grid
+  context.globalAlpha = 1;
+}
+
+async function openCompare(targetId) {
+  const view = $("#compare-view");
+  view.hidden = false;
+  view.querySelector("[data-close]").focus();
+  $("#compare-meta").textContent = "Computing the similarity map…";
+  let request;
+  if (state.file) {
+    const body = new FormData();
+    body.append("file", state.file, state.file.name);
+    body.append("target_image_id", String(targetId));
+    request = { method: "POST", body };
+  } else {
+    request = { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ image_id: state.imageId, target_image_id: targetId }) };
+  }
+  try {
+    const result = await (await api("/v1/similarity-map", request)).json();
+    $("#compare-query").src = `data:image/png;base64,${result.query_preview_png_base64}`;
+    const target = new Image();
+    const blob = await (await api(result.target_preview_url)).blob();
+    target.src = URL.createObjectURL(blob);
+    await target.decode();
+    const toggle = $("#heat-toggle");
+    drawCompare(target, result.grid, toggle.checked);
+    toggle.onchange = () => drawCompare(target, result.grid, toggle.checked);
+    $("#compare-meta").textContent = `Image #${targetId} · score ${result.score.toFixed(3)} · ${result.grid.rows}×${result.grid.cols} latent cells · weights: ${result.weights}. ${result.note}`;
+    view.dataset.ready = "1";
+  } catch (err) {
+    $("#compare-meta").textContent = err.message;
+  }
+}
+
+function closeOverlays() {
+  for (const overlay of document.querySelectorAll(".overlay")) {
+    overlay.hidden = true;
+    delete overlay.dataset.ready;
+  }
+}
+document.addEventListener("click", (event) => { if (event.target.matches("[data-close]")) closeOverlays(); });
+document.addEventListener("keydown", (event) => { if (event.key === "Escape") closeOverlays(); });
+
+// ---------- export ----------
+
+function exportRows(payload) {
+  const rows = [];
+  payload.results.forEach((result, rank) => {
+    for (const image of result.images) {
+      rows.push({
+        rank: rank + 1, study_id: result.study.study_id, study_label: result.study.label,
+        study_uid: result.study.study_uid || "", study_score: result.score, image_id: image.image_id,
+        image_score: image.score, modality: image.modality || "", body_part: image.body_part || "",
+        view: image.view || "", laterality: image.laterality || "", study_date: image.study_date || "",
+        labels: (image.labels || []).join("|"), source: image.source,
+      });
+    }
+  });
+  return rows;
+}
+
+function csvCell(value) {
+  const text = String(value ?? "");
+  return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+}
+
+function download(name, type, text) {
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([text], { type }));
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+}
+
+$("#export-csv").addEventListener("click", () => {
+  const rows = exportRows(state.payload);
+  const columns = Object.keys(rows[0]);
+  const text = [columns.join(","), ...rows.map((row) => columns.map((c) => csvCell(row[c])).join(","))].join("\n") + "\n";
+  download("similar-cases.csv", "text/csv", text);
+});
+
+$("#export-json").addEventListener("click", () => {
+  const { model, space, query, group_by, results } = state.payload;
+  download("similar-cases.json", "application/json", JSON.stringify({ model, space, query, group_by, results }, null, 2));
+});
+
+// ---------- start ----------
+
+loadInfo().then(readUrl);

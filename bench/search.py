@@ -1,0 +1,146 @@
+"""Search speed and quality of the index types the service chooses between, at 10k / 100k / 1M vectors.
+
+Data: structured synthetic vectors shaped like pooled MedVAE latents, not uniform random (a worst
+case for any ANN index). Each vector = a shared mean direction (pooled X-ray latents are all
+alike: cosine 0.9+ between unrelated images) + a low-rank "anatomy" part (16 factors with
+decaying scales) + one of ``n/100`` cluster offsets ("patients/devices") + isotropic noise,
+then L2-normalised, as the pipeline's vectors are. Queries are fresh draws from the same
+distribution (not in the index); ground truth is exact inner-product search.
+
+For each size and index type it reports build time, index bytes, batch-1 latency p50/p99 (one
+thread: the API serves one query per request), batch-1 QPS, and recall@10 against exact search.
+
+    python -m bench.search --sizes 10000,100000,1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from bench.results_io import write_result
+from retrieval.index import IndexSpec, SpaceIndex
+from retrieval.store import StoredVector
+
+DIM = 84  # spp:1,2,4 over 4 channels, the default pooling
+
+
+@dataclass
+class FakeSpace:
+    """The two attributes SpaceIndex needs of a space row."""
+
+    key: str
+    dim: int
+
+
+def structured_vectors(count: int, seed: int, *, clusters: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    layout = np.random.default_rng(12345)  # the same "archive structure" for data and queries
+    mean = np.abs(layout.normal(size=DIM)).astype(np.float32) * 3.0
+    factors = layout.normal(size=(16, DIM)).astype(np.float32)
+    scales = (0.9 ** np.arange(16)).astype(np.float32)
+    centres = layout.normal(size=(clusters, DIM)).astype(np.float32) * 0.35
+    out = np.empty((count, DIM), np.float32)
+    step = 100_000
+    for start in range(0, count, step):
+        n = min(step, count - start)
+        part = mean + (rng.normal(size=(n, 16)).astype(np.float32) * scales) @ factors
+        part += centres[rng.integers(0, clusters, size=n)]
+        part += rng.normal(size=(n, DIM)).astype(np.float32) * 0.15
+        out[start : start + n] = part
+    faiss.normalize_L2(out)
+    return out
+
+
+def build(spec: IndexSpec, vectors: np.ndarray, directory: Path) -> tuple[SpaceIndex, float]:
+    index = SpaceIndex(space=FakeSpace(key=f"bench-{spec.name}", dim=DIM), directory=directory, spec=spec)  # type: ignore[arg-type]
+    tick = time.perf_counter()
+    step = 50_000
+    for start in range(0, len(vectors), step):
+        chunk = vectors[start : start + step]
+        index.add([StoredVector(start + i + 1, start + i + 1, row) for i, row in enumerate(chunk)])
+    return index, time.perf_counter() - tick
+
+
+def measure(index: SpaceIndex, queries: np.ndarray, truth: np.ndarray, *, ef_search: int | None) -> dict[str, Any]:
+    latencies = []
+    found = []
+    for query in queries:
+        tick = time.perf_counter()
+        hits = index.search(query, 10, ef_search=ef_search)[0]
+        latencies.append(time.perf_counter() - tick)
+        found.append([image_id for image_id, _ in hits])
+    recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
+    ms = np.array(latencies) * 1e3
+    return {
+        "ef_search": ef_search,
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "qps_batch1": round(float(1e3 / ms.mean()), 1),
+        "recall_at_10": round(recall, 4),
+    }
+
+
+def run(sizes: list[int], queries_count: int, ef_values: list[int], out_dir: Path) -> dict[str, Any]:
+    faiss.omp_set_num_threads(1)  # batch-1 latency as one request sees it
+    rows = []
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-search"
+    workdir.mkdir(parents=True, exist_ok=True)
+    for size in sizes:
+        data = structured_vectors(size, seed=1, clusters=max(10, size // 100))
+        queries = structured_vectors(queries_count, seed=2, clusters=max(10, size // 100))
+        exact = faiss.IndexFlatIP(DIM)
+        exact.add(data)
+        truth = exact.search(queries, 10)[1] + 1  # ids are row + 1
+        for spec in (IndexSpec.flat(), IndexSpec.hnsw()):
+            faiss.omp_set_num_threads(os.cpu_count() or 1)  # build on every core
+            index, seconds = build(spec, data, workdir)
+            faiss.omp_set_num_threads(1)
+            index_bytes = len(faiss.serialize_index(index.index))
+            for ef in ef_values if spec.kind == "hnsw" else [None]:
+                row = {"vectors": size, "index": spec.name, "build_s": round(seconds, 2), "index_mb": round(index_bytes / 2**20, 1)}
+                row.update(measure(index, queries, truth, ef_search=ef))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del index
+    return {
+        "benchmark": "search",
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "faiss": faiss.__version__,
+        "dim": DIM,
+        "queries": queries_count,
+        "data": "structured synthetic (shared mean + 16-factor low rank + size/100 clusters + noise), L2-normalised",
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--ef", default="32,64,128,256", help="HNSW efSearch values to sweep")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    result = run([int(s) for s in args.sizes.split(",")], args.queries, [int(e) for e in args.ef.split(",")],
+                 Path(args.out))
+    print("\n| vectors | index | efSearch | build s | MB | p50 ms | p99 ms | QPS | recall@10 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in result["rows"]:
+        print(f"| {row['vectors']:,} | {row['index']} | {row['ef_search'] or '-'} | {row['build_s']} | {row['index_mb']} "
+              f"| {row['p50_ms']} | {row['p99_ms']} | {row['qps_batch1']} | {row['recall_at_10']} |")
+    print(f"\nwrote {write_result(args.out, 'search', result)}")
+
+
+if __name__ == "__main__":
+    main()

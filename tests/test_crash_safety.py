@@ -1,0 +1,120 @@
+"""SIGKILL `retrieval ingest` and `retrieval reindex` at seeded random moments; nothing is lost or doubled."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, text
+
+from conftest import database_url, db_counts, make_archive
+from test_cli_end_to_end import run_cli
+
+KILLS = 10
+
+
+def _start(env: dict[str, str], args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "retrieval", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _kill_after(env: dict[str, str], args: list[str], delay: float) -> None:
+    process = _start(env, args)
+    time.sleep(delay)
+    _kill(process)
+
+
+def _stored_vectors(env: dict[str, str]) -> int:
+    try:
+        return db_counts(env)["vectors"]
+    except Exception:  # killed before the schema existed
+        return 0
+
+
+def _kill_after_progress(env: dict[str, str], args: list[str], new_vectors: int, extra_delay: float,
+                         timeout: float = 180.0) -> None:
+    """Start `args`, wait until `new_vectors` more vectors are committed, then SIGKILL after `extra_delay`.
+
+    Waiting on the database rather than on the clock keeps the kill mid-ingest however slow the
+    machine starts Python and the model.
+    """
+    before = _stored_vectors(env)
+    process = _start(env, args)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if _stored_vectors(env) >= before + new_vectors:
+            time.sleep(extra_delay)
+            break
+        time.sleep(0.1)
+    _kill(process)
+
+
+def _assert_archive_intact(env: dict[str, str], expected_images: int) -> None:
+    counts = db_counts(env)
+    assert counts["images"] == counts["distinct_sha"] == expected_images
+    assert counts["latents"] == counts["vectors"] == expected_images
+    engine = create_engine(database_url(env))
+    with engine.connect() as conn:
+        orphans = conn.execute(text(
+            "SELECT count(*) FROM latents l LEFT JOIN images i ON i.id = l.image_id WHERE i.id IS NULL"
+        )).scalar_one() + conn.execute(text(
+            "SELECT count(*) FROM vectors v LEFT JOIN images i ON i.id = v.image_id WHERE i.id IS NULL"
+        )).scalar_one()
+        image_ids = {row[0] for row in conn.execute(text("SELECT image_id FROM vectors"))}
+    engine.dispose()
+    assert orphans == 0
+    # the index on disk equals the database (what `doctor` calls consistent)
+    index_dir = Path(env["RETRIEVAL_DATA_DIR"]) / "index"
+    sidecar = json.loads(next(index_dir.glob("*.json")).read_text())
+    index = faiss.read_index(str(next(index_dir.glob("*.faiss"))))
+    assert index.ntotal == sidecar["count"] == expected_images
+    assert set(faiss.vector_to_array(index.id_map).tolist()) == image_ids
+
+
+def test_ingest_killed_ten_times_then_finished(cli_env: dict[str, str], tmp_path: Path) -> None:
+    files = make_archive(tmp_path / "archive", studies=10, per_study=4)
+    env = dict(cli_env, RETRIEVAL_BATCH_SIZE="1")
+    rng = random.Random(20261122)
+    args = ["ingest", str(tmp_path / "archive"), "--no-progress"]
+    stored_after_kills = []
+    for kill in range(KILLS):
+        if kill % 4 == 0:  # some kills land during start-up or the first batch
+            _kill_after(env, args, rng.uniform(0.5, 4.0))
+        else:  # the rest after a few committed batches, somewhere inside the next one
+            _kill_after_progress(env, args, rng.randint(1, 3), rng.uniform(0.0, 0.8))
+        stored_after_kills.append(_stored_vectors(env))
+    assert any(0 < n < len(files) for n in stored_after_kills), f"no kill landed mid-ingest: {stored_after_kills}"
+    assert stored_after_kills == sorted(stored_after_kills), f"a kill lost stored vectors: {stored_after_kills}"
+    final = run_cli(env, "ingest", str(tmp_path / "archive"), "--no-progress")
+    assert "failed 0" in final.stdout
+    _assert_archive_intact(env, len(files))
+
+
+@pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # reindex touches index files only; PG adds nothing
+def test_reindex_killed_keeps_a_serving_index(cli_env: dict[str, str], tmp_path: Path) -> None:
+    files = make_archive(tmp_path / "archive", studies=6, per_study=4)
+    run_cli(cli_env, "ingest", str(tmp_path / "archive"), "--no-progress")
+    query = files[5]
+    before = json.loads(run_cli(cli_env, "search", str(query), "-k", "3", "--json").stdout)["results"]
+    rng = random.Random(7)
+    for _ in range(3):
+        _kill_after(cli_env, ["reindex"], rng.uniform(1.0, 5.0))
+        _assert_archive_intact(cli_env, len(files))
+    after = json.loads(run_cli(cli_env, "search", str(query), "-k", "3", "--json").stdout)["results"]
+    assert [r["study"]["study_id"] for r in after] == [r["study"]["study_id"] for r in before]
+    assert np.allclose([r["score"] for r in after], [r["score"] for r in before], atol=1e-6)

@@ -1,0 +1,195 @@
+"""The web page in Debian's Chromium (Playwright) against a real `retrieval serve` on loopback.
+
+Screenshots of the main views are written to ``docs/screenshots/`` (shown in the README).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from retrieval.ingest import IngestPipeline
+from retrieval.service import RetrievalService
+
+from conftest import make_archive, synthetic_image, tiny_settings
+from dicom_factory import write_dicom
+from live_server import running_server, tiny_env
+
+CHROMIUM = os.environ.get("RETRIEVAL_TEST_CHROMIUM", "/usr/bin/chromium")
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+MAX_BYTES = 300_000
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("web")
+    make_archive(root / "archive", studies=5, per_study=3)
+    write_dicom(root / "archive" / "dicom_study" / "a.dcm", (synthetic_image(77) * 4000).astype(np.uint16),
+                window=(2000, 4000), BodyPartExamined="CHEST", ViewPosition="PA", Modality="DX")
+    service = RetrievalService(tiny_settings(root / "data"))
+    report = IngestPipeline(service).run(root / "archive")
+    assert report.failed == 0
+    service.close()
+    env = tiny_env(root / "data", RETRIEVAL_MAX_REQUEST_BYTES=str(MAX_BYTES))
+    with running_server(env, root / "serve.log") as base:
+        yield base, root
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert shutil.which(CHROMIUM) or Path(CHROMIUM).exists(), f"{CHROMIUM} missing: apt-get install -y chromium"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def _page(browser: Browser, width: int = 1280, height: int = 900) -> Page:
+    context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    return page
+
+
+def _wait_for_results(page: Page) -> None:
+    expect(page.locator("#results")).to_have_attribute("aria-busy", "false")
+    expect(page.locator("#results > li").first).to_be_visible()
+
+
+def _wait_for_previews(page: Page, scope: str = "#results") -> None:
+    page.wait_for_function(
+        f"() => [...document.querySelectorAll('{scope} img')].every(img => img.complete && img.naturalWidth > 0)"
+    )
+
+
+def test_upload_more_like_this_compare_export_and_errors(site: tuple[str, Path], browser: Browser, tmp_path: Path) -> None:
+    base, root = site
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = _page(browser)
+    console_errors: list[str] = []
+    page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
+    page.goto(base)
+    response_headers = page.request.get(base).headers
+    assert "default-src 'self'" in response_headers["content-security-policy"]
+    expect(page.locator("#random-banner")).to_contain_text("RANDOM-INITIALISED")
+
+    # upload a query: its own study comes first
+    query = root / "archive" / "study_2" / "img_1.png"
+    page.set_input_files("#file-input", str(query))
+    _wait_for_results(page)
+    first = page.locator("#results > li").first
+    expect(first.locator("h3")).to_contain_text("study_2")
+    expect(first.locator(".tag")).to_have_text("MedVAE reconstruction")
+    expect(first.locator("img")).to_have_attribute("src", re.compile(r"^blob:"))
+    assert page.locator("#results > li").count() == 6
+    expect(page.locator("#key-form")).to_be_hidden()  # no API keys configured
+    _wait_for_previews(page)
+    page.screenshot(path=str(SCREENSHOTS / "results.png"), full_page=True)
+
+    # expand a study's other images
+    first.locator("details summary").click()
+    expect(first.locator("details figure")).to_have_count(2)
+
+    # "more like this" on the third result re-queries by image id and puts it in the URL
+    third = page.locator("#results > li").nth(2)
+    label = third.locator("h3").inner_text().split(". ", 1)[1]
+    third.get_by_role("button", name="More like this").click()
+    expect(page).to_have_url(re.compile(r"image_id=\d+"))
+    _wait_for_results(page)
+    expect(page.locator("#results > li").first.locator("h3")).to_contain_text(label)
+    expect(page.locator("#query-summary")).to_contain_text("stored image #")
+
+    # compare view: heat map drawn over the result's reconstruction
+    page.locator("#results > li").nth(1).get_by_role("button", name="Compare").click()
+    expect(page.locator("#compare-view")).to_have_attribute("data-ready", "1")
+    spread = page.evaluate(
+        """() => { const c = document.querySelector('#compare-canvas');
+                   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                   let lo = 255, hi = 0; for (let i = 0; i < d.length; i += 4) { lo = Math.min(lo, d[i]); hi = Math.max(hi, d[i]); }
+                   return hi - lo; }"""
+    )
+    assert spread > 30, "the canvas holds an image with a heat map, not a blank"
+    expect(page.locator("#compare-meta")).to_contain_text("latent cells")
+    page.screenshot(path=str(SCREENSHOTS / "compare.png"), full_page=True)
+    page.keyboard.press("Escape")
+    expect(page.locator("#compare-view")).to_be_hidden()
+
+    # study view
+    page.locator("#results > li").first.get_by_role("button", name="Study").click()
+    expect(page.locator("#study-images > li")).to_have_count(3)
+    _wait_for_previews(page, "#study-images")
+    page.screenshot(path=str(SCREENSHOTS / "study.png"), full_page=True)
+    page.keyboard.press("Escape")
+
+    # filters re-run the search: only the DICOM study is CHEST
+    page.fill("input[name=body_part]", "CHEST")
+    page.click("#search-button")
+    expect(page.locator("#results > li")).to_have_count(1)
+    expect(page.locator("#results > li h3")).to_contain_text("1. ")
+    expect(page).to_have_url(re.compile(r"body_part=CHEST"))
+    page.fill("input[name=body_part]", "")
+    page.click("#search-button")
+    expect(page.locator("#results > li")).to_have_count(6)
+
+    # export CSV: one row per result image, ids and scores as shown
+    with page.expect_download() as download_info:
+        page.click("#export-csv")
+    rows = list(csv.DictReader(io.StringIO(Path(download_info.value.path()).read_text())))
+    shown = page.evaluate("() => state.payload.results.flatMap(r => r.images.map(i => [r.study.study_id, i.image_id]))")
+    assert [[int(r["study_id"]), int(r["image_id"])] for r in rows] == shown
+    assert {"rank", "study_label", "image_score", "modality", "labels", "source"} <= set(rows[0])
+    with page.expect_download() as download_info:
+        page.click("#export-json")
+    assert '"results"' in Path(download_info.value.path()).read_text()
+
+    # bad uploads say what is wrong
+    (tmp_path / "noise.png").write_bytes(np.random.default_rng(1).bytes(5000))
+    page.set_input_files("#file-input", str(tmp_path / "noise.png"))
+    expect(page.locator("#error")).to_contain_text("noise.png")
+    expect(page.locator("#error")).to_contain_text("not a recognised")
+    broken = write_dicom(tmp_path / "broken.dcm", (synthetic_image(5) * 1000).astype(np.uint16))
+    broken.write_bytes(broken.read_bytes()[:-3000])
+    page.set_input_files("#file-input", str(broken))
+    expect(page.locator("#error")).to_contain_text("broken.dcm")
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + bytes(MAX_BYTES + 10))
+    page.set_input_files("#file-input", str(tmp_path / "big.png"))
+    expect(page.locator("#error")).to_contain_text("too large")
+    page.screenshot(path=str(SCREENSHOTS / "error.png"))
+    assert not [e for e in console_errors if "Failed to load resource" not in e], console_errors
+
+
+def test_url_restores_a_shared_view_and_keyboard_works(site: tuple[str, Path], browser: Browser) -> None:
+    base, _ = site
+    page = _page(browser)
+    page.goto(f"{base}/?image_id=4&modality=DX,CR&k=12")
+    _wait_for_results(page)
+    expect(page.locator("input[name=modality]")).to_have_value("DX,CR")
+    expect(page.locator("#query-summary")).to_contain_text("#4")
+    # the drop zone opens the file chooser from the keyboard
+    # (checked on the input's click rather than through Chromium's file-chooser interception, which
+    # proved flaky headless when a browser has served an earlier page)
+    page.evaluate("() => document.querySelector('#file-input').addEventListener('click', e => { e.preventDefault(); window.chooserOpened = true; })")
+    choose = page.get_by_role("button", name="Choose a file")
+    choose.focus()
+    expect(choose).to_be_focused()
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => window.chooserOpened === true")
+    # readable at phone width
+    phone = _page(browser, width=390, height=844)
+    phone.goto(f"{base}/?image_id=4")
+    _wait_for_results(phone)
+    _wait_for_previews(phone)
+    width = phone.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= 390, f"no horizontal scrolling at phone width (page is {width}px wide)"
+    phone.screenshot(path=str(SCREENSHOTS / "phone.png"), full_page=True)
