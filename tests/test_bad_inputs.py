@@ -31,6 +31,7 @@ def test_corpus_is_big_enough(corpus: tuple[Path, dict[str, str]]) -> None:
     assert sum(outcome == "fail" for outcome in expected.values()) >= 20
 
 
+@pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # the bad-file handling is backend-independent; PG is covered by the SIGKILL and jobs tests
 def test_cli_ingests_every_good_file_and_records_every_bad_one(corpus: tuple[Path, dict[str, str]], cli_env: dict[str, str]) -> None:
     root, expected = corpus
     result = run_cli(cli_env, "ingest", str(root), "--json", "--no-progress")

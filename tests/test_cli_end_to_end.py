@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 
@@ -83,6 +84,7 @@ def test_ingest_search_reingest(cli_env: dict[str, str], tmp_path: Path) -> None
     assert "PAT-SECRET-1" not in dump and "Doe" not in dump and "Jane" not in dump
 
 
+@pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # reads stored rows and index files only; PG adds time, not coverage
 def test_preview_export_reindex_doctor(cli_env: dict[str, str], tmp_path: Path) -> None:
     archive = tmp_path / "archive"
     make_archive(archive, studies=2, per_study=2)
@@ -134,6 +136,7 @@ def test_sigkill_mid_ingest_then_rerun_stores_each_image_once(cli_env: dict[str,
     assert index_count(env) == len(files)
 
 
+@pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # decode failures do not touch the backend
 def test_bad_files_are_recorded_and_good_ones_ingested(cli_env: dict[str, str], tmp_path: Path) -> None:
     import struct
     import zlib
@@ -172,6 +175,7 @@ def test_bad_files_are_recorded_and_good_ones_ingested(cli_env: dict[str, str], 
     engine.dispose()
 
 
+@pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # argument and file errors come before any database work
 def test_errors_are_clear(cli_env: dict[str, str], tmp_path: Path) -> None:
     missing = run_cli(cli_env, "ingest", str(tmp_path / "nowhere"), check=False)
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr

@@ -86,6 +86,7 @@ def _assert_archive_intact(env: dict[str, str], expected_images: int) -> None:
     assert set(faiss.vector_to_array(index.id_map).tolist()) == image_ids
 
 
+@pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # PG under SIGKILL is covered by test_cli_end_to_end's kill test
 def test_ingest_killed_ten_times_then_finished(cli_env: dict[str, str], tmp_path: Path) -> None:
     files = make_archive(tmp_path / "archive", studies=10, per_study=4)
     env = dict(cli_env, RETRIEVAL_BATCH_SIZE="1")
