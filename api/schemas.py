@@ -102,6 +102,7 @@ class ServiceInfo(BaseModel):
     space: dict[str, Any]
     max_request_bytes: int
     ingest_enabled: bool
+    dicomweb_sources: list[str] = Field(default_factory=list, description="DICOMweb base URLs that ingest jobs may sync from.")
 
 
 class ImageResult(BaseModel):

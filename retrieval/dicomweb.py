@@ -14,20 +14,21 @@ Contract:
   :class:`~retrieval.errors.SourceUnavailableError`; nothing has been stored at that point.
 * :meth:`DicomwebSource.fetch` retrieves one instance with WADO-RS into a spool folder and returns
   the file's path; it raises for that instance only (the pipeline records a ``fetch`` failure).
-* Every request is retried with exponential backoff on connection errors, 429 and 5xx.
+* Every request is retried (``dicomweb_retries`` times, exponential backoff) on connection errors,
+  408, 429, 502, 503 and 504.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from http import HTTPStatus
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from retrieval.errors import InvalidRequestError, SourceUnavailableError
 from retrieval.metadata import parse_date
@@ -37,7 +38,8 @@ from retrieval.sources import SourceItem
 logger = logging.getLogger(__name__)
 
 SCHEME_PREFIX = "dicomweb+"
-RETRY_STATUSES = (429, 500, 502, 503, 504)
+RETRY_STATUSES = (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.BAD_GATEWAY,
+                  HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.GATEWAY_TIMEOUT)
 
 
 def is_dicomweb(source: object) -> bool:
@@ -135,17 +137,7 @@ class DicomwebSource:
 
         self.query = query
         session = requests.Session()
-        retry = Retry(
-            total=settings.dicomweb_retries,
-            connect=settings.dicomweb_retries,
-            read=settings.dicomweb_retries,
-            status=settings.dicomweb_retries,
-            backoff_factor=settings.dicomweb_backoff,
-            status_forcelist=RETRY_STATUSES,
-            allowed_methods=frozenset({"GET"}),
-            raise_on_status=False,
-        )
-        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=max(10, settings.dicomweb_fetch_workers))
+        adapter = HTTPAdapter(pool_maxsize=max(10, settings.dicomweb_fetch_workers))
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         headers = {}
@@ -155,6 +147,13 @@ class DicomwebSource:
             session.auth = (settings.dicomweb_username, settings.dicomweb_password.get_secret_value())
         self.client = DICOMwebClient(
             url=query.base_url, session=session, headers=headers or None, timeout=settings.dicomweb_timeout
+        )
+        # the client retries connection errors and these statuses, waiting backoff * 2^attempt seconds
+        self.client.set_http_retry_params(
+            retry=settings.dicomweb_retries > 0,
+            max_attempts=settings.dicomweb_retries + 1,
+            wait_exponential_multiplier=int(settings.dicomweb_backoff * 1000),
+            retriable_error_codes=RETRY_STATUSES,
         )
 
     # --- listing --------------------------------------------------------------------------------

@@ -100,8 +100,8 @@ class Settings(BaseSettings):
     dicomweb_username: str = Field("", description="DICOMweb basic-auth user (with dicomweb_password).")
     dicomweb_password: SecretStr = Field(SecretStr(""), description="DICOMweb basic-auth password; never logged.")
     dicomweb_token: SecretStr = Field(SecretStr(""), description="DICOMweb bearer token; never logged.")
-    dicomweb_retries: int = Field(3, ge=0, le=20, description="Retries per DICOMweb request (connect errors, 429, 5xx).")
-    dicomweb_backoff: float = Field(0.5, ge=0, le=60, description="Exponential backoff factor between retries, seconds.")
+    dicomweb_retries: int = Field(3, ge=0, le=20, description="Retries per DICOMweb request (connection errors, 408, 429, 502-504).")
+    dicomweb_backoff: float = Field(0.5, ge=0, le=60, description="Retry n waits backoff * 2^n seconds.")
     dicomweb_timeout: float = Field(30.0, gt=0, le=600, description="Seconds allowed per DICOMweb request.")
     dicomweb_fetch_workers: int = Field(4, ge=1, le=32, description="Concurrent WADO-RS instance fetches.")
     dicomweb_allowed_urls: str = Field(

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 
+from api.main import create_app
 from retrieval.dicomweb import DicomwebQuery, DicomwebSource
 from retrieval.errors import ForbiddenError, InvalidRequestError, SourceUnavailableError
 from retrieval.ingest import IngestPipeline
@@ -19,10 +22,12 @@ from retrieval.metadata import age_in_years, shifted_date
 from retrieval.search import run_search
 from retrieval.service import RetrievalService
 from retrieval.settings import Settings
+from retrieval.worker import Worker
 
 from conftest import synthetic_image, tiny_settings
 from dicom_factory import write_dicom
 from orthanc_server import PASSWORD, USER, OrthancServer
+from test_cli_end_to_end import run_cli
 
 BUNDLED = ("CT_small.dcm", "MR_small.dcm")  # ship inside pydicom; different studies, CT and MR
 
@@ -182,3 +187,36 @@ def test_date_shift_is_per_patient_and_keeps_intervals() -> None:
     assert shifted_date(day, None, secret="s", max_days=30) == day
     assert shifted_date(day, "PAT-1", secret="s", max_days=0) == day
     assert [age_in_years(v) for v in ("045Y", "006M", "010D", "52", "", "abc")] == [45, 0.5, 10 / 365.25, 52, None, None]
+
+
+def test_api_job_syncs_an_allowed_dicomweb_server_through_the_worker(orthanc: OrthancServer, tmp_path: Path) -> None:
+    orthanc.upload(*_xrays(tmp_path / "x", 2, first_seed=30))
+    settings = _settings(tmp_path, dicomweb_allowed_urls=f"{orthanc.url}/dicom-web")
+    service = RetrievalService(settings)
+    with TestClient(create_app(settings, service=service)) as client:
+        other = client.post("/v1/ingest-jobs", json={"source": "dicomweb+http://10.0.0.1:8042/dicom-web"})
+        assert other.status_code == 403 and other.json()["error"]["code"] == "forbidden"
+        secret_url = f"dicomweb+http://{USER}:{PASSWORD}@127.0.0.1:{orthanc.port}/dicom-web"
+        refused = client.post("/v1/ingest-jobs", json={"source": secret_url})
+        assert refused.status_code == 400 and PASSWORD not in refused.text
+        job = client.post("/v1/ingest-jobs", json={"source": f"{orthanc.dicomweb_source}?modality=CR"})
+        assert job.status_code == 202, job.text
+        assert Worker(service).run(once=True) == 1
+        done = client.get(f"/v1/ingest-jobs/{job.json()['job_id']}").json()
+        assert done["state"] == "succeeded" and done["counts"]["ingested"] == 2, done
+        assert client.get("/v1/info").json()["dicomweb_sources"] == [f"{orthanc.url}/dicom-web"]
+    service.close()
+
+
+@pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)
+def test_cli_sync_and_wrong_password(orthanc: OrthancServer, cli_env: dict[str, str], tmp_path: Path) -> None:
+    orthanc.upload(*(Path(get_testdata_file(name)) for name in BUNDLED))
+    env = dict(cli_env, RETRIEVAL_DICOMWEB_USERNAME=USER, RETRIEVAL_DICOMWEB_PASSWORD="wrong-password")
+    refused = run_cli(env, "ingest", orthanc.dicomweb_source, "--no-progress", check=False)
+    assert refused.returncode != 0 and "refused the credentials (HTTP 401)" in refused.stderr
+    assert "wrong-password" not in refused.stdout + refused.stderr
+    env["RETRIEVAL_DICOMWEB_PASSWORD"] = PASSWORD
+    synced = json.loads(run_cli(env, "ingest", orthanc.dicomweb_source, "--modality", "MR", "--json", "--no-progress").stdout)
+    assert (synced["total"], synced["ingested"], synced["failed"]) == (1, 1, 0)
+    mixed = run_cli(env, "ingest", str(tmp_path), "--modality", "MR", check=False)
+    assert mixed.returncode != 0 and "apply to dicomweb+http(s):// sources only" in mixed.stderr
