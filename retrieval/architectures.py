@@ -20,7 +20,7 @@ LORA_RANK = 4
 
 @dataclass(frozen=True)
 class Architecture:
-    """A 2-D MedVAE model as the ``medvae`` package builds it."""
+    """A MedVAE model (2-D or 3-D) as the ``medvae`` package builds it."""
 
     name: str
     hub_config: str
@@ -28,6 +28,7 @@ class Architecture:
     ddconfig: dict[str, Any] = field(hash=False)
     embed_dim: int
     lora: bool  # True when medvae injects LoRA (r=4) before loading the checkpoint
+    dims: int = 2  # 3 = volumes (AutoencoderKL_3D, one vector per series)
 
     @property
     def downsample(self) -> int:
@@ -70,17 +71,38 @@ ARCHITECTURES: dict[str, Architecture] = {
         embed_dim=3,
         lora=True,
     ),
+    # The 3-D models share their hub YAML with the 2-D 4x1/8x1 models (medvae's factory loads
+    # `medvae_4x1.yaml` for both) and take one channel. The layout below is the 4x/8x kl layout
+    # with one latent channel; the hub YAML, when it can be downloaded, is used instead.
+    "medvae_4_1_3d": Architecture(
+        name="medvae_4_1_3d",
+        hub_config="model_weights/medvae_4x1.yaml",
+        hub_checkpoint="model_weights/vae_4x_1c_3D.ckpt",
+        ddconfig=_kl_config(ch_mult=[1, 2, 4], z_channels=1, in_channels=1),
+        embed_dim=1,
+        lora=False,
+        dims=3,
+    ),
+    "medvae_8_1_3d": Architecture(
+        name="medvae_8_1_3d",
+        hub_config="model_weights/medvae_8x1.yaml",
+        hub_checkpoint="model_weights/vae_8x_1c_3D.ckpt",
+        ddconfig=_kl_config(ch_mult=[1, 2, 4, 4], z_channels=1, in_channels=1),
+        embed_dim=1,
+        lora=False,
+        dims=3,
+    ),
 }
 
 
 def get_architecture(model_name: str) -> Architecture:
-    """The architecture of a supported 2-D model, or a :class:`ConfigurationError` naming the choices."""
+    """The architecture of a supported model, or a :class:`ConfigurationError` naming the choices."""
     try:
         return ARCHITECTURES[model_name]
     except KeyError:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ConfigurationError(
-            f"model {model_name!r} is not supported for 2-D retrieval; choose one of: {known}",
+            f"model {model_name!r} is not supported; choose one of: {known}",
             detail={"field": "model", "value": model_name},
         ) from None
 

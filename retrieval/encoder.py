@@ -4,7 +4,9 @@ Contract:
 
 * :meth:`MedVAEEncoder.encode` takes normalised square pixels ``(B, S, S)`` in ``[0, 1]`` and
   returns the posterior **mode** z ``(B, C, S/f, S/f)`` as float32 on the CPU. Never sampled, so
-  encoding the same pixels twice gives the same z (bitwise on CPU fp32).
+  encoding the same pixels twice gives the same z (bitwise on CPU fp32). A 3-D model takes cubes
+  ``(B, S, S, S)`` and returns ``(B, C, S/f, S/f, S/f)``; cubes larger than ``volume_roi`` are
+  encoded (and decoded) by sliding-window inference, as ``medvae`` does for 3-D.
 * :meth:`MedVAEEncoder.s2_latent` maps z to the stage-2 latent ``channel_proj(channel_ds(z) + z)``.
 * :meth:`MedVAEEncoder.decode` maps z back to ``(B, S, S)`` pixels in ``[0, 1]``.
 
@@ -40,8 +42,8 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- model surgery
 
 
-def _medvae_model_classes() -> tuple[Any, Any]:
-    """``(AutoencoderKL_2D, inject_trainable_lora_extended)`` from the installed ``medvae`` package.
+def _medvae_model_classes(dims: int = 2) -> tuple[Any, Any]:
+    """``(AutoencoderKL_2D or _3D, inject_trainable_lora_extended)`` from the installed ``medvae`` package.
 
     ``medvae/__init__.py`` only re-exports ``MVAE``, whose data loaders import MONAI, polars and
     the hub client: about 5 s per process, paid by every CLI command although none of it is used
@@ -54,18 +56,23 @@ def _medvae_model_classes() -> tuple[Any, Any]:
             raise WeightsError("the `medvae` package is not installed")
         package = importlib.util.module_from_spec(spec)
         sys.modules["medvae"] = package  # namespace only: __init__ is skipped, submodules import normally
-    from medvae.models.autoencoder_kl import AutoencoderKL
     from medvae.utils.lora import inject_trainable_lora_extended
+
+    if dims == 3:
+        from medvae.models.autoencoder_kl_3d import AutoencoderKL as AutoencoderKL_3D
+
+        return AutoencoderKL_3D, inject_trainable_lora_extended
+    from medvae.models.autoencoder_kl import AutoencoderKL
 
     return AutoencoderKL, inject_trainable_lora_extended
 
 
 def build_medvae_model(architecture: Architecture, ddconfig: dict[str, Any], embed_dim: int) -> nn.Module:
-    """Construct ``medvae``'s AutoencoderKL_2D with LoRA injected exactly as ``medvae`` does."""
-    AutoencoderKL_2D, inject_trainable_lora_extended = _medvae_model_classes()
+    """Construct ``medvae``'s AutoencoderKL_2D/_3D with LoRA injected exactly as ``medvae`` does."""
+    autoencoder_class, inject_trainable_lora_extended = _medvae_model_classes(architecture.dims)
 
     with contextlib.redirect_stdout(io.StringIO()):  # medvae prints shapes while building
-        model = AutoencoderKL_2D(ddconfig=ddconfig, embed_dim=embed_dim)
+        model = autoencoder_class(ddconfig=ddconfig, embed_dim=embed_dim)
         if architecture.lora:
             inject_trainable_lora_extended(model, set(LORA_TARGETS), r=LORA_RANK)
     return model
@@ -132,17 +139,18 @@ def fold_lora(model: nn.Module) -> int:
 
 
 class FusedAttnBlock(nn.Module):
-    """Same computation as medvae's ``AttnBlock`` (single head, scale c^-0.5), through SDPA."""
+    """Same computation as medvae's 2-D and 3-D ``AttnBlock`` (single head, scale c^-0.5), through SDPA."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - same contract as AttnBlock
         h = self.norm(x)
         q, k, v = self.q(h), self.k(h), self.v(h)
-        b, c, height, width = q.shape
-        q = q.reshape(b, 1, c, height * width).transpose(-1, -2)
-        k = k.reshape(b, 1, c, height * width).transpose(-1, -2)
-        v = v.reshape(b, 1, c, height * width).transpose(-1, -2)
+        b, c, *spatial = q.shape
+        tokens = int(np.prod(spatial))
+        q = q.reshape(b, 1, c, tokens).transpose(-1, -2)
+        k = k.reshape(b, 1, c, tokens).transpose(-1, -2)
+        v = v.reshape(b, 1, c, tokens).transpose(-1, -2)
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(b, c, height, width)
+        out = out.transpose(-1, -2).reshape(b, c, *spatial)
         return x + self.proj_out(out)
 
 
@@ -181,7 +189,7 @@ class MedVAEEncoder:
         self.compiled = settings.compile == "on" or (settings.compile == "auto" and self.device.type == "cuda")
         self.model = self._build(fold=fold, fused_attention=fused_attention)
         if self.compiled:
-            self.encode(np.zeros((settings.batch_size, settings.input_size, settings.input_size), np.float32))
+            self.encode(np.zeros((settings.batch_size, *([settings.model_input_size] * self.dims)), np.float32))
         logger.info(
             "MedVAE %s loaded (%s) on %s, precision %s",
             self.architecture.name,
@@ -227,12 +235,21 @@ class MedVAEEncoder:
             fold_lora(model)
         if fused_attention:
             use_fused_attention(model)
-        model = model.to(self.device).to(memory_format=torch.channels_last)
+        model = model.to(self.device).to(memory_format=self._memory_format)
         if self.compiled:
             model.encoder = torch.compile(model.encoder)  # same function; ~3.4x on an H100 at 384 (docs/benchmarks.md)
         return model
 
     # -- properties
+
+    @property
+    def dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return self.architecture.dims
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.dims == 2 else torch.channels_last_3d
 
     @property
     def latent_channels(self) -> int:
@@ -254,13 +271,14 @@ class MedVAEEncoder:
     # -- inference
 
     def to_model_input(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``(B, S, S)`` in [0, 1] -> ``(B, in_channels, S, S)`` in [-1, 1] on the device."""
+        """``(B, S, S[, S])`` in [0, 1] -> ``(B, in_channels, S, S[, S])`` in [-1, 1] on the device."""
         tensor = torch.as_tensor(pixels, dtype=torch.float32)
-        if tensor.ndim != 3:
-            raise ValueError(f"expected (B, S, S) pixels, got shape {tuple(tensor.shape)}")
+        if tensor.ndim != self.dims + 1:
+            shape = "(B, S, S)" if self.dims == 2 else "(B, S, S, S)"
+            raise ValueError(f"expected {shape} pixels for {self.architecture.name}, got shape {tuple(tensor.shape)}")
         tensor = tensor.to(self.device, non_blocking=True).mul(2.0).sub(1.0)
-        tensor = tensor.unsqueeze(1).expand(-1, self.architecture.in_channels, -1, -1)
-        return tensor.contiguous(memory_format=torch.channels_last)
+        tensor = tensor.unsqueeze(1).expand(-1, self.architecture.in_channels, *([-1] * self.dims))
+        return tensor.contiguous(memory_format=self._memory_format)
 
     @torch.inference_mode()
     def encode(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -281,11 +299,31 @@ class MedVAEEncoder:
         count = x.shape[0]
         if self.compiled and count < self.settings.batch_size:
             padding = x.new_zeros((self.settings.batch_size - count, *x.shape[1:]))
-            x = torch.cat([x, padding]).contiguous(memory_format=torch.channels_last)
+            x = torch.cat([x, padding]).contiguous(memory_format=self._memory_format)
         with self._lock, self._autocast():
-            moments = self.model.quant_conv(self.model.encoder(x))
+            if self._needs_sliding_window(x.shape[2:]):
+                mean = self._sliding_window(x, self._posterior_mode, roi=self.settings.volume_roi)
+            else:
+                mean = self._posterior_mode(x)
+        return mean[:count].float().contiguous().cpu()
+
+    def _posterior_mode(self, x: torch.Tensor) -> torch.Tensor:
+        moments = self.model.quant_conv(self.model.encoder(x))
         mean, _logvar = torch.chunk(moments.float(), 2, dim=1)
-        return mean[:count].contiguous().cpu()
+        return mean
+
+    def _needs_sliding_window(self, spatial: torch.Size | tuple[int, ...]) -> bool:
+        return self.dims == 3 and max(spatial) > self.settings.volume_roi
+
+    @staticmethod
+    def _sliding_window(x: torch.Tensor, predictor: Any, *, roi: int) -> torch.Tensor:
+        """MONAI sliding-window inference (25 % overlap, Gaussian blending); the predictor may
+        change the spatial size by a fixed factor (the encoder /f, the decoder xf)."""
+        from monai.inferers import sliding_window_inference
+
+        return sliding_window_inference(
+            x, roi_size=(roi,) * (x.ndim - 2), sw_batch_size=1, predictor=predictor, overlap=0.25, mode="gaussian"
+        )
 
     @torch.inference_mode()
     def s2_latent(self, z: torch.Tensor) -> torch.Tensor:
@@ -297,10 +335,13 @@ class MedVAEEncoder:
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> np.ndarray:
-        """Reconstruct ``(B, S, S)`` pixels in [0, 1] from z (channel mean of the RGB output)."""
+        """Reconstruct ``(B, S, S[, S])`` pixels in [0, 1] from z (channel mean of the output)."""
         z = torch.as_tensor(z, dtype=torch.float32).to(self.device)
         with self._lock, self._autocast():
-            out = self.model.decode(z)
+            if self._needs_sliding_window(tuple(d * self.downsample for d in z.shape[2:])):
+                out = self._sliding_window(z, self.model.decode, roi=self.settings.volume_roi // self.downsample)
+            else:
+                out = self.model.decode(z)
         image = out.float().mean(dim=1).add(1.0).div(2.0).clamp(0.0, 1.0)
         return image.cpu().numpy()
 

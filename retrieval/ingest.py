@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
-from retrieval.errors import RetrievalError
+from retrieval.errors import InvalidRequestError, RetrievalError
 from retrieval.prepare import Fingerprint, Prepared, PrepareOptions, fingerprint, prepare
 from retrieval.quality import score_latents
 from retrieval.service import RetrievalService
@@ -159,6 +159,8 @@ class IngestPipeline:
         self.job_id = job_id
         report = IngestReport(run_id=job_id or uuid.uuid4().hex[:12])
         self.remote = None
+        if self.settings.model_dims == 3:
+            return self._run_volumes(source, report)
         if is_dicomweb(source):
             self.remote = DicomwebSource(DicomwebQuery.parse(str(source)), self.settings)
             source = self.remote.query.source_string()
@@ -209,6 +211,26 @@ class IngestPipeline:
                 shutil.rmtree(self.spool, ignore_errors=True)
                 self.spool = None
             index.save()
+            self.service.store.record_errors(
+                run_id=report.run_id, failures=[(f.source, f.stage, f.reason) for f in report.failures]
+            )
+            report.seconds["wall"] = time.perf_counter() - report.started
+            self._notify(report)
+        logger.info("ingest %s: %s in %.1fs", report.run_id, report.summary(), report.seconds["wall"])
+        return report
+
+    def _run_volumes(self, source: str | Path, report: IngestReport) -> IngestReport:
+        """3-D models: NIfTI files and DICOM series, one vector each (:mod:`retrieval.volume_ingest`)."""
+        from retrieval.volume_ingest import ingest_volumes
+
+        if is_dicomweb(source):
+            raise InvalidRequestError(
+                "DICOMweb sync feeds the 2-D image models; for volumes, export the series to a folder first",
+                detail={"field": "source"},
+            )
+        try:
+            ingest_volumes(self, source, report)
+        finally:
             self.service.store.record_errors(
                 run_id=report.run_id, failures=[(f.source, f.stage, f.reason) for f in report.failures]
             )

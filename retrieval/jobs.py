@@ -26,6 +26,7 @@ from retrieval.errors import ConflictError, ForbiddenError, InvalidRequestError,
 from retrieval.models import IngestError, IngestJob
 from retrieval.settings import Settings
 from retrieval.store import Store
+from retrieval.volumes import is_nifti
 
 FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
 MAX_LISTED_FAILURES = 200
@@ -86,8 +87,8 @@ def allowed_source(source: str, roots: list[Path]) -> str:
         )
     if not resolved.exists():
         raise InvalidRequestError(f"{source}: no such file or folder", detail={"field": "source"})
-    if not (resolved.is_dir() or resolved.suffix.lower() == ".csv"):
-        raise InvalidRequestError(f"{source}: not a folder or a .csv manifest", detail={"field": "source"})
+    if not (resolved.is_dir() or resolved.suffix.lower() == ".csv" or is_nifti(resolved)):
+        raise InvalidRequestError(f"{source}: not a folder, a .csv manifest or a NIfTI volume", detail={"field": "source"})
     return str(resolved)
 
 

@@ -113,7 +113,7 @@ class Latent(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
     encoder_key: Mapped[str] = mapped_column(String(64))
-    shape: Mapped[str] = mapped_column(String(64))  # "C,h,w"
+    shape: Mapped[str] = mapped_column(String(64))  # "C,h,w" (images) or "C,d,h,w" (volumes)
     dtype: Mapped[str] = mapped_column(String(16))  # "float16"
     data: Mapped[bytes] = mapped_column(LargeBinary)
 

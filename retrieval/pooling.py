@@ -1,11 +1,12 @@
-"""Pure functions from a stage-2 latent ``(B, C, h, w)`` to L2-normalised vectors ``(B, D)``.
+"""Pure functions from a stage-2 latent ``(B, C, h, w)`` (or ``(B, C, d, h, w)``) to L2-normalised vectors ``(B, D)``.
 
 A pooling is named by a spec string that is part of the embedding space's identity:
 
 * ``mean``: global average per channel (D = C). Coarse: with the 4-channel latent, 4 numbers.
 * ``spp:L1,L2,...``: spatial pyramid of average pools at LxL grids, concatenated
-  (D = C * sum(L^2)); ``spp:1,2,4`` gives 84 values for medvae_8_4_2d. Default.
-* ``grid:N``: the latent average-pooled to an NxN grid and flattened (D = C * N^2).
+  (D = C * sum(L^2)); ``spp:1,2,4`` gives 84 values for medvae_8_4_2d. Default. For volumes the
+  grids are LxLxL (D = C * sum(L^3); 73 values for the 1-channel 3-D models).
+* ``grid:N``: the latent average-pooled to an NxN (NxNxN) grid and flattened (D = C * N^2 or N^3).
 * ``gem:P``: generalized mean per channel, ``mean(|x|^P)^(1/P)`` carrying the sign of the
   channel mean (the latent is signed; classic GeM assumes ReLU features). D = C. P=1 is close to
   ``mean`` of magnitudes; large P approaches max-pooling.
@@ -34,15 +35,15 @@ class PoolingSpec:
     def canonical(self) -> str:
         return self.name if not self.params else f"{self.name}:{','.join(str(p) for p in self.params)}"
 
-    def dimension(self, channels: int) -> int:
-        """Vector length for a latent with ``channels`` channels."""
+    def dimension(self, channels: int, spatial_dims: int = 2) -> int:
+        """Vector length for a latent with ``channels`` channels and 2 (images) or 3 (volumes) spatial axes."""
         if self.name == "mean":
             return channels
         if self.name == "spp":
-            return channels * sum(level * level for level in self.params)
+            return channels * sum(level**spatial_dims for level in self.params)
         if self.name == "gem":
             return channels
-        return channels * self.params[0] ** 2  # grid
+        return channels * self.params[0] ** spatial_dims  # grid
 
 
 def parse_pooling(spec: str) -> PoolingSpec:
@@ -69,17 +70,19 @@ def parse_pooling(spec: str) -> PoolingSpec:
 def pool(s2: torch.Tensor, spec: PoolingSpec) -> torch.Tensor:
     """Pool a batch of stage-2 latents into L2-normalised float32 vectors ``(B, D)``."""
     s2 = s2.float()
+    axes = tuple(range(2, s2.ndim))
+    adaptive_pool = F.adaptive_avg_pool3d if s2.ndim == 5 else F.adaptive_avg_pool2d
     if spec.name == "mean":
-        vectors = s2.mean(dim=(2, 3))
+        vectors = s2.mean(dim=axes)
     elif spec.name == "spp":
-        parts = [F.adaptive_avg_pool2d(s2, level).flatten(1) for level in spec.params]
+        parts = [adaptive_pool(s2, level).flatten(1) for level in spec.params]
         vectors = torch.cat(parts, dim=1)
     elif spec.name == "grid":
-        vectors = F.adaptive_avg_pool2d(s2, spec.params[0]).flatten(1)
+        vectors = adaptive_pool(s2, spec.params[0]).flatten(1)
     elif spec.name == "gem":
         p = float(spec.params[0])
-        magnitude = s2.abs().clamp_min(1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
-        vectors = magnitude * torch.sign(s2.mean(dim=(2, 3)))
+        magnitude = s2.abs().clamp_min(1e-6).pow(p).mean(dim=axes).pow(1.0 / p)
+        vectors = magnitude * torch.sign(s2.mean(dim=axes))
     else:  # parse_pooling never produces anything else
         raise ConfigurationError(f"unknown pooling {spec.name!r}")
     return F.normalize(vectors, p=2, dim=1, eps=1e-12)

@@ -12,8 +12,13 @@ from PIL import Image, PngImagePlugin
 
 from retrieval.errors import NotFoundError
 from retrieval.service import RetrievalService
+from retrieval.volumes import orthogonal_slices
 
 PREVIEW_NOTE = "MedVAE reconstruction decoded from the stored latent; not the original pixels."
+VOLUME_PREVIEW_NOTE = (
+    "Middle sagittal, coronal and axial slices of the MedVAE 3-D reconstruction decoded from the stored latent; "
+    "not the original voxels."
+)
 
 
 def to_png(pixels: np.ndarray, *, note: str = PREVIEW_NOTE) -> bytes:
@@ -28,7 +33,7 @@ def to_png(pixels: np.ndarray, *, note: str = PREVIEW_NOTE) -> bytes:
 
 
 def reconstruct(service: RetrievalService, image_id: int) -> np.ndarray:
-    """Decode the stored z of ``image_id`` (this space's encoder) to ``(S, S)`` pixels."""
+    """Decode the stored z of ``image_id`` (this space's encoder) to ``(S, S)`` pixels (``(S, S, S)`` for volumes)."""
     z = service.store.latent(image_id, service.space.encoder_key)
     if z is None:
         raise NotFoundError(f"image {image_id} has no stored latent for this encoder", detail={"image_id": image_id})
@@ -36,4 +41,8 @@ def reconstruct(service: RetrievalService, image_id: int) -> np.ndarray:
 
 
 def preview_png(service: RetrievalService, image_id: int) -> bytes:
-    return to_png(reconstruct(service, image_id))
+    """The decoded image; for a volume, its three orthogonal middle slices side by side."""
+    pixels = reconstruct(service, image_id)
+    if pixels.ndim == 3:
+        return to_png(orthogonal_slices(pixels), note=VOLUME_PREVIEW_NOTE)
+    return to_png(pixels)

@@ -324,13 +324,47 @@ def empty_space_warnings(service: RetrievalService) -> list[str]:
 def _vector_and_patient_of_file(service: RetrievalService, path: Any) -> tuple[np.ndarray, str | None]:
     from retrieval.imaging import decode_path
 
+    if service.settings.model_dims == 3:
+        return _vector_and_patient_of_volume(service, path)
     return _vector_and_patient(service, decode_path(path, max_pixels=service.settings.max_image_pixels))
 
 
 def _vector_and_patient_of_bytes(service: RetrievalService, data: bytes, name: str) -> tuple[np.ndarray, str | None]:
     from retrieval.imaging import decode_bytes
 
+    if service.settings.model_dims == 3:  # an uploaded volume: NIfTI only (a series is many files)
+        import tempfile
+
+        from retrieval.volumes import is_nifti
+
+        suffix = ".nii.gz" if name.lower().endswith(".gz") or data[:2] == b"\x1f\x8b" else ".nii"
+        if name and not is_nifti(name) and not name.lower().endswith(".gz"):
+            raise InvalidRequestError(
+                f"{name}: a 3-D space takes a NIfTI volume (.nii / .nii.gz) as the query, or a series id",
+                detail={"field": "file"},
+            )
+        with tempfile.NamedTemporaryFile(suffix=suffix) as handle:
+            handle.write(data)
+            handle.flush()
+            return _vector_and_patient_of_volume(service, handle.name)
     return _vector_and_patient(service, decode_bytes(data, name=name, max_pixels=service.settings.max_image_pixels))
+
+
+def _vector_and_patient_of_volume(service: RetrievalService, path: Any) -> tuple[np.ndarray, str | None]:
+    """A query volume: a NIfTI file, or a folder holding exactly one DICOM series."""
+    from retrieval.volume_ingest import volume_metadata, volume_model_input
+    from retrieval.volumes import load_volume, scan_volumes
+
+    items = [item for item in scan_volumes(path) if not item.error]
+    if len(items) != 1:
+        raise InvalidRequestError(
+            f"{path}: a volume query is one NIfTI file or a folder with exactly one DICOM series (found {len(items)})",
+            detail={"field": "image"},
+        )
+    volume = load_volume(items[0], max_voxels=service.settings.max_image_pixels)
+    vector = service.embed_query(volume_model_input(volume, service.settings.volume_size))[1]
+    patient = volume_metadata(volume, secret=service.settings.id_secret, date_shift_days=0).patient_hash
+    return vector, patient
 
 
 def _vector_and_patient(service: RetrievalService, decoded: Any) -> tuple[np.ndarray, str | None]:

@@ -18,6 +18,7 @@ import torch
 from retrieval.batching import MicroBatcher
 from retrieval.encoder import MedVAEEncoder
 from retrieval.imaging import PREPROCESSING_VERSION
+from retrieval.volumes import VOLUME_PREPROCESSING_VERSION
 from retrieval.index import OpenReport, SpaceIndex, choose_index_spec
 from retrieval.models import Space
 from retrieval.pooling import PoolingSpec, parse_pooling, pool
@@ -65,10 +66,10 @@ class RetrievalService:
         return SpaceIdentity(
             model=self.settings.model,
             weights=encoder.weights.identity,
-            input_size=self.settings.input_size,
-            preprocessing=PREPROCESSING_VERSION,
+            input_size=self.settings.model_input_size,
+            preprocessing=PREPROCESSING_VERSION if encoder.dims == 2 else VOLUME_PREPROCESSING_VERSION,
             pooling=spec.canonical,
-            dim=spec.dimension(encoder.latent_channels),
+            dim=spec.dimension(encoder.latent_channels, encoder.dims),
         )
 
     @property
@@ -163,6 +164,7 @@ def space_json(space: Space) -> dict[str, Any]:
         "model": space.model,
         "weights": RANDOM_WEIGHTS_LABEL if random else space.weights,
         "input_size": space.input_size,
+        "dims": 3 if space.model.endswith("_3d") else 2,
         "preprocessing": space.preprocessing,
         "pooling": space.pooling,
         "dim": space.dim,

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     )
     seed: int = Field(0, description="Seed for `random` weights.")
     input_size: int = Field(384, ge=32, le=4096, description="Square model input size in pixels.")
+    volume_size: int = Field(
+        128, ge=16, le=1024, description="3-D models: volumes are fitted into a cube of this edge (voxels)."
+    )
+    volume_roi: int = Field(
+        64, ge=16, le=512, description="3-D models: sliding-window size; larger cubes are encoded window by window."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA and on CPUs with bf16 units, else fp32."
@@ -131,6 +137,16 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'retrieval.db').resolve()}"
+
+    @property
+    def model_dims(self) -> int:
+        """2 for the image models, 3 for the volume models (``medvae_*_3d``)."""
+        return 3 if self.model.endswith("_3d") else 2
+
+    @property
+    def model_input_size(self) -> int:
+        """Edge of the model's input: ``input_size`` (square images) or ``volume_size`` (cubes)."""
+        return self.volume_size if self.model_dims == 3 else self.input_size
 
     @property
     def ingest_root_list(self) -> list[Path]:

@@ -428,8 +428,8 @@ def _check_arrays(new: NewImage, dim: int) -> None:
     if vector is None or vector.shape != (dim,) or not np.all(np.isfinite(vector)):
         raise ValueError(f"{new.source_uri}: vector must be {dim} finite values, got {getattr(vector, 'shape', None)}")
     z = np.asarray(new.z) if new.z is not None else None
-    if z is None or z.ndim != 3 or not np.all(np.isfinite(z)) or np.abs(z).max(initial=0.0) > 65000:
-        raise ValueError(f"{new.source_uri}: latent must be a finite (C, h, w) array within float16 range")
+    if z is None or z.ndim not in (3, 4) or not np.all(np.isfinite(z)) or np.abs(z).max(initial=0.0) > 65000:
+        raise ValueError(f"{new.source_uri}: latent must be a finite (C, h, w) or (C, d, h, w) array within float16 range")
 
 
 def _image_row(new: NewImage, study_id: int) -> ImageRecord:

@@ -1,0 +1,127 @@
+"""Bulk ingest for the 3-D models: one vector per NIfTI file or DICOM series.
+
+Same contract as the 2-D pipeline (:mod:`retrieval.ingest`): idempotent by content hash (a
+series' hash covers all its files), one transaction per volume, one bad volume never stops the
+run, failures recorded with their stage and reason. Volumes are encoded one at a time: a
+single 128^3 cube already fills the encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from retrieval.errors import RetrievalError
+from retrieval.metadata import ImageMetadata, from_dicom
+from retrieval.prepare import study_of
+from retrieval.sources import SourceItem, printable_path
+from retrieval.store import NewImage
+from retrieval.volumes import Volume, fit_to_cube, load_volume, normalise, scan_volumes
+
+if TYPE_CHECKING:
+    from retrieval.ingest import IngestPipeline, IngestReport
+
+logger = logging.getLogger(__name__)
+
+
+def volume_model_input(volume: Volume, size: int):  # noqa: ANN201 - numpy array (S, S, S)
+    """A loaded volume as the 3-D encoder takes it: normalised and fitted into the cube."""
+    return fit_to_cube(normalise(volume), volume.spacing, size)
+
+
+def volume_metadata(volume: Volume, *, secret: str, date_shift_days: int) -> ImageMetadata:
+    """DICOM header fields for a series (series-level: no SOPInstanceUID); the modality for NIfTI."""
+    if volume.header is None:
+        return ImageMetadata(modality=volume.modality)
+    metadata = from_dicom(volume.header, secret=secret, date_shift_days=date_shift_days)
+    metadata.sop_uid = None  # one vector per series
+    metadata.modality = metadata.modality or volume.modality
+    return metadata
+
+
+def ingest_volumes(pipeline: IngestPipeline, source: str | Path, report: IngestReport) -> None:
+    """Fill ``report`` with the ingest of every volume under ``source`` into the pipeline's 3-D space."""
+    from retrieval.ingest import Failure
+
+    service, settings = pipeline.service, pipeline.settings
+    items = scan_volumes(source)
+    report.total = len(items)
+    space, index = service.space, service.index
+    logger.info("ingest %s: %d candidate volumes into space %s", source, len(items), space.key[:12])
+    seen: set[str] = set()
+    for item in items:
+        if pipeline.should_stop():
+            report.stopped = True
+            break
+        if item.error:
+            report.failures.append(Failure(item.display, "read", item.error))
+            continue
+        tick = time.perf_counter()
+        try:
+            volume = load_volume(item, max_voxels=settings.max_image_pixels)
+            cube = volume_model_input(volume, settings.volume_size)
+        except RetrievalError as exc:
+            report.failures.append(Failure(item.display, "decode", exc.message.removeprefix(f"{item.path}: ")))
+            continue
+        except Exception as exc:  # noqa: BLE001 - one bad volume never stops the run
+            report.failures.append(Failure(item.display, "decode", f"unexpected {type(exc).__name__}: {exc}"))
+            continue
+        report.seconds["decode_cpu"] += time.perf_counter() - tick
+        if volume.sha256 in seen or service.store.already_in_space(space.id, [volume.sha256], []):
+            report.skipped += 1
+            continue
+        seen.add(volume.sha256)
+        _store_volume(pipeline, item, volume, cube, report)
+    index.save()
+
+
+def _store_volume(pipeline: IngestPipeline, item: SourceItem, volume: Volume, cube, report: IngestReport) -> None:  # noqa: ANN001
+    from retrieval.ingest import Failure
+
+    service, settings = pipeline.service, pipeline.settings
+    tick = time.perf_counter()
+    try:
+        z, vectors = service.embed_pixels(cube[None])
+    except Exception as exc:  # noqa: BLE001
+        logger.exception("encode failed for %s", item.display)
+        report.failures.append(Failure(item.display, "encode", f"{type(exc).__name__}: {exc}"))
+        return
+    report.seconds["encode"] += time.perf_counter() - tick
+    tick = time.perf_counter()
+    metadata = volume_metadata(volume, secret=settings.id_secret, date_shift_days=settings.date_shift_days)
+    location, _, series_uid = item.path.partition("#")
+    resolved = Path(location).resolve()
+    source_uri = printable_path(resolved) + (f"#{series_uid}" if series_uid else "")
+    if metadata.study_uid:
+        study_key, study_label = study_of(item, metadata)
+    elif series_uid:  # a DICOM series without StudyInstanceUID: its folder is the study
+        study_key, study_label = f"folder:{printable_path(resolved)}", resolved.name
+    else:  # a NIfTI file is its own study (one subject per file is the common layout)
+        study_key, study_label = f"file:{printable_path(resolved)}", resolved.name
+    x, y, slices = volume.voxels.shape
+    row = NewImage(
+        source_uri=source_uri,
+        sha256=volume.sha256,
+        study_key=study_key,
+        study_label=study_label,
+        kind=volume.kind,
+        width=x,
+        height=y,
+        frames=slices,
+        metadata=metadata,
+        z=z[0].numpy(),
+        vector=vectors[0],
+        quality=None,
+    )
+    try:
+        service.store.write_batch(space=service.space, images=[row], job_id=pipeline.job_id)
+    except Exception as exc:  # noqa: BLE001 - the transaction rolled back; nothing was stored
+        logger.exception("database write failed for %s", item.display)
+        report.failures.append(Failure(item.display, "store", f"{type(exc).__name__}: {exc}"))
+        return
+    service.index.catch_up(service.store)
+    report.seconds["write"] += time.perf_counter() - tick
+    report.ingested += 1
+    pipeline._notify(report)

@@ -1,0 +1,132 @@
+"""CT/MR volumes with the MedVAE 3-D architecture (random seeded weights, 32^3 cubes)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retrieval.encoder import MedVAEEncoder, build_medvae_model
+from retrieval.errors import ImageDecodeError, InvalidRequestError
+from retrieval.ingest import IngestPipeline
+from retrieval.previews import preview_png
+from retrieval.search import run_search
+from retrieval.service import RetrievalService
+from retrieval.settings import Settings
+from retrieval.volumes import check_slice_spacing, load_nifti, load_volume, scan_volumes
+
+from conftest import tiny_settings
+from volume_factory import phantom_hu, write_ct_series, write_nifti
+
+CUBE = 32
+
+
+def volume_settings(tmp_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {"model": "medvae_4_1_3d", "volume_size": CUBE, "volume_roi": CUBE}
+    values.update(overrides)
+    return tiny_settings(tmp_path / "data", **values)
+
+
+def test_3d_encoder_is_medvae_3d_with_fused_attention_and_posterior_mode(tmp_path: Path) -> None:
+    encoder = MedVAEEncoder(volume_settings(tmp_path, volume_size=16, volume_roi=16))
+    torch.manual_seed(0)
+    reference = build_medvae_model(encoder.architecture, encoder.architecture.ddconfig, 1).eval()
+    reference.load_state_dict(encoder.model.state_dict())
+    assert type(reference).__module__ == "medvae.models.autoencoder_kl_3d"
+    cube = np.random.default_rng(1).random((2, 16, 16, 16), dtype=np.float32)
+    with torch.inference_mode():
+        expected = reference.encode(torch.from_numpy(cube)[:, None] * 2 - 1).mode()
+    z = encoder.encode(cube)
+    assert z.shape == (2, 1, 4, 4, 4)
+    assert torch.allclose(z, expected, atol=1e-4), (z - expected).abs().max()  # SDPA == medvae's bmm attention
+    assert torch.equal(z, encoder.encode(cube))  # the mode, never a sample
+
+
+def test_sliding_window_covers_cubes_larger_than_the_window(tmp_path: Path) -> None:
+    encoder = MedVAEEncoder(volume_settings(tmp_path, volume_size=40, volume_roi=24))
+    cube = np.random.default_rng(2).random((1, 40, 40, 40), dtype=np.float32)
+    z = encoder.encode(cube)
+    assert z.shape == (1, 1, 10, 10, 10) and torch.isfinite(z).all()
+    assert torch.equal(z, encoder.encode(cube))
+    assert encoder.decode(z).shape == (1, 40, 40, 40)
+
+
+def test_dicom_series_and_nifti_of_the_same_data_load_identically(tmp_path: Path) -> None:
+    hu = np.round(np.clip(phantom_hu(3, (20, 24, 10)), -1024, 3000))  # (rows, cols, slices), as DICOM stores it
+    write_ct_series(tmp_path / "series", hu)
+    # the same voxels as NIfTI: x = column (towards patient left, i.e. -R), y = row (posterior, -A), z = slice
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(hu.transpose(1, 0, 2), affine), str(tmp_path / "same.nii.gz"))
+    items = scan_volumes(tmp_path / "series")
+    assert len(items) == 1 and not items[0].error
+    from_dicom = load_volume(items[0], max_voxels=10**8)
+    from_nifti = load_nifti(tmp_path / "same.nii.gz", max_voxels=10**8)
+    assert from_dicom.modality == from_nifti.modality == "CT"
+    assert from_dicom.spacing == from_nifti.spacing == (1.0, 1.0, 2.0)
+    assert np.array_equal(from_dicom.voxels, from_nifti.voxels)
+
+
+def test_inconsistent_slice_spacing_is_refused_with_a_reason(tmp_path: Path) -> None:
+    with pytest.raises(ImageDecodeError, match=r"slice spacing is not uniform \(2.00 to 6.00 mm"):
+        check_slice_spacing("s", np.array([0.0, 2.0, 4.0, 10.0, 12.0]))
+    with pytest.raises(ImageDecodeError, match="same position"):
+        check_slice_spacing("s", np.array([0.0, 2.0, 2.0, 4.0]))
+    hu = phantom_hu(4, (16, 16, 6))
+    write_ct_series(tmp_path / "gap", hu, slice_positions=[0, 2, 4, 8, 10, 12])
+    item = scan_volumes(tmp_path / "gap")[0]
+    with pytest.raises(ImageDecodeError) as raised:
+        load_volume(item, max_voxels=10**8)
+    assert raised.value.detail["reason"] == "inconsistent_spacing"
+    with pytest.raises(ImageDecodeError, match="expected a 3-D volume"):
+        load_nifti(write_nifti(tmp_path / "flat.nii.gz", np.zeros((8, 8, 2, 3), np.float32)), max_voxels=10**8)
+
+
+def test_volumes_ingest_retrieve_themselves_and_preview_three_planes(tmp_path: Path) -> None:
+    archive = tmp_path / "volumes"
+    for seed in range(2):
+        write_nifti(archive / f"subject{seed}.nii.gz", phantom_hu(10 + seed).transpose(1, 0, 2))
+    for seed in range(2):
+        write_ct_series(archive / f"ct{seed}", phantom_hu(20 + seed), PatientSex="F", PatientAge="061Y",
+                        PatientID=f"P{seed}", BodyPartExamined="CHEST", StudyDate="20240301")
+    write_ct_series(archive / "broken", phantom_hu(30, (32, 32, 6)), slice_positions=[0, 2, 4, 9, 11, 13])
+
+    service = RetrievalService(volume_settings(tmp_path))
+    report = IngestPipeline(service).run(archive)
+    assert (report.total, report.ingested, report.failed) == (5, 4, 1), report.failures
+    assert "slice spacing is not uniform" in report.failures[0].reason and "broken" in report.failures[0].source
+    assert service.space_info()["dims"] == 3 and service.space_info()["dim"] == 73  # spp 1,2,4 over a cube
+
+    volumes = [image for chunk in service.store.iter_images() for image in chunk]
+    assert sorted(v.kind for v in volumes) == ["dicom-series", "dicom-series", "nifti", "nifti"]
+    for volume in volumes:  # one vector per series, and every volume retrieves itself first
+        top = run_search(service, image_id=volume.id, k=4, group_by="image")["results"][0]
+        assert top["images"][0]["image_id"] == volume.id
+    series = next(v for v in volumes if v.kind == "dicom-series")
+    assert (series.modality, series.patient_sex, series.body_part, series.sop_uid) == ("CT", "F", "CHEST", None)
+    assert series.series_uid and series.source_uri.endswith(f"#{series.series_uid}")
+
+    by_file = run_search(service, path=archive / "subject1.nii.gz", k=1)["results"][0]["images"][0]
+    assert by_file["source"].endswith("subject1.nii.gz") and by_file["score"] == pytest.approx(1.0, abs=1e-4)
+    by_folder = run_search(service, path=archive / "ct0", k=1)["results"][0]["images"][0]
+    assert "/ct0#" in by_folder["source"] and by_folder["score"] == pytest.approx(1.0, abs=1e-4)
+
+    png = Image.open(io.BytesIO(preview_png(service, series.id)))
+    assert png.size == (3 * CUBE, CUBE) and "sagittal, coronal and axial" in png.text["Description"]
+
+    again = IngestPipeline(service).run(archive)
+    assert (again.ingested, again.skipped, again.failed) == (0, 4, 1)
+    service.close()
+
+
+def test_a_query_folder_with_two_series_is_refused(tmp_path: Path) -> None:
+    write_ct_series(tmp_path / "pair" / "a", phantom_hu(1, (16, 16, 4)))
+    write_ct_series(tmp_path / "pair" / "b", phantom_hu(2, (16, 16, 4)))
+    service = RetrievalService(volume_settings(tmp_path))
+    with pytest.raises(InvalidRequestError, match=r"exactly one DICOM series \(found 2\)"):
+        run_search(service, path=tmp_path / "pair", k=1)
+    service.close()
