@@ -22,6 +22,11 @@ def get_service(request: Request) -> RetrievalService:
     return request.app.state.service
 
 
+def service_for_space(request: Request, space: str | None) -> RetrievalService:
+    """The service of the named space (key or 8+ character prefix); the configured one when ``None``."""
+    return request.app.state.spaces.get(space)
+
+
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 

@@ -16,7 +16,7 @@ from api.metrics import Metrics, RequestTimingMiddleware
 from api import web
 from api.routes import archive, compare, health, jobs, score, search
 from api.web import SecurityHeadersMiddleware
-from retrieval.service import RetrievalService
+from retrieval.service import RetrievalService, SpaceServices
 from retrieval.settings import Settings
 from retrieval.weights import RANDOM_WEIGHTS_WARNING
 
@@ -41,12 +41,14 @@ def create_app(settings: Settings | None = None, *, service: RetrievalService | 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.service = service or RetrievalService(settings)
+        app.state.spaces = SpaceServices(app.state.service)
         app.state.metrics.attach(app.state.service)
         app.state.preview_cache = {}
         warm_up = threading.Thread(target=_warm_up, args=(app.state.service,), daemon=True, name="warm-up")
         warm_up.start()
         yield
         warm_up.join()  # never tear down under a model that is still being built
+        app.state.spaces.close()
         app.state.service.close()
 
     app = FastAPI(

@@ -69,6 +69,9 @@ class SearchParams(QueryImage):
     exclude_same_patient: bool = False
     previews: Literal["none", "url", "inline"] = "url"
     sort: Literal["score", "psnr", "ssim"] = "score"
+    space: str | None = Field(
+        None, max_length=64, description="Space key (or its first 8+ characters) to search; default: the server's space."
+    )
 
 
 class SimilarityParams(QueryImage):
@@ -174,6 +177,7 @@ class SpaceInfo(BaseModel):
     model: str
     weights: str
     input_size: int
+    dims: int = Field(..., description="2 = images, 3 = volumes (one vector per series).")
     preprocessing: str
     pooling: str
     dim: int

@@ -17,6 +17,7 @@ import torch
 
 from retrieval.batching import MicroBatcher
 from retrieval.encoder import MedVAEEncoder
+from retrieval.errors import ConflictError, InvalidRequestError, NotFoundError
 from retrieval.imaging import PREPROCESSING_VERSION
 from retrieval.volumes import VOLUME_PREPROCESSING_VERSION
 from retrieval.index import OpenReport, SpaceIndex, choose_index_spec
@@ -169,3 +170,67 @@ def space_json(space: Space) -> dict[str, Any]:
         "pooling": space.pooling,
         "dim": space.dim,
     }
+
+
+class SpaceServices:
+    """The configured space's service, plus one per other stored space, built on first use.
+
+    2-D and 3-D spaces (or spaces with other poolings) share one database; a request names the
+    space it searches by key (or a prefix of at least 8 characters). Another space is served
+    with this server's settings changed to that space's model, input size and pooling, and only
+    when those settings reproduce the space exactly (same weights identity): a server never
+    encodes queries into a space with a different encoder than the one that built it.
+    """
+
+    def __init__(self, default: RetrievalService) -> None:
+        self.default = default
+        self._others: dict[str, RetrievalService] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str | None) -> RetrievalService:
+        if not key:
+            return self.default
+        space = self._find(key.strip().lower())
+        if space.key == self.default.space.key:
+            return self.default
+        with self._lock:
+            service = self._others.get(space.key)
+            if service is None:
+                service = self._build(space)
+                self._others[space.key] = service
+            return service
+
+    def _find(self, key: str) -> Space:
+        if len(key) < 8:
+            raise InvalidRequestError("space: give the space key or at least its first 8 characters",
+                                      detail={"field": "space"})
+        matches = [space for space in self.default.store.list_spaces() if space.key.startswith(key)]
+        if not matches:
+            raise NotFoundError(f"space {key!r} does not exist (GET /v1/spaces lists them)", detail={"field": "space"})
+        if len(matches) > 1:
+            raise InvalidRequestError(f"space {key!r} is ambiguous: give more characters", detail={"field": "space"})
+        return matches[0]
+
+    def _build(self, space: Space) -> RetrievalService:
+        size_field = "volume_size" if space.model.endswith("_3d") else "input_size"
+        settings = self.default.settings.model_copy(
+            update={"model": space.model, "pooling": space.pooling, size_field: space.input_size}
+        )
+        service = RetrievalService(settings, store=self.default.store)
+        service.observe = self.default.observe
+        identity = service.identity()
+        if identity.key != space.key:
+            raise ConflictError(
+                f"space {space.key[:12]} was built with weights {space.weights!r} and preprocessing "
+                f"{space.preprocessing!r}; this server's settings give {identity.weights!r} / {identity.preprocessing!r}, "
+                "so it cannot encode queries for that space",
+                detail={"field": "space", "space": space.key},
+            )
+        logger.info("serving space %s (%s, %s) beside %s", space.key[:12], space.model, space.pooling,
+                    self.default.space.key[:12])
+        return service
+
+    def close(self) -> None:
+        for service in self._others.values():
+            if service._index is not None:
+                service._index.save()

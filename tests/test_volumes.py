@@ -9,7 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
+
+from api.main import create_app
 
 from retrieval.encoder import MedVAEEncoder, build_medvae_model
 from retrieval.errors import ImageDecodeError, InvalidRequestError
@@ -20,7 +23,7 @@ from retrieval.service import RetrievalService
 from retrieval.settings import Settings
 from retrieval.volumes import check_slice_spacing, load_nifti, load_volume, scan_volumes
 
-from conftest import tiny_settings
+from conftest import make_archive, tiny_settings
 from volume_factory import phantom_hu, write_ct_series, write_nifti
 
 CUBE = 32
@@ -130,3 +133,41 @@ def test_a_query_folder_with_two_series_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match=r"exactly one DICOM series \(found 2\)"):
         run_search(service, path=tmp_path / "pair", k=1)
     service.close()
+
+
+def test_2d_and_3d_spaces_coexist_and_the_api_searches_either(tmp_path: Path) -> None:
+    images_2d = make_archive(tmp_path / "xrays", studies=2, per_study=1)
+    settings_2d = tiny_settings(tmp_path / "data")
+    service_2d = RetrievalService(settings_2d)
+    assert IngestPipeline(service_2d).run(tmp_path / "xrays").ingested == 2
+    for seed in range(2):
+        write_nifti(tmp_path / "volumes" / f"subject{seed}.nii.gz", phantom_hu(40 + seed).transpose(1, 0, 2))
+    service_3d = RetrievalService(volume_settings(tmp_path))
+    assert IngestPipeline(service_3d).run(tmp_path / "volumes").ingested == 2
+    volume_id = next(image.id for chunk in service_3d.store.iter_images() for image in chunk if image.kind == "nifti")
+    service_3d.close()
+
+    with TestClient(create_app(settings_2d.model_copy(update={"volume_size": CUBE, "volume_roi": CUBE}),
+                               service=service_2d)) as client:
+        spaces = client.get("/v1/spaces").json()
+        assert sorted((s["dims"], s["images"], s["active"]) for s in spaces) == [(2, 2, True), (3, 2, False)]
+        volume_space = next(s["key"] for s in spaces if s["dims"] == 3)
+
+        by_id = client.post("/v1/search", json={"image_id": volume_id, "k": 2, "space": volume_space[:12]})
+        assert by_id.status_code == 200, by_id.text
+        body = by_id.json()
+        assert body["space"]["key"] == volume_space and body["results"][0]["images"][0]["image_id"] == volume_id
+        preview = client.get(body["results"][0]["images"][0]["preview_url"])
+        assert preview.status_code == 200 and Image.open(io.BytesIO(preview.content)).size == (3 * CUBE, CUBE)
+
+        upload = (tmp_path / "volumes" / "subject1.nii.gz").read_bytes()
+        by_file = client.post("/v1/search", files={"file": ("q.nii.gz", upload, "application/gzip")},
+                              data={"space": volume_space, "k": "1"}).json()
+        assert by_file["results"][0]["images"][0]["source"].endswith("subject1.nii.gz")
+
+        default = client.post("/v1/search", files={"file": ("q.png", images_2d[0].read_bytes(), "image/png")},
+                              data={"k": "1"}).json()
+        assert default["space"]["dims"] == 2 and default["results"][0]["images"][0]["source"].endswith(images_2d[0].name)
+        assert client.post("/v1/search", json={"image_id": volume_id}).status_code == 404  # not in the 2-D space
+        assert client.post("/v1/search", json={"image_id": volume_id, "space": "ffffffffffff"}).status_code == 404
+        assert client.post("/v1/search", json={"image_id": volume_id, "space": "ab"}).status_code == 400

@@ -23,6 +23,7 @@ from retrieval.service import RetrievalService
 from conftest import make_archive, synthetic_image, tiny_settings
 from dicom_factory import write_dicom
 from live_server import running_server, tiny_env
+from volume_factory import phantom_hu, write_nifti
 
 CHROMIUM = os.environ.get("RETRIEVAL_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
@@ -41,6 +42,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
     report = IngestPipeline(service).run(root / "archive")
     assert report.failed == 0
     service.close()
+    for seed in range(2):  # a 3-D space beside the 2-D one, in the same archive
+        write_nifti(root / "volumes" / f"subject{seed}.nii.gz", phantom_hu(50 + seed).transpose(1, 0, 2))
+    volumes = RetrievalService(tiny_settings(root / "data", model="medvae_4_1_3d", volume_size=32))
+    assert IngestPipeline(volumes).run(root / "volumes").ingested == 2
+    volumes.close()
     env = tiny_env(root / "data", RETRIEVAL_MAX_REQUEST_BYTES=str(MAX_BYTES))
     with running_server(env, root / "serve.log") as base:
         yield base, root
@@ -193,3 +199,33 @@ def test_url_restores_a_shared_view_and_keyboard_works(site: tuple[str, Path], b
     width = phone.evaluate("() => document.documentElement.scrollWidth")
     assert width <= 390, f"no horizontal scrolling at phone width (page is {width}px wide)"
     phone.screenshot(path=str(SCREENSHOTS / "phone.png"), full_page=True)
+
+
+def test_pick_the_3d_space_and_search_by_a_volume(site: tuple[str, Path], browser: Browser) -> None:
+    base, root = site
+    page = _page(browser)
+    page.goto(base)
+    options = page.locator("#space-select option")
+    expect(options).to_have_count(2)
+    expect(options.first).to_contain_text("2-D")
+    expect(options.first).to_contain_text("(server default)")
+    volume_option = page.locator("#space-select option", has_text="3-D")
+    expect(volume_option).to_contain_text("medvae_4_1_3d")
+    expect(volume_option).to_contain_text("2 volumes")
+    page.select_option("#space-select", value=volume_option.get_attribute("value"))
+
+    page.set_input_files("#file-input", str(root / "volumes" / "subject1.nii.gz"))
+    _wait_for_results(page)
+    expect(page.locator("#results > li")).to_have_count(2)
+    first = page.locator("#results > li").first
+    expect(first.locator("h3")).to_contain_text("subject1.nii.gz")
+    expect(first.get_by_role("button", name="Compare")).to_have_count(0)  # the heat map is for 2-D latents
+    _wait_for_previews(page)
+    widths = page.evaluate("() => [...document.querySelectorAll('#results img')].map(img => img.naturalWidth)")
+    assert widths == [96, 96]  # three orthogonal 32-voxel slices side by side
+
+    first.get_by_role("button", name="More like this").click()
+    expect(page).to_have_url(re.compile(r"space=[0-9a-f]{64}"))
+    _wait_for_results(page)
+    expect(page.locator("#results > li").first.locator("h3")).to_contain_text("subject1.nii.gz")
+    page.screenshot(path=str(SCREENSHOTS / "volume-space.png"), full_page=True)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import RowId, ServiceDep, require_api_key
+from api.deps import RowId, ServiceDep, require_api_key, service_for_space
 from api.errors import error_responses
 from api.schemas import ImageDetail, SpaceInfo, StudyDetail
 from retrieval.errors import NotFoundError
@@ -23,6 +23,7 @@ from retrieval.service import space_json
 router = APIRouter(prefix="/v1", tags=["archive"], dependencies=[Depends(require_api_key)])
 
 PREVIEW_CACHE_SIZE = 256
+SpaceParam = Annotated[str | None, Query(max_length=64, description="Space key or 8+ character prefix (default: the server's).")]
 
 
 def _image_or_404(service: Any, image_id: int) -> Any:
@@ -60,8 +61,11 @@ def get_image(image_id: RowId, service: ServiceDep) -> dict[str, Any]:
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404)},
 )
-async def get_preview(image_id: RowId, service: ServiceDep, request: Request) -> Response:
-    """The MedVAE reconstruction decoded from the stored latent (cached; not the original pixels)."""
+async def get_preview(image_id: RowId, request: Request, space: SpaceParam = None) -> Response:
+    """The MedVAE reconstruction decoded from the stored latent (cached; not the original pixels).
+
+    For a volume (3-D space, ``?space=KEY``): its middle sagittal, coronal and axial slices side by side."""
+    service = await run_in_threadpool(service_for_space, request, space)
     cache: dict[tuple[str, int], bytes] = request.app.state.preview_cache
     key = (service.space.encoder_key, image_id)
     png = cache.get(key)
@@ -84,8 +88,9 @@ async def get_preview(image_id: RowId, service: ServiceDep, request: Request) ->
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(401, 404)},
 )
-def get_latent(image_id: RowId, service: ServiceDep) -> Response:
-    """The stored posterior-mode z of the image, ``(C, h, w)`` float16, as a NumPy ``.npy`` file."""
+def get_latent(image_id: RowId, request: Request, space: SpaceParam = None) -> Response:
+    """The stored posterior-mode z of the image, ``(C, h, w)`` float16 (``(C, d, h, w)`` for a volume), as ``.npy``."""
+    service = service_for_space(request, space)
     z = service.store.latent(image_id, service.space.encoder_key)
     if z is None:
         raise NotFoundError(f"image {image_id} has no stored latent for this encoder", detail={"image_id": image_id})
@@ -100,6 +105,7 @@ def get_latent(image_id: RowId, service: ServiceDep) -> Response:
 
 @router.get("/spaces", response_model=list[SpaceInfo], responses=error_responses(401))
 def list_spaces(service: ServiceDep) -> list[dict[str, Any]]:
+    """Every embedding space of the archive; ``active`` is the server's default, others are searched with ``space``."""
     active = service.space.key
     return [
         {**space_json(space), "images": service.store.vector_stats(space.id)[0], "active": space.key == active}

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ServiceDep, require_api_key
+from api.deps import require_api_key, service_for_space
 from api.errors import error_responses
 from api.queries import parse_query_request, query_image_bytes
 from api.schemas import SearchParams, SearchResponse
@@ -51,9 +51,11 @@ _REQUEST_BODY: dict[str, Any] = {
     responses=error_responses(400, 401, 404, 413, 422, 503),
     summary="Find the studies most similar to a query image",
 )
-async def search(request: Request, service: ServiceDep) -> dict[str, Any]:
+async def search(request: Request) -> dict[str, Any]:
+    """``space`` picks the embedding space (GET /v1/spaces); a 3-D space takes a NIfTI upload or a series id."""
     started = time.perf_counter()
     params, upload, upload_name = await parse_query_request(request, SearchParams)
+    service = await run_in_threadpool(service_for_space, request, params.space)
     data, name = await query_image_bytes(params, upload, upload_name, service.settings)
     payload = await run_in_threadpool(
         run_search,
@@ -68,10 +70,11 @@ async def search(request: Request, service: ServiceDep) -> dict[str, Any]:
         sort=params.sort,
     )
     base = str(request.base_url).rstrip("/")
+    in_space = "" if service is request.app.state.service else f"?space={service.space.key}"
     for result in payload["results"]:
         for image in result["images"]:
             if params.previews != "none":
-                image["preview_url"] = f"{base}/v1/images/{image['image_id']}/preview.png"
+                image["preview_url"] = f"{base}/v1/images/{image['image_id']}/preview.png{in_space}"
             if params.previews == "inline":
                 png = await run_in_threadpool(preview_png, service, image["image_id"])
                 image["preview_png_base64"] = base64.b64encode(png).decode()

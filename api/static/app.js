@@ -8,9 +8,11 @@ const state = {
   k: 24,
   payload: null,       // last search response
   info: null,
+  spaces: [],          // GET /v1/spaces
   apiKey: sessionStorage.getItem("medvae-api-key") || "",
 };
-const FILTER_FIELDS = ["modality", "body_part", "view", "laterality", "labels", "date_from", "date_to"];
+const FILTER_FIELDS = ["modality", "body_part", "view", "laterality", "labels", "date_from", "date_to",
+  "patient_sex", "age_from", "age_to"];
 
 // ---------- HTTP ----------
 
@@ -88,6 +90,43 @@ async function loadInfo() {
     : "";
 }
 
+async function loadSpaces(wanted) {
+  try {
+    state.spaces = await (await api("/v1/spaces")).json();
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
+  const select = $("#space-select");
+  select.replaceChildren();
+  for (const space of state.spaces) {
+    if (!space.images && !space.active) continue;
+    const option = document.createElement("option");
+    option.value = space.active ? "" : space.key;
+    option.textContent = `${space.dims}-D · ${space.model} · ${space.pooling} · ${space.images} ${space.dims === 3 ? "volumes" : "images"}` +
+      (space.active ? " (server default)" : "");
+    option.selected = wanted ? space.key === wanted : space.active;
+    select.append(option);
+  }
+}
+
+function selectedSpace() {
+  const key = $("#space-select").value;
+  return state.spaces.find((space) => (key ? space.key === key : space.active)) || null;
+}
+
+function spaceQuery() {
+  const key = $("#space-select").value;
+  return key ? `?space=${encodeURIComponent(key)}` : "";
+}
+
+$("#space-select").addEventListener("change", () => {
+  // ids of one space mean nothing in another: a stored-image query starts over
+  if (state.imageId) { state.imageId = null; $("#query-summary").textContent = "Space changed: choose a query."; }
+  $("#results").replaceChildren();
+  writeUrl();
+});
+
 $("#key-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   state.apiKey = $("#api-key").value.trim();
@@ -95,6 +134,7 @@ $("#key-form").addEventListener("submit", async (event) => {
   $("#key-form").hidden = true;
   showError("");
   await loadInfo();
+  await loadSpaces($("#space-select").value);
   if (state.file || state.imageId) runSearch();
 });
 
@@ -157,6 +197,7 @@ function searchRequest() {
     exclude_same_patient: form.exclude_same_patient.checked,
     previews: "url",
   };
+  if (form.space.value) common.space = form.space.value;
   if (minScore) common.min_score = Number(minScore);
   if (state.file) {
     const body = new FormData();
@@ -268,9 +309,11 @@ function renderResults(payload) {
     actions.className = "card-actions";
     actions.append(
       button("More like this", () => moreLikeThis(best.image_id), `More like this: image ${best.image_id}`),
-      button("Compare", () => openCompare(best.image_id), `Compare: query with image ${best.image_id}`),
       button("Study", () => openStudy(result.study.study_id), `Study: ${result.study.label}`),
     );
+    if (selectedSpace()?.dims !== 3) {  // the cell-by-cell heat map is drawn for 2-D latents
+      actions.insertBefore(button("Compare", () => openCompare(best.image_id), `Compare: query with image ${best.image_id}`), actions.children[1]);
+    }
     item.append(title, score, imageFigure(best), actions);
     if (result.images.length > 1) {
       const more = document.createElement("details");
@@ -308,6 +351,7 @@ function moreLikeThis(imageId) {
 function writeUrl() {
   const params = new URLSearchParams();
   if (state.imageId) params.set("image_id", state.imageId);
+  if ($("#space-select").value) params.set("space", $("#space-select").value);
   for (const [key, value] of Object.entries(currentFilters())) params.set(key, value);
   const form = $("#filters").elements;
   if (form.min_score.value) params.set("min_score", form.min_score.value);
@@ -320,6 +364,8 @@ function writeUrl() {
 function readUrl() {
   const params = new URLSearchParams(location.search);
   const form = $("#filters").elements;
+  const space = params.get("space") || "";
+  if ([...form.space.options].some((option) => option.value === space)) form.space.value = space;
   for (const name of FILTER_FIELDS) form[name].value = params.get(name) || "";
   form.min_score.value = params.get("min_score") || "";
   form.exclude_same_patient.checked = params.get("exclude_same_patient") === "1";
@@ -349,6 +395,7 @@ async function openStudy(studyId) {
     for (const image of body.images) {
       const item = document.createElement("li");
       item.className = "card";
+      image.preview_url = `/v1/images/${image.image_id}/preview.png${spaceQuery()}`;
       item.append(imageFigure(image, { score: false }), button("More like this", () => moreLikeThis(image.image_id), `More like this: image ${image.image_id}`));
       $("#study-images").append(item);
     }
@@ -482,4 +529,4 @@ $("#export-json").addEventListener("click", () => {
 
 // ---------- start ----------
 
-loadInfo().then(readUrl);
+loadInfo().then(() => loadSpaces(new URLSearchParams(location.search).get("space"))).then(readUrl);
