@@ -211,11 +211,7 @@ class IngestPipeline:
                 shutil.rmtree(self.spool, ignore_errors=True)
                 self.spool = None
             index.save()
-            self.service.store.record_errors(
-                run_id=report.run_id, failures=[(f.source, f.stage, f.reason) for f in report.failures]
-            )
-            report.seconds["wall"] = time.perf_counter() - report.started
-            self._notify(report)
+            self._finish(report)
         logger.info("ingest %s: %s in %.1fs", report.run_id, report.summary(), report.seconds["wall"])
         return report
 
@@ -231,13 +227,17 @@ class IngestPipeline:
         try:
             ingest_volumes(self, source, report)
         finally:
-            self.service.store.record_errors(
-                run_id=report.run_id, failures=[(f.source, f.stage, f.reason) for f in report.failures]
-            )
-            report.seconds["wall"] = time.perf_counter() - report.started
-            self._notify(report)
+            self._finish(report)
         logger.info("ingest %s: %s in %.1fs", report.run_id, report.summary(), report.seconds["wall"])
         return report
+
+    def _finish(self, report: IngestReport) -> None:
+        """Record the run's failures, close its clock and report it one last time (also after a crash)."""
+        self.service.store.record_errors(
+            run_id=report.run_id, failures=[(f.source, f.stage, f.reason) for f in report.failures]
+        )
+        report.seconds["wall"] = time.perf_counter() - report.started
+        self._notify(report)
 
     def _prepared(self, executor: Any, tasks: list[tuple[Fingerprint, PrepareOptions]]) -> Iterator[Prepared]:
         """Decode a chunk's new files; fetched (spooled) files are deleted once decoded."""
