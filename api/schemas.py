@@ -42,6 +42,8 @@ class SearchFilters(BaseModel):
 
 
 MAX_ROW_ID = 2_147_483_647
+#: a space key (sha256 hex) or a prefix of at least 8 of its characters
+SPACE_KEY_PATTERN = r"^[0-9a-fA-F]{8,64}$"
 
 
 class QueryImage(BaseModel):
@@ -70,7 +72,8 @@ class SearchParams(QueryImage):
     previews: Literal["none", "url", "inline"] = "url"
     sort: Literal["score", "psnr", "ssim"] = "score"
     space: str | None = Field(
-        None, max_length=64, description="Space key (or its first 8+ characters) to search; default: the server's space."
+        None, pattern=SPACE_KEY_PATTERN,
+        description="Space key (or its first 8+ characters) to search; default: the server's space.",
     )
 
 

@@ -170,4 +170,4 @@ def test_2d_and_3d_spaces_coexist_and_the_api_searches_either(tmp_path: Path) ->
         assert default["space"]["dims"] == 2 and default["results"][0]["images"][0]["source"].endswith(images_2d[0].name)
         assert client.post("/v1/search", json={"image_id": volume_id}).status_code == 404  # not in the 2-D space
         assert client.post("/v1/search", json={"image_id": volume_id, "space": "ffffffffffff"}).status_code == 404
-        assert client.post("/v1/search", json={"image_id": volume_id, "space": "ab"}).status_code == 400
+        assert client.post("/v1/search", json={"image_id": volume_id, "space": "ab"}).status_code == 422

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import RowId, ServiceDep, require_api_key, service_for_space
 from api.errors import error_responses
-from api.schemas import ImageDetail, SpaceInfo, StudyDetail
+from api.schemas import SPACE_KEY_PATTERN, ImageDetail, SpaceInfo, StudyDetail
 from retrieval.errors import NotFoundError
 from retrieval.models import Study
 from retrieval.previews import PREVIEW_NOTE, preview_png
@@ -23,7 +23,10 @@ from retrieval.service import space_json
 router = APIRouter(prefix="/v1", tags=["archive"], dependencies=[Depends(require_api_key)])
 
 PREVIEW_CACHE_SIZE = 256
-SpaceParam = Annotated[str | None, Query(max_length=64, description="Space key or 8+ character prefix (default: the server's).")]
+SpaceParam = Annotated[
+    str | None,
+    Query(pattern=SPACE_KEY_PATTERN, description="Space key or its first 8+ characters (default: the server's)."),
+]
 
 
 def _image_or_404(service: Any, image_id: int) -> Any:
@@ -59,7 +62,7 @@ def get_image(image_id: RowId, service: ServiceDep) -> dict[str, Any]:
 @router.get(
     "/images/{image_id}/preview.png",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404)},
+    responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404, 409)},
 )
 async def get_preview(image_id: RowId, request: Request, space: SpaceParam = None) -> Response:
     """The MedVAE reconstruction decoded from the stored latent (cached; not the original pixels).
@@ -86,7 +89,7 @@ async def get_preview(image_id: RowId, request: Request, space: SpaceParam = Non
 @router.get(
     "/images/{image_id}/latent.npy",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(401, 404)},
+    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(401, 404, 409)},
 )
 def get_latent(image_id: RowId, request: Request, space: SpaceParam = None) -> Response:
     """The stored posterior-mode z of the image, ``(C, h, w)`` float16 (``(C, d, h, w)`` for a volume), as ``.npy``."""

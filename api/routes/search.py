@@ -48,7 +48,7 @@ _REQUEST_BODY: dict[str, Any] = {
     "/search",
     response_model=SearchResponse,
     openapi_extra=_REQUEST_BODY,
-    responses=error_responses(400, 401, 404, 413, 422, 503),
+    responses=error_responses(400, 401, 404, 409, 413, 422, 503),
     summary="Find the studies most similar to a query image",
 )
 async def search(request: Request) -> dict[str, Any]:
