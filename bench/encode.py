@@ -51,7 +51,7 @@ def _reset_peak(device: torch.device) -> None:
 def bench_reference(size: int, images: int, device: torch.device) -> dict[str, Any]:
     """medvae's forward, one image at a time, fp32, as medvae_inference runs it."""
     encoder = MedVAEEncoder(
-        Settings(weights="random", input_size=size, device=device.type, precision="fp32", compile="off"),
+        Settings(weights="random", input_size=size, device=device.type, precision="fp32", compile="off", runtime="torch"),
         fold=False,
         fused_attention=False,
     )
@@ -71,10 +71,11 @@ def bench_reference(size: int, images: int, device: torch.device) -> dict[str, A
             "images_per_s": 1 / seconds, "peak_mb": _peak_memory_mb(device)}
 
 
-def bench_ours(size: int, images: int, batch: int, device: torch.device, precision: str, compile_model: bool) -> dict[str, Any]:
+def bench_ours(size: int, images: int, batch: int, device: torch.device, precision: str, compile_model: bool,
+               runtime: str, data_dir: str) -> dict[str, Any]:
     encoder = MedVAEEncoder(
         Settings(weights="random", input_size=size, device=device.type, precision=precision,
-                 compile="on" if compile_model else "off")
+                 compile="on" if compile_model else "off", runtime=runtime, data_dir=data_dir)
     )
     spec = parse_pooling("spp:1,2,4")
     pixels = np.random.default_rng(0).random((batch, size, size), dtype=np.float32)
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--batch", default="4")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile of the encoder")
+    parser.add_argument("--runtime", default="auto", help="auto | torch | openvino (CPU; comma-separated to compare)")
+    parser.add_argument("--data-dir", default="data", help="where the OpenVINO runtime caches its converted model")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -111,10 +114,10 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         reference = bench_reference(size, args.ref_images, device)
         rows.append(reference)
-        for batch in (int(b) for b in args.batch.split(",")):
+        for batch, runtime in ((int(b), r) for b in args.batch.split(",") for r in args.runtime.split(",")):
             for compiled in ([False, True] if args.compile else [False]):
                 try:
-                    row = bench_ours(size, args.images, batch, device, args.precision, compiled)
+                    row = bench_ours(size, args.images, batch, device, args.precision, compiled, runtime, args.data_dir)
                 except torch.OutOfMemoryError:
                     row = {"path": "ours", "size": size, "batch": batch, "error": "out of memory"}
                 if "images_per_s" in row:

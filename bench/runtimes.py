@@ -28,19 +28,8 @@ import torch
 
 from bench.results_io import write_result
 from retrieval.encoder import MedVAEEncoder, cpu_has_bf16
+from retrieval.openvino_runtime import PosteriorMode
 from retrieval.settings import Settings
-
-
-class PosteriorMode(torch.nn.Module):
-    """encoder -> quant_conv -> mean half of the moments: what ``MedVAEEncoder.encode`` computes."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.encoder, self.quant_conv = model.encoder, model.quant_conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        moments = self.quant_conv(self.encoder(x))
-        return torch.chunk(moments, 2, dim=1)[0]
 
 
 def _time(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -64,7 +53,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    encoder = MedVAEEncoder(Settings(weights="random", input_size=args.size, device="cpu", precision="fp32", compile="off"))
+    encoder = MedVAEEncoder(Settings(weights="random", input_size=args.size, device="cpu", precision="fp32", compile="off",
+                                     runtime="torch"))
     module = PosteriorMode(encoder.model).eval()
     pixels = np.random.default_rng(0).random((args.batch, args.size, args.size), dtype=np.float32)
     x = encoder.to_model_input(pixels).contiguous()

@@ -13,6 +13,8 @@ Contract:
 Speed-ups that keep the function identical: LoRA folded into the conv weights after loading,
 the attention block computed with ``scaled_dot_product_attention``, ``channels_last``, and
 bf16 autocast on CUDA and on CPUs with bf16 matrix units (``precision="fp32"`` turns it off).
+On the CPU, 2-D encoding runs in OpenVINO when it is installed (``runtime``; see
+:mod:`retrieval.openvino_runtime`), in bf16 exactly where autocast would be.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.architectures import LORA_RANK, LORA_TARGETS, Architecture, ddconfig_from_yaml, get_architecture
-from retrieval.errors import WeightsError
+from retrieval.errors import ConfigurationError, WeightsError
+from retrieval.openvino_runtime import OpenVinoPosteriorMode, openvino_available
 from retrieval.settings import Settings
 from retrieval.weights import WeightsSource, resolve_weights
 
@@ -188,6 +191,7 @@ class MedVAEEncoder:
         self._lock = threading.Lock()
         self.compiled = settings.compile == "on" or (settings.compile == "auto" and self.device.type == "cuda")
         self.model = self._build(fold=fold, fused_attention=fused_attention)
+        self.openvino = self._openvino(settings.runtime)
         if self.compiled:
             self.encode(np.zeros((settings.batch_size, *([settings.model_input_size] * self.dims)), np.float32))
         logger.info(
@@ -216,6 +220,24 @@ class MedVAEEncoder:
         if self.device.type == "cuda" or cpu_has_bf16():
             return torch.bfloat16
         return None
+
+    def _openvino(self, choice: str) -> OpenVinoPosteriorMode | None:
+        """The OpenVINO encoder for CPU encoding (``runtime``: auto = when installed, 2-D, CPU)."""
+        usable = self.device.type == "cpu" and self.dims == 2 and not self.compiled
+        if choice == "torch" or (choice == "auto" and not (usable and openvino_available())):
+            return None
+        if not usable:
+            raise ConfigurationError(
+                "runtime=openvino encodes 2-D models on the CPU only (set RETRIEVAL_RUNTIME=torch or auto)",
+                detail={"field": "runtime"},
+            )
+        if not openvino_available():
+            raise ConfigurationError("runtime=openvino needs the `openvino` package", detail={"field": "runtime"})
+        return OpenVinoPosteriorMode(
+            self.model, in_channels=self.architecture.in_channels, input_size=self.settings.input_size,
+            identity=f"{self.architecture.name}:{self.weights.identity}", bf16=self.autocast_dtype is not None,
+            threads=torch.get_num_threads(), cache_dir=self.settings.data_dir / "openvino",
+        )
 
     def _build(self, *, fold: bool, fused_attention: bool) -> nn.Module:
         ddconfig, embed_dim = self.architecture.ddconfig, self.architecture.embed_dim
@@ -261,6 +283,8 @@ class MedVAEEncoder:
 
     @property
     def precision_label(self) -> str:
+        if self.openvino is not None:
+            return f"openvino-{self.openvino.precision}"
         return "bf16-autocast" if self.autocast_dtype is not None else "fp32"
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -300,6 +324,9 @@ class MedVAEEncoder:
         if self.compiled and count < self.settings.batch_size:
             padding = x.new_zeros((self.settings.batch_size - count, *x.shape[1:]))
             x = torch.cat([x, padding]).contiguous(memory_format=self._memory_format)
+        if self.openvino is not None:
+            with self._lock:
+                return self.openvino(x.contiguous())[:count].contiguous()
         with self._lock, self._autocast():
             if self._needs_sliding_window(x.shape[2:]):
                 mean = self._sliding_window(x, self._posterior_mode, roi=self.settings.volume_roi)

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA and on CPUs with bf16 units, else fp32."
     )
+    runtime: Literal["auto", "torch", "openvino"] = Field(
+        "auto", description="2-D encoding on the CPU: auto = OpenVINO when installed (1.3-1.4x PyTorch here), else torch."
+    )
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the encoder; auto = on for CUDA (3.4x there), off on CPU."
     )

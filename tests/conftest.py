@@ -29,6 +29,7 @@ def tiny_settings(data_dir: Path, database_url: str | None = None, **overrides: 
         "decode_workers": 0,
         "batch_size": 4,
         "id_secret": "test-secret-not-for-production",
+        "runtime": "torch",  # the OpenVINO runtime has its own tests (test_encoder.py)
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

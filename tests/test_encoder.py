@@ -125,3 +125,31 @@ def test_compiled_path_pads_and_splits_without_changing_results(encoder: MedVAEE
         assert torch.equal(encoder.encode(pixels[:3]), reference[:3])
     finally:
         encoder.compiled = False
+
+
+def test_openvino_runtime_equals_torch_and_caches_its_conversion(encoder: MedVAEEncoder, tmp_path: Path) -> None:
+    pixels = np.stack([synthetic_image(seed, size=64) for seed in range(3)]).astype(np.float32)
+    expected = encoder.encode(pixels)  # PyTorch fp32
+    settings = tiny_settings(tmp_path / "data", runtime="openvino")
+    openvino = MedVAEEncoder(settings)
+    assert openvino.precision_label == "openvino-f32"
+    z = openvino.encode(pixels)
+    assert z.shape == expected.shape and z.dtype == torch.float32
+    assert torch.allclose(z, expected, rtol=0, atol=1e-4 * float(expected.abs().max())), (z - expected).abs().max()
+    assert torch.equal(z, openvino.encode(pixels))  # deterministic
+    assert torch.equal(openvino.encode(pixels[1:2])[0], z[1])  # any batch size, same answer per image
+    cached = sorted(p.name for p in (settings.data_dir / "openvino").iterdir())
+    assert len(cached) == 2 and cached[0].endswith(".bin") and cached[1].endswith(".xml")
+    again = MedVAEEncoder(settings)  # reads the converted model instead of converting again
+    assert torch.equal(again.encode(pixels), z)
+
+    bf16 = MedVAEEncoder(tiny_settings(tmp_path / "data", runtime="openvino", precision="bf16"))
+    assert bf16.precision_label == "openvino-bf16"
+    relative = float((bf16.encode(pixels) - expected).abs().max() / expected.abs().max())
+    assert relative < 5e-2, relative  # bf16 tolerance, as PyTorch's bf16 autocast
+
+
+def test_openvino_runtime_is_refused_where_it_cannot_run(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="2-D models on the CPU only"):
+        MedVAEEncoder(tiny_settings(tmp_path, runtime="openvino", model="medvae_4_1_3d", volume_size=16))
+    assert MedVAEEncoder(tiny_settings(tmp_path, runtime="auto", model="medvae_4_1_3d", volume_size=16)).openvino is None
