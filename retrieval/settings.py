@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         "auto", description="auto = bf16 autocast on CUDA and on CPUs with bf16 units, else fp32."
     )
     runtime: Literal["auto", "torch", "openvino"] = Field(
-        "auto", description="2-D encoding on the CPU: auto = OpenVINO when installed (1.3-1.4x PyTorch here), else torch."
+        "auto", description="2-D encoding on the CPU: auto = OpenVINO when installed (1.3-1.4x PyTorch, measured), else torch."
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the encoder; auto = on for CUDA (3.4x there), off on CPU."
