@@ -22,6 +22,9 @@ class SearchFilters(BaseModel):
     date_to: dt.date | None = None
     age_from: float | None = Field(None, ge=0, le=200, description="Years, from DICOM PatientAge.")
     age_to: float | None = Field(None, ge=0, le=200)
+    study_uid: list[str] | str | None = Field(None, description="StudyInstanceUID(s); any of.")
+    series_uid: list[str] | str | None = Field(None, description="SeriesInstanceUID(s); any of.")
+    sop_uid: list[str] | str | None = Field(None, description="SOPInstanceUID(s); any of.")
     min_psnr: float | None = None
     max_psnr: float | None = None
     min_ssim: float | None = None
@@ -38,6 +41,10 @@ class SearchFilters(BaseModel):
                 filters.set(key, value if isinstance(value, str) else ",".join(value))
         if self.labels:
             filters.set("labels", self.labels if isinstance(self.labels, str) else ",".join(self.labels))
+        for key in ("study_uid", "series_uid", "sop_uid"):
+            value = getattr(self, key)
+            if value:
+                filters.set(key, value if isinstance(value, str) else ",".join(value))
         return filters
 
 

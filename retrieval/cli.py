@@ -175,7 +175,7 @@ def search(
     image: Annotated[Optional[Path], typer.Argument(help="Query image file (PNG, JPEG, DICOM, ...).")] = None,
     image_id: Annotated[Optional[int], typer.Option(help="Query with an image already in the archive.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Number of studies (or images).")] = 10,
-    filters: Annotated[Optional[list[str]], typer.Option("--filter", help="key=value: modality, body_part, view, laterality, label, date_from, date_to, min_score, min_psnr, max_psnr, min_ssim, max_ssim.")] = None,
+    filters: Annotated[Optional[list[str]], typer.Option("--filter", help="key=value: modality, body_part, view, laterality, patient_sex, label, date_from, date_to, age_from, age_to, study_uid, series_uid, sop_uid, min_score, min_psnr, max_psnr, min_ssim, max_ssim.")] = None,
     group_by: Annotated[str, typer.Option(help="study | image")] = "study",
     exclude_same_patient: Annotated[bool, typer.Option(help="Drop images of the query's patient (needs --image-id or a DICOM query).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,

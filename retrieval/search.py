@@ -23,7 +23,8 @@ from retrieval.service import RetrievalService
 
 QUALITY_KEYS = ("min_psnr", "max_psnr", "min_ssim", "max_ssim")
 FILTER_KEYS = ("modality", "body_part", "view", "laterality", "patient_sex", "label", "date_from", "date_to",
-               "age_from", "age_to")
+               "age_from", "age_to", "study_uid", "series_uid", "sop_uid")
+UID_KEYS = ("study_uid", "series_uid", "sop_uid")
 
 
 @dataclass
@@ -40,6 +41,10 @@ class Filters:
     patient_sex: set[str] | None = None  # DICOM PatientSex: M, F, O
     age_from: float | None = None  # years, from DICOM PatientAge (images without an age never pass a bound)
     age_to: float | None = None
+    #: DICOM UIDs (exact, any of): restrict a search to given studies, series or instances
+    study_uid: set[str] | None = None
+    series_uid: set[str] | None = None
+    sop_uid: set[str] | None = None
     min_score: float | None = None
     exclude_patient_hash: str | None = None
     #: reconstruction quality bounds (images without a stored score never pass a bound)
@@ -61,6 +66,8 @@ class Filters:
         values = {v.strip().upper() for v in value.split(",") if v.strip()}
         if key in ("modality", "body_part", "view", "laterality", "patient_sex"):
             setattr(self, key, values)
+        elif key in UID_KEYS:
+            setattr(self, key, {v.strip() for v in value.split(",") if v.strip()})
         elif key in ("label", "labels"):
             self.labels = {v.strip() for v in value.split(",") if v.strip()}
         elif key in ("date_from", "date_to"):
@@ -102,6 +109,12 @@ class Filters:
             if self.age_to is not None and age > self.age_to:
                 return False
         if self.labels and not self.labels.issubset(set(image.labels or [])):
+            return False
+        if self.study_uid is not None and image.study.study_uid not in self.study_uid:
+            return False
+        if self.series_uid is not None and image.series_uid not in self.series_uid:
+            return False
+        if self.sop_uid is not None and image.sop_uid not in self.sop_uid:
             return False
         date = image.study_date or image.study.study_date
         if self.date_from and (date is None or date < self.date_from):

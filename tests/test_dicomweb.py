@@ -93,6 +93,10 @@ def test_sync_search_then_resync_fetches_only_new_instances(
     hits = [img for result in women["results"] for img in result["images"]]
     assert hits and {(img["patient_sex"], img["modality"]) for img in hits} == {("F", "CR")}
     assert all(age_in_years(img["patient_age"]) >= 40 for img in hits)
+    ct = next(image for image in images if image.modality == "CT")
+    for key, value in (("study_uid", ct.study.study_uid), ("series_uid", ct.series_uid), ("sop_uid", ct.sop_uid)):
+        only = run_search(service, image_id=images[0].id, k=10, group_by="image", filter_pairs=[f"{key}={value}"])
+        assert [r["images"][0]["image_id"] for r in only["results"]] == [ct.id], key
 
     orthanc.upload(*_xrays(tmp_path / "second", 2, first_seed=10))
     fetched.clear()
