@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +226,30 @@ def test_cli_sync_and_wrong_password(orthanc: OrthancServer, cli_env: dict[str, 
     assert (synced["total"], synced["ingested"], synced["failed"]) == (1, 1, 0)
     mixed = run_cli(env, "ingest", str(tmp_path), "--modality", "MR", check=False)
     assert mixed.returncode != 0 and "apply to dicomweb+http(s):// sources only" in mixed.stderr
+
+
+def test_bearer_token_is_sent_and_a_refusal_names_the_token_setting(tmp_path: Path) -> None:
+    seen: list[str | None] = []
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's hook name
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        settings = tiny_settings(tmp_path, dicomweb_token="secret-token", dicomweb_retries=0)
+        source = DicomwebSource(DicomwebQuery.parse(f"dicomweb+http://127.0.0.1:{server.server_port}/dicom-web"), settings)
+        with pytest.raises(SourceUnavailableError, match=r"HTTP 403.*RETRIEVAL_DICOMWEB_TOKEN") as raised:
+            source.list_items()
+        assert "secret-token" not in raised.value.message
+        assert seen == ["Bearer secret-token"]
+    finally:
+        server.shutdown()
