@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from http import HTTPStatus
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import requests
@@ -203,7 +205,7 @@ class DicomwebSource:
             and (not wanted or (_tag_value(entry, MODALITY) or "").upper() in wanted)
         })
 
-    def _call(self, what: str, method, **kwargs):  # noqa: ANN001, ANN202 - thin wrapper over the client
+    def _call(self, what: str, method: Callable[..., list[dict[str, Any]]], **kwargs: Any) -> list[dict[str, Any]]:
         """Run one QIDO-RS call; any failure becomes a :class:`SourceUnavailableError` naming the server."""
         try:
             return method(**kwargs)

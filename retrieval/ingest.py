@@ -202,7 +202,7 @@ class IngestPipeline:
                             break
                 if report.stopped:
                     break
-                self._notify(report)
+                self.notify(report)
             if batch and not report.stopped:
                 self._flush(batch, report)
         finally:
@@ -237,7 +237,7 @@ class IngestPipeline:
             run_id=report.run_id, failures=[(f.source, f.stage, f.reason) for f in report.failures]
         )
         report.seconds["wall"] = time.perf_counter() - report.started
-        self._notify(report)
+        self.notify(report)
 
     def _prepared(self, executor: Any, tasks: list[tuple[Fingerprint, PrepareOptions]]) -> Iterator[Prepared]:
         """Decode a chunk's new files; fetched (spooled) files are deleted once decoded."""
@@ -359,8 +359,8 @@ class IngestPipeline:
         self.service.index.catch_up(self.service.store)
         report.seconds["write"] += time.perf_counter() - tick
         report.ingested += len(batch)
-        self._notify(report)
+        self.notify(report)
 
-    def _notify(self, report: IngestReport) -> None:
+    def notify(self, report: IngestReport) -> None:
         if self.progress is not None:
             self.progress(report)

@@ -13,6 +13,7 @@ import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
+
 @dataclass
 class ImageMetadata:
     """Fields stored with an image row. Identifier fields hold keyed hashes, never raw values."""

@@ -19,13 +19,13 @@ from retrieval.batching import MicroBatcher
 from retrieval.encoder import MedVAEEncoder
 from retrieval.errors import ConflictError, InvalidRequestError, NotFoundError
 from retrieval.imaging import PREPROCESSING_VERSION
-from retrieval.volumes import VOLUME_PREPROCESSING_VERSION
 from retrieval.index import OpenReport, SpaceIndex, choose_index_spec
 from retrieval.models import Space
 from retrieval.pooling import PoolingSpec, parse_pooling, pool
 from retrieval.settings import Settings
 from retrieval.spaces import SpaceIdentity
 from retrieval.store import Store
+from retrieval.volumes import VOLUME_PREPROCESSING_VERSION
 from retrieval.weights import RANDOM_WEIGHTS_LABEL
 
 logger = logging.getLogger(__name__)

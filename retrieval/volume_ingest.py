@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from retrieval.errors import RetrievalError
 from retrieval.metadata import ImageMetadata, from_dicom
 from retrieval.prepare import study_of
@@ -26,8 +28,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def volume_model_input(volume: Volume, size: int):  # noqa: ANN201 - numpy array (S, S, S)
-    """A loaded volume as the 3-D encoder takes it: normalised and fitted into the cube."""
+def volume_model_input(volume: Volume, size: int) -> np.ndarray:
+    """A loaded volume as the 3-D encoder takes it: normalised and fitted into the ``(size,) * 3`` cube."""
     return fit_to_cube(normalise(volume), volume.spacing, size)
 
 
@@ -77,7 +79,10 @@ def ingest_volumes(pipeline: IngestPipeline, source: str | Path, report: IngestR
     index.save()
 
 
-def _store_volume(pipeline: IngestPipeline, item: SourceItem, volume: Volume, cube, report: IngestReport) -> None:  # noqa: ANN001
+def _store_volume(
+    pipeline: IngestPipeline, item: SourceItem, volume: Volume, cube: np.ndarray, report: IngestReport
+) -> None:
+    """Encode one fitted volume and store it (row, latent, vector) in one transaction."""
     from retrieval.ingest import Failure
 
     service, settings = pipeline.service, pipeline.settings
@@ -124,4 +129,4 @@ def _store_volume(pipeline: IngestPipeline, item: SourceItem, volume: Volume, cu
     service.index.catch_up(service.store)
     report.seconds["write"] += time.perf_counter() - tick
     report.ingested += 1
-    pipeline._notify(report)
+    pipeline.notify(report)
