@@ -177,6 +177,22 @@ class DicomwebSource:
         logger.info("dicomweb %s: %d instances listed", self.query.source_string(), len(items))
         return items
 
+    def list_series(self) -> list[tuple[SourceItem, list[SourceItem]]]:
+        """Series-level items (for the 3-D models: one volume per series) with their instances.
+
+        A series item's ``path`` and ``uri`` are the series' WADO-RS URL and its ``remote`` is
+        ``(StudyInstanceUID, SeriesInstanceUID, "")``.
+        """
+        grouped: dict[tuple[str, str], list[SourceItem]] = {}
+        for item in self.list_items():
+            assert item.remote is not None
+            grouped.setdefault(item.remote[:2], []).append(item)
+        series = []
+        for (study_uid, series_uid), instances in grouped.items():
+            uri = f"{self.query.base_url}/studies/{study_uid}/series/{series_uid}"
+            series.append((SourceItem(path=uri, uri=uri, remote=(study_uid, series_uid, "")), instances))
+        return series
+
     def _study_uids(self) -> list[str]:
         filters: dict[str, str] = {}
         if self.query.since:

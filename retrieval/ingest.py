@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
-from retrieval.errors import InvalidRequestError, RetrievalError
+from retrieval.errors import RetrievalError
 from retrieval.prepare import Fingerprint, Prepared, PrepareOptions, fingerprint, prepare
 from retrieval.quality import score_latents
 from retrieval.service import RetrievalService
@@ -143,6 +143,7 @@ class IngestPipeline:
         self.job_id: str | None = None
         self.remote: DicomwebSource | None = None
         self.spool: Path | None = None  # where fetched remote instances wait for decoding
+        self.volumes_seen: set[str] = set()  # 3-D: content hashes stored by this run
         self.options = PrepareOptions(
             input_size=self.settings.input_size,
             max_pixels=self.settings.max_image_pixels,
@@ -219,11 +220,6 @@ class IngestPipeline:
         """3-D models: NIfTI files and DICOM series, one vector each (:mod:`retrieval.volume_ingest`)."""
         from retrieval.volume_ingest import ingest_volumes
 
-        if is_dicomweb(source):
-            raise InvalidRequestError(
-                "DICOMweb sync feeds the 2-D image models; for volumes, export the series to a folder first",
-                detail={"field": "source"},
-            )
         try:
             ingest_volumes(self, source, report)
         finally:

@@ -170,6 +170,19 @@ class Store:
                 found.update(row[0] for row in rows)
         return found
 
+    def series_in_space(self, space_id: int, series_uids: Sequence[str]) -> set[str]:
+        """Of the given SeriesInstanceUIDs, those with a vector in the space (3-D: one per series)."""
+        found: set[str] = set()
+        with self.sessions() as session:
+            for chunk in _chunks([uid for uid in series_uids if uid], 500):
+                rows = session.execute(
+                    select(ImageRecord.series_uid)
+                    .join(Vector, Vector.image_id == ImageRecord.id)
+                    .where(Vector.space_id == space_id, ImageRecord.series_uid.in_(chunk))
+                )
+                found.update(row[0] for row in rows)
+        return found
+
     # -- writes
 
     def write_batch(

@@ -9,12 +9,16 @@ single 128^3 cube already fills the encoder.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from retrieval.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.errors import RetrievalError
 from retrieval.metadata import ImageMetadata, from_dicom
 from retrieval.prepare import study_of
@@ -44,15 +48,17 @@ def volume_metadata(volume: Volume, *, secret: str, date_shift_days: int) -> Ima
 
 
 def ingest_volumes(pipeline: IngestPipeline, source: str | Path, report: IngestReport) -> None:
-    """Fill ``report`` with the ingest of every volume under ``source`` into the pipeline's 3-D space."""
+    """Fill ``report`` with the ingest of every volume under ``source`` into the pipeline's 3-D space:
+    a folder or NIfTI file, or a DICOMweb source (one volume per series)."""
     from retrieval.ingest import Failure
 
-    service, settings = pipeline.service, pipeline.settings
+    pipeline.volumes_seen = set()
+    if is_dicomweb(source):
+        _ingest_remote_series(pipeline, str(source), report)
+        return
     items = scan_volumes(source)
     report.total = len(items)
-    space, index = service.space, service.index
-    logger.info("ingest %s: %d candidate volumes into space %s", source, len(items), space.key[:12])
-    seen: set[str] = set()
+    logger.info("ingest %s: %d candidate volumes into space %s", source, len(items), pipeline.service.space.key[:12])
     for item in items:
         if pipeline.should_stop():
             report.stopped = True
@@ -60,23 +66,68 @@ def ingest_volumes(pipeline: IngestPipeline, source: str | Path, report: IngestR
         if item.error:
             report.failures.append(Failure(item.display, "read", item.error))
             continue
-        tick = time.perf_counter()
-        try:
-            volume = load_volume(item, max_voxels=settings.max_image_pixels)
-            cube = volume_model_input(volume, settings.volume_size)
-        except RetrievalError as exc:
-            report.failures.append(Failure(item.display, "decode", exc.message.removeprefix(f"{item.path}: ")))
-            continue
-        except Exception as exc:  # noqa: BLE001 - one bad volume never stops the run
-            report.failures.append(Failure(item.display, "decode", f"unexpected {type(exc).__name__}: {exc}"))
-            continue
-        report.seconds["decode_cpu"] += time.perf_counter() - tick
-        if volume.sha256 in seen or service.store.already_in_space(space.id, [volume.sha256], []):
+        _load_and_store(pipeline, item, report)
+    pipeline.service.index.save()
+
+
+def _ingest_remote_series(pipeline: IngestPipeline, source: str, report: IngestReport) -> None:
+    """DICOMweb into a 3-D space: each series not yet stored is fetched whole, assembled and encoded.
+
+    Stored series are skipped by SeriesInstanceUID before any fetch (incremental sync); the
+    fetched files live in a spool folder only while their series is processed.
+    """
+    from retrieval.ingest import Failure
+
+    service, settings = pipeline.service, pipeline.settings
+    remote = DicomwebSource(DicomwebQuery.parse(source), settings)
+    series = remote.list_series()
+    report.total = len(series)
+    stored = service.store.series_in_space(service.space.id, [item.remote[1] for item, _ in series if item.remote])
+    logger.info("ingest %s: %d series listed, %d already stored", remote.query.source_string(), len(series), len(stored))
+    spool_parent = settings.data_dir / "spool"
+    spool_parent.mkdir(parents=True, exist_ok=True)
+    for item, instances in series:
+        if pipeline.should_stop():
+            report.stopped = True
+            break
+        assert item.remote is not None
+        if item.remote[1] in stored:
             report.skipped += 1
             continue
-        seen.add(volume.sha256)
-        _store_volume(pipeline, item, volume, cube, report)
-    index.save()
+        with tempfile.TemporaryDirectory(prefix="series-", dir=spool_parent) as folder:
+            try:
+                with ThreadPoolExecutor(max_workers=settings.dicomweb_fetch_workers) as pool:
+                    files = list(pool.map(lambda instance: str(remote.fetch(instance, Path(folder))), instances))
+            except Exception as exc:  # noqa: BLE001 - a series that cannot be fetched whole is one failure
+                message = exc.message if isinstance(exc, RetrievalError) else f"{type(exc).__name__}: {exc}"
+                report.failures.append(Failure(item.display, "fetch", message))
+                continue
+            local = SourceItem(path=f"{folder}#{item.remote[1]}", uri=item.uri, row={"files": os.pathsep.join(files)})
+            _load_and_store(pipeline, local, report)
+    service.index.save()
+
+
+def _load_and_store(pipeline: IngestPipeline, item: SourceItem, report: IngestReport) -> None:
+    """Read, fit, encode and store one volume item; failures are recorded, never raised."""
+    from retrieval.ingest import Failure
+
+    tick = time.perf_counter()
+    try:
+        volume = load_volume(item, max_voxels=pipeline.settings.max_image_pixels)
+        cube = volume_model_input(volume, pipeline.settings.volume_size)
+    except RetrievalError as exc:
+        report.failures.append(Failure(item.display, "decode", exc.message.removeprefix(f"{item.path}: ")))
+        return
+    except Exception as exc:  # noqa: BLE001 - one bad volume never stops the run
+        report.failures.append(Failure(item.display, "decode", f"unexpected {type(exc).__name__}: {exc}"))
+        return
+    report.seconds["decode_cpu"] += time.perf_counter() - tick
+    store, space = pipeline.service.store, pipeline.service.space
+    if volume.sha256 in pipeline.volumes_seen or store.already_in_space(space.id, [volume.sha256], []):
+        report.skipped += 1
+        return
+    pipeline.volumes_seen.add(volume.sha256)
+    _store_volume(pipeline, item, volume, cube, report)
 
 
 def _store_volume(
@@ -98,7 +149,7 @@ def _store_volume(
     metadata = volume_metadata(volume, secret=settings.id_secret, date_shift_days=settings.date_shift_days)
     location, _, series_uid = item.path.partition("#")
     resolved = Path(location).resolve()
-    source_uri = printable_path(resolved) + (f"#{series_uid}" if series_uid else "")
+    source_uri = item.uri or printable_path(resolved) + (f"#{series_uid}" if series_uid else "")
     if metadata.study_uid:
         study_key, study_label = study_of(item, metadata)
     elif series_uid:  # a DICOM series without StudyInstanceUID: its folder is the study

@@ -30,6 +30,7 @@ from conftest import synthetic_image, tiny_settings
 from dicom_factory import write_dicom
 from orthanc_server import PASSWORD, USER, OrthancServer
 from test_cli_end_to_end import run_cli
+from volume_factory import phantom_hu, write_ct_series
 
 BUNDLED = ("CT_small.dcm", "MR_small.dcm")  # ship inside pydicom; different studies, CT and MR
 
@@ -253,3 +254,26 @@ def test_bearer_token_is_sent_and_a_refusal_names_the_token_setting(tmp_path: Pa
         assert seen == ["Bearer secret-token"]
     finally:
         server.shutdown()
+
+
+def test_ct_series_sync_into_a_3d_space_one_volume_per_series(
+    orthanc: OrthancServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    series = write_ct_series(tmp_path / "ct", phantom_hu(7, (32, 32, 8)), PatientID="P7", PatientSex="M")
+    orthanc.upload(*series, *_xrays(tmp_path / "x", 1, first_seed=40))  # one CT series of 8 slices, one CR image
+    fetched = _count_fetches(monkeypatch)
+    service = RetrievalService(_settings(tmp_path, model="medvae_4_1_3d", volume_size=32))
+    report = IngestPipeline(service).run(orthanc.dicomweb_source)
+    assert (report.total, report.ingested, report.failed) == (2, 1, 1), report.failures
+    assert "at least 2 slices" in report.failures[0].reason  # the lone X-ray is not a volume
+    assert len(fetched) == 9
+    volume = next(image for chunk in service.store.iter_images() for image in chunk)
+    assert (volume.kind, volume.frames, volume.modality, volume.patient_sex) == ("dicom-series", 8, "CT", "M")
+    assert volume.source_uri == f"{orthanc.url}/dicom-web/studies/{volume.study.study_uid}/series/{volume.series_uid}"
+    assert run_search(service, image_id=volume.id, k=1)["results"][0]["images"][0]["image_id"] == volume.id
+
+    fetched.clear()
+    again = IngestPipeline(service).run(f"{orthanc.dicomweb_source}?modality=CT")
+    assert (again.total, again.ingested, again.skipped, again.failed) == (1, 0, 1, 0)
+    assert fetched == []  # a stored series is skipped by SeriesInstanceUID before any fetch
+    service.close()
