@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from retrieval.architectures import ARCHITECTURES
 from retrieval.errors import InvalidRequestError
 from retrieval.search import Filters
 
@@ -224,6 +225,18 @@ class IngestJobRequest(BaseModel):
         description="Path on the server (under RETRIEVAL_INGEST_ROOTS), or dicomweb+http(s)://HOST:PORT/PATH"
         "[?since=YYYY-MM-DD&modality=CR,DX&study=UID] with a base URL in RETRIEVAL_DICOMWEB_ALLOWED_URLS.",
     )
+    model: str | None = Field(
+        None, max_length=64,
+        description="MedVAE model to ingest with (e.g. medvae_4_1_3d for volumes); only workers running it take "
+        "the job. Default: the server's model.",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str | None) -> str | None:
+        if value is not None and value not in ARCHITECTURES:
+            raise ValueError(f"unknown model {value!r}; choose one of: {', '.join(sorted(ARCHITECTURES))}")
+        return value
 
 
 class JobCounts(BaseModel):
@@ -242,6 +255,7 @@ class JobFailure(BaseModel):
 class IngestJobInfo(BaseModel):
     job_id: str
     source: str
+    model: str | None = Field(None, description="Workers running this model take the job (None: any).")
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     cancel_requested: bool
     attempts: int

@@ -101,10 +101,12 @@ class JobQueue:
 
     # -- API side
 
-    def submit(self, source: str) -> IngestJob:
+    def submit(self, source: str, *, model: str | None = None) -> IngestJob:
+        """Queue ``source``; with ``model``, only workers running that model take it."""
         job = IngestJob(
             id=uuid.uuid4().hex,
             source=source,
+            model=model,
             state="queued",
             cancel_requested=False,
             attempts=0,
@@ -177,13 +179,15 @@ class JobQueue:
             and_(IngestJob.state == "running", IngestJob.heartbeat_at < stale_before),
         )
 
-    def claim(self, worker_id: str) -> IngestJob | None:
-        """Take the oldest claimable job for ``worker_id``, or return None when there is none."""
+    def claim(self, worker_id: str, *, model: str | None = None) -> IngestJob | None:
+        """Take the oldest claimable job for ``worker_id`` (with ``model``: jobs of that model or of
+        none), or return None when there is none."""
         now = utcnow()
+        for_model = or_(IngestJob.model.is_(None), IngestJob.model == model) if model else IngestJob.model.is_(None)
         with self.store.sessions.begin() as session:
             candidate = session.scalar(
                 select(IngestJob.id)
-                .where(self._claimable(now), IngestJob.cancel_requested.is_(False))
+                .where(self._claimable(now), IngestJob.cancel_requested.is_(False), for_model)
                 .order_by(IngestJob.created_at)
                 .limit(1)
                 .with_for_update(skip_locked=True)
@@ -249,6 +253,7 @@ def job_json(job: IngestJob, failures: list[IngestError] | None = None) -> dict[
     out: dict[str, Any] = {
         "job_id": job.id,
         "source": job.source,
+        "model": job.model,
         "state": job.state,
         "cancel_requested": bool(job.cancel_requested),
         "attempts": job.attempts,

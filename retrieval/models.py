@@ -159,6 +159,8 @@ class IngestJob(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     source: Mapped[str] = mapped_column(Text)
+    #: the MedVAE model whose workers may run it (2-D and 3-D workers share one queue); None = any
+    model: Mapped[str | None] = mapped_column(String(64), index=True)
     state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker_id: Mapped[str | None] = mapped_column(String(128))

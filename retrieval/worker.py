@@ -73,7 +73,7 @@ class Worker:
         logger.info("worker %s: waiting for ingest jobs", self.worker_id)
         ran = 0
         while not self._stopping.is_set():
-            job = self.queue.claim(self.worker_id)
+            job = self.queue.claim(self.worker_id, model=self.settings.model)
             if job is None:
                 if once:
                     break

@@ -236,12 +236,18 @@ def test_ingest_job_routes(archive: tuple[Path, list[Path]], tmp_path: Path) -> 
         missing = client.post("/v1/ingest-jobs", json={"source": str(allowed / "nope")})
         assert missing.status_code == 400 and "no such file or folder" in missing.json()["error"]["message"]
         assert client.post("/v1/ingest-jobs", json={}).status_code == 422
+        unknown = client.post("/v1/ingest-jobs", json={"source": str(allowed / "folder"), "model": "medvae_9_9_2d"})
+        assert unknown.status_code == 422 and "unknown model" in unknown.text
+        volumes = client.post("/v1/ingest-jobs", json={"source": str(allowed / "folder"), "model": "medvae_4_1_3d"})
+        assert volumes.status_code == 202 and volumes.json()["model"] == "medvae_4_1_3d"
+        assert client.delete(f"/v1/ingest-jobs/{volumes.json()['job_id']}").status_code == 200
         job = client.post("/v1/ingest-jobs", json={"source": str(allowed / "folder")})
         assert job.status_code == 202 and job.json()["state"] == "queued" and job.json()["failures"] == []
+        assert job.json()["model"] == "medvae_8_4_2d"  # the server's model by default
         assert job.json()["weights"] == "random-init"
         job_id = job.json()["job_id"]
         listed = client.get("/v1/ingest-jobs").json()["jobs"]
-        assert [j["job_id"] for j in listed] == [job_id]
+        assert [j["job_id"] for j in listed][0] == job_id and len(listed) == 2
         fetched = client.get(f"/v1/ingest-jobs/{job_id}").json()
         assert fetched["source"] == str((allowed / "folder").resolve()) and fetched["counts"]["ingested"] == 0
         cancelled = client.delete(f"/v1/ingest-jobs/{job_id}")

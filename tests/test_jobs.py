@@ -31,6 +31,18 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     opened.close()
 
 
+def test_workers_take_only_jobs_of_their_model(store: Store) -> None:
+    queue = JobQueue(store, stale_seconds=60)
+    volumes = queue.submit("/data/ct", model="medvae_4_1_3d")
+    images = queue.submit("/data/xr", model="medvae_8_4_2d")
+    legacy = queue.submit("/data/old")  # queued before jobs named a model: any worker
+    assert queue.claim("w2d", model="medvae_8_4_2d").id == images.id
+    assert queue.claim("w2d", model="medvae_8_4_2d").id == legacy.id
+    assert queue.claim("w2d", model="medvae_8_4_2d") is None  # the 3-D job waits for a 3-D worker
+    claimed = queue.claim("w3d", model="medvae_4_1_3d")
+    assert claimed.id == volumes.id and claimed.model == "medvae_4_1_3d"
+
+
 def test_each_job_goes_to_exactly_one_worker(store: Store) -> None:
     queue = JobQueue(store, stale_seconds=60)
     submitted = {queue.submit(f"/data/{n}").id for n in range(12)}

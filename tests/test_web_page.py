@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -203,6 +204,13 @@ def test_url_restores_a_shared_view_and_keyboard_works(site: tuple[str, Path], b
 
 def test_pick_the_3d_space_and_search_by_a_volume(site: tuple[str, Path], browser: Browser) -> None:
     base, root = site
+    # the same search over HTTP first: it builds the server's 3-D service, and a server-side
+    # failure shows here with the server's log rather than as a page that keeps searching
+    volume_space = next(space for space in httpx.get(f"{base}/v1/spaces").json() if space["dims"] == 3)
+    upload = (root / "volumes" / "subject1.nii.gz").read_bytes()
+    direct = httpx.post(f"{base}/v1/search", files={"file": ("subject1.nii.gz", upload)},
+                        data={"space": volume_space["key"], "k": "2"}, timeout=300)
+    assert direct.status_code == 200, f"{direct.text}\n--- server log ---\n{(root / 'serve.log').read_text()[-4000:]}"
     page = _page(browser)
     page.goto(base)
     options = page.locator("#space-select option")

@@ -35,7 +35,9 @@ def submit_job(body: IngestJobRequest, service: ServiceDep, settings: SettingsDe
     """A folder or manifest must lie under one of ``RETRIEVAL_INGEST_ROOTS`` (symlinks resolved); a
     ``dicomweb+http(s)://`` source must name a base URL in ``RETRIEVAL_DICOMWEB_ALLOWED_URLS``. A worker runs it."""
     source = allowed_job_source(body.source, settings)
-    return _with_weights(job_json(_queue(service, settings).submit(source), failures=[]), service)
+    return _with_weights(
+        job_json(_queue(service, settings).submit(source, model=body.model or settings.model), failures=[]), service
+    )
 
 
 @router.get("", response_model=IngestJobList, responses=error_responses(401))
