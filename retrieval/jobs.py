@@ -79,15 +79,22 @@ def allowed_source(source: str, roots: list[Path]) -> str:
         )
     if not source or "\x00" in source:
         raise InvalidRequestError("source must be a non-empty path", detail={"field": "source"})
-    resolved = Path(source).expanduser().resolve()
+    try:
+        resolved = Path(source).expanduser().resolve()
+    except (RuntimeError, OSError, ValueError) as exc:  # "~nosuchuser", a symlink loop, ...
+        raise InvalidRequestError(f"{source}: not a usable path ({exc})", detail={"field": "source"}) from None
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         raise ForbiddenError(
             f"{source}: outside the allowed ingest roots",
             detail={"field": "source", "allowed_roots": [str(root) for root in roots]},
         )
-    if not resolved.exists():
+    try:
+        exists, is_dir = resolved.exists(), resolved.is_dir()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise InvalidRequestError(f"{source}: not a usable path ({exc.strerror})", detail={"field": "source"}) from None
+    if not exists:
         raise InvalidRequestError(f"{source}: no such file or folder", detail={"field": "source"})
-    if not (resolved.is_dir() or resolved.suffix.lower() == ".csv" or is_nifti(resolved)):
+    if not (is_dir or resolved.suffix.lower() == ".csv" or is_nifti(resolved)):
         raise InvalidRequestError(f"{source}: not a folder, a .csv manifest or a NIfTI volume", detail={"field": "source"})
     return str(resolved)
 

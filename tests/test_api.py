@@ -236,6 +236,9 @@ def test_ingest_job_routes(archive: tuple[Path, list[Path]], tmp_path: Path) -> 
         missing = client.post("/v1/ingest-jobs", json={"source": str(allowed / "nope")})
         assert missing.status_code == 400 and "no such file or folder" in missing.json()["error"]["message"]
         assert client.post("/v1/ingest-jobs", json={}).status_code == 422
+        for odd in ("~no-such-user-here/x", str(allowed / ("n" * 300))):  # found by the OpenAPI fuzz test
+            refused = client.post("/v1/ingest-jobs", json={"source": odd})
+            assert refused.status_code in (400, 403) and refused.json()["error"]["detail"]["field"] == "source"
         unknown = client.post("/v1/ingest-jobs", json={"source": str(allowed / "folder"), "model": "medvae_9_9_2d"})
         assert unknown.status_code == 422 and "unknown model" in unknown.text
         volumes = client.post("/v1/ingest-jobs", json={"source": str(allowed / "folder"), "model": "medvae_4_1_3d"})
