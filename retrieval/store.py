@@ -152,33 +152,23 @@ class Store:
 
     def already_in_space(self, space_id: int, sha256s: Sequence[str], sop_uids: Sequence[str]) -> set[str]:
         """Of the given hashes / SOP UIDs, those whose image already has a vector in the space."""
-        found: set[str] = set()
-        with self.sessions() as session:
-            for chunk in _chunks(list(sha256s), 500):
-                rows = session.execute(
-                    select(ImageRecord.sha256)
-                    .join(Vector, Vector.image_id == ImageRecord.id)
-                    .where(Vector.space_id == space_id, ImageRecord.sha256.in_(chunk))
-                )
-                found.update(row[0] for row in rows)
-            for chunk in _chunks([uid for uid in sop_uids if uid], 500):
-                rows = session.execute(
-                    select(ImageRecord.sop_uid)
-                    .join(Vector, Vector.image_id == ImageRecord.id)
-                    .where(Vector.space_id == space_id, ImageRecord.sop_uid.in_(chunk))
-                )
-                found.update(row[0] for row in rows)
-        return found
+        return self._values_in_space(space_id, ImageRecord.sha256, sha256s) | self._values_in_space(
+            space_id, ImageRecord.sop_uid, sop_uids
+        )
 
     def series_in_space(self, space_id: int, series_uids: Sequence[str]) -> set[str]:
         """Of the given SeriesInstanceUIDs, those with a vector in the space (3-D: one per series)."""
+        return self._values_in_space(space_id, ImageRecord.series_uid, series_uids)
+
+    def _values_in_space(self, space_id: int, column: Any, values: Sequence[str]) -> set[str]:
+        """Of ``values``, those that ``column`` (of an image row) holds for an image with a vector in the space."""
         found: set[str] = set()
         with self.sessions() as session:
-            for chunk in _chunks([uid for uid in series_uids if uid], 500):
+            for chunk in _chunks([value for value in values if value], 500):
                 rows = session.execute(
-                    select(ImageRecord.series_uid)
+                    select(column)
                     .join(Vector, Vector.image_id == ImageRecord.id)
-                    .where(Vector.space_id == space_id, ImageRecord.series_uid.in_(chunk))
+                    .where(Vector.space_id == space_id, column.in_(chunk))
                 )
                 found.update(row[0] for row in rows)
         return found
