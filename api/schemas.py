@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from retrieval.architectures import ARCHITECTURES
 from retrieval.errors import InvalidRequestError
-from retrieval.search import Filters
+from retrieval.search import UID_KEYS, Filters
 
 
 class SearchFilters(BaseModel):
@@ -36,15 +36,9 @@ class SearchFilters(BaseModel):
                           age_from=self.age_from, age_to=self.age_to)
         filters.quality = {key: getattr(self, key) for key in ("min_psnr", "max_psnr", "min_ssim", "max_ssim")
                            if getattr(self, key) is not None}
-        for key in ("modality", "body_part", "view", "laterality", "patient_sex"):
+        for key in ("modality", "body_part", "view", "laterality", "patient_sex", "labels", *UID_KEYS):
             value = getattr(self, key)
-            if value:
-                filters.set(key, value if isinstance(value, str) else ",".join(value))
-        if self.labels:
-            filters.set("labels", self.labels if isinstance(self.labels, str) else ",".join(self.labels))
-        for key in ("study_uid", "series_uid", "sop_uid"):
-            value = getattr(self, key)
-            if value:
+            if value:  # a list or a comma-separated string: "any of" (labels: "all of")
                 filters.set(key, value if isinstance(value, str) else ",".join(value))
         return filters
 

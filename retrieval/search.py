@@ -63,33 +63,24 @@ class Filters:
         return filters
 
     def set(self, key: str, value: str) -> None:
-        values = {v.strip().upper() for v in value.split(",") if v.strip()}
+        values = {v.strip() for v in value.split(",") if v.strip()}
         if key in ("modality", "body_part", "view", "laterality", "patient_sex"):
-            setattr(self, key, values)
+            setattr(self, key, {v.upper() for v in values})
         elif key in UID_KEYS:
-            setattr(self, key, {v.strip() for v in value.split(",") if v.strip()})
+            setattr(self, key, values)
         elif key in ("label", "labels"):
-            self.labels = {v.strip() for v in value.split(",") if v.strip()}
+            self.labels = values
         elif key in ("date_from", "date_to"):
             date = parse_date(value)
             if date is None:
                 raise InvalidRequestError(f"filter {key}: {value!r} is not a date (YYYY-MM-DD)", detail={"field": key})
             setattr(self, key, date)
         elif key in QUALITY_KEYS:
-            try:
-                self.quality[key] = float(value)
-            except ValueError:
-                raise InvalidRequestError(f"filter {key}: {value!r} is not a number", detail={"field": key}) from None
+            self.quality[key] = _number(key, value, "a number")
         elif key in ("age_from", "age_to"):
-            try:
-                setattr(self, key, float(value))
-            except ValueError:
-                raise InvalidRequestError(f"filter {key}: {value!r} is not a number of years", detail={"field": key}) from None
+            setattr(self, key, _number(key, value, "a number of years"))
         elif key == "min_score":
-            try:
-                self.min_score = float(value)
-            except ValueError:
-                raise InvalidRequestError(f"filter min_score: {value!r} is not a number", detail={"field": key}) from None
+            self.min_score = _number(key, value, "a number")
         else:
             raise InvalidRequestError(
                 f"unknown filter {key!r}; use one of {', '.join(FILTER_KEYS + QUALITY_KEYS)}, min_score", detail={"field": "filter"}
@@ -128,6 +119,13 @@ class Filters:
             if value is None or (value < bound if key.startswith("min") else value > bound):
                 return False
         return True
+
+
+def _number(key: str, value: str, what: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidRequestError(f"filter {key}: {value!r} is not {what}", detail={"field": key}) from None
 
 
 @dataclass
