@@ -25,6 +25,11 @@ class RetrievalError(Exception):
         return {"error": {"code": self.code, "message": self.message, "detail": self.detail}}
 
 
+def reason_of(exc: BaseException) -> str:
+    """A failure reason to record: our own message, or the exception's type and text."""
+    return exc.message if isinstance(exc, RetrievalError) else f"{type(exc).__name__}: {exc}"
+
+
 class ConfigurationError(RetrievalError):
     code = "configuration_error"
     http_status = 500

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
-from retrieval.errors import RetrievalError
+from retrieval.errors import reason_of
 from retrieval.prepare import Fingerprint, Prepared, PrepareOptions, fingerprint, prepare
 from retrieval.quality import score_latents
 from retrieval.service import RetrievalService
@@ -289,7 +289,8 @@ class IngestPipeline:
         if not remote or self.remote is None:
             return chunk
         if self.spool is None:
-            self.spool = Path(tempfile.mkdtemp(prefix="dicomweb-", dir=self._spool_parent()))
+            self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
+            self.spool = Path(tempfile.mkdtemp(prefix="dicomweb-", dir=self.settings.spool_dir))
         source, spool = self.remote, self.spool
 
         def fetch(item: SourceItem) -> SourceItem | None:
@@ -297,18 +298,12 @@ class IngestPipeline:
                 item.path = str(source.fetch(item, spool))
                 return item
             except Exception as exc:  # noqa: BLE001 - one instance failing never stops a sync
-                message = exc.message if isinstance(exc, RetrievalError) else f"{type(exc).__name__}: {exc}"
-                report.failures.append(Failure(item.display, "fetch", message))
+                report.failures.append(Failure(item.display, "fetch", reason_of(exc)))
                 return None
 
         with ThreadPoolExecutor(max_workers=self.settings.dicomweb_fetch_workers) as pool:
             fetched = {id(item): item for item in pool.map(fetch, remote) if item is not None}
         return [item for item in chunk if item.remote is None or id(item) in fetched]
-
-    def _spool_parent(self) -> Path:
-        parent = self.settings.data_dir / "spool"
-        parent.mkdir(parents=True, exist_ok=True)
-        return parent
 
     def _flush(self, batch: list[Prepared], report: IngestReport) -> None:
         """Encode one batch and store it in one transaction; failures are per batch stage."""

@@ -164,6 +164,11 @@ class Settings(BaseSettings):
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
 
     @property
+    def spool_dir(self) -> Path:
+        """Where files fetched from remote sources wait, per run, until they are decoded."""
+        return self.data_dir / "spool"
+
+    @property
     def index_dir(self) -> Path:
         """Directory where FAISS indexes and their sidecars live."""
         return self.data_dir / "index"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retrieval.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
-from retrieval.errors import RetrievalError
+from retrieval.errors import RetrievalError, reason_of
 from retrieval.metadata import ImageMetadata, from_dicom
 from retrieval.prepare import study_of
 from retrieval.sources import SourceItem, printable_path
@@ -84,8 +84,7 @@ def _ingest_remote_series(pipeline: IngestPipeline, source: str, report: IngestR
     report.total = len(series)
     stored = service.store.series_in_space(service.space.id, [item.remote[1] for item, _ in series if item.remote])
     logger.info("ingest %s: %d series listed, %d already stored", remote.query.source_string(), len(series), len(stored))
-    spool_parent = settings.data_dir / "spool"
-    spool_parent.mkdir(parents=True, exist_ok=True)
+    settings.spool_dir.mkdir(parents=True, exist_ok=True)
     for item, instances in series:
         if pipeline.should_stop():
             report.stopped = True
@@ -94,13 +93,12 @@ def _ingest_remote_series(pipeline: IngestPipeline, source: str, report: IngestR
         if item.remote[1] in stored:
             report.skipped += 1
             continue
-        with tempfile.TemporaryDirectory(prefix="series-", dir=spool_parent) as folder:
+        with tempfile.TemporaryDirectory(prefix="series-", dir=settings.spool_dir) as folder:
             try:
                 with ThreadPoolExecutor(max_workers=settings.dicomweb_fetch_workers) as pool:
                     files = list(pool.map(lambda instance: str(remote.fetch(instance, Path(folder))), instances))
             except Exception as exc:  # noqa: BLE001 - a series that cannot be fetched whole is one failure
-                message = exc.message if isinstance(exc, RetrievalError) else f"{type(exc).__name__}: {exc}"
-                report.failures.append(Failure(item.display, "fetch", message))
+                report.failures.append(Failure(item.display, "fetch", reason_of(exc)))
                 continue
             local = SourceItem(path=f"{folder}#{item.remote[1]}", uri=item.uri, row={"files": os.pathsep.join(files)})
             _load_and_store(pipeline, local, report)
