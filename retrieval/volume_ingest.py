@@ -1,7 +1,7 @@
 """Bulk ingest for the 3-D models: one vector per NIfTI file or DICOM series.
 
 Same contract as the 2-D pipeline (:mod:`retrieval.ingest`): idempotent by content hash (a
-series' hash covers all its files), one transaction per volume, one bad volume never stops the
+series' hash covers all its files; checked before decoding, so a re-run reads no voxels twice), one transaction per volume, one bad volume never stops the
 run, failures recorded with their stage and reason. Volumes are encoded one at a time: a
 single 128^3 cube already fills the encoder.
 """
@@ -24,7 +24,7 @@ from retrieval.metadata import ImageMetadata, from_dicom
 from retrieval.prepare import study_of
 from retrieval.sources import SourceItem, printable_path
 from retrieval.store import NewImage
-from retrieval.volumes import Volume, fit_to_cube, load_volume, normalise, scan_volumes
+from retrieval.volumes import Volume, content_sha256, fit_to_cube, load_volume, normalise, scan_volumes
 
 if TYPE_CHECKING:
     from retrieval.ingest import IngestPipeline, IngestReport
@@ -109,6 +109,15 @@ def _load_and_store(pipeline: IngestPipeline, item: SourceItem, report: IngestRe
     """Read, fit, encode and store one volume item; failures are recorded, never raised."""
     from retrieval.ingest import Failure
 
+    store, space = pipeline.service.store, pipeline.service.space
+    try:
+        sha256 = content_sha256(item)
+    except OSError as exc:
+        report.failures.append(Failure(item.display, "read", f"cannot read file ({exc.strerror or exc})"))
+        return
+    if sha256 in pipeline.volumes_seen or store.already_in_space(space.id, [sha256], []):
+        report.skipped += 1
+        return
     tick = time.perf_counter()
     try:
         volume = load_volume(item, max_voxels=pipeline.settings.max_image_pixels)
@@ -120,16 +129,12 @@ def _load_and_store(pipeline: IngestPipeline, item: SourceItem, report: IngestRe
         report.failures.append(Failure(item.display, "decode", f"unexpected {type(exc).__name__}: {exc}"))
         return
     report.seconds["decode_cpu"] += time.perf_counter() - tick
-    store, space = pipeline.service.store, pipeline.service.space
-    if volume.sha256 in pipeline.volumes_seen or store.already_in_space(space.id, [volume.sha256], []):
-        report.skipped += 1
-        return
-    pipeline.volumes_seen.add(volume.sha256)
-    _store_volume(pipeline, item, volume, cube, report)
+    pipeline.volumes_seen.add(sha256)
+    _store_volume(pipeline, item, volume, cube, sha256, report)
 
 
 def _store_volume(
-    pipeline: IngestPipeline, item: SourceItem, volume: Volume, cube: np.ndarray, report: IngestReport
+    pipeline: IngestPipeline, item: SourceItem, volume: Volume, cube: np.ndarray, sha256: str, report: IngestReport
 ) -> None:
     """Encode one fitted volume and store it (row, latent, vector) in one transaction."""
     from retrieval.ingest import Failure
@@ -157,7 +162,7 @@ def _store_volume(
     x, y, slices = volume.voxels.shape
     row = NewImage(
         source_uri=source_uri,
-        sha256=volume.sha256,
+        sha256=sha256,
         study_key=study_key,
         study_label=study_label,
         kind=volume.kind,

@@ -5,6 +5,7 @@ Contract:
 * :func:`scan_volumes` lists the volumes under a folder (or one NIfTI file): every ``.nii`` /
   ``.nii.gz`` file, and every DICOM series (files grouped by SeriesInstanceUID, headers only).
   It never raises for a bad item: an unreadable one comes back with ``error`` set.
+* :func:`content_sha256` fingerprints an item's files before anything is decoded.
 * :func:`load_volume` reads one item into a :class:`Volume`: voxels in RAS orientation (NIfTI
   through nibabel's closest canonical; a DICOM series is sorted by position along the slice
   normal and given the equivalent affine first), spacing in mm, the modality and, for DICOM,
@@ -50,7 +51,6 @@ class Volume:
     modality: str  # "CT" or "MR"
     kind: str  # "nifti" or "dicom-series"
     header: Any = None  # first DICOM slice (pixels not loaded), for metadata
-    sha256: str = ""
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -109,6 +109,21 @@ def scan_volumes(source: str | Path) -> list[SourceItem]:
 # --------------------------------------------------------------------------- reading
 
 
+def content_sha256(item: SourceItem) -> str:
+    """sha256 of a volume item's bytes: the NIfTI file, or the series' files in sorted order.
+
+    It identifies the volume for idempotent ingest and is cheap next to decoding, so a re-run
+    skips stored volumes before reading any voxel. Raises ``OSError`` when a file cannot be read.
+    """
+    digest = hashlib.sha256()
+    paths = sorted(item.row["files"].split(os.pathsep)) if item.row.get("files") else [item.path]
+    for path in paths:
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def load_volume(item: SourceItem, *, max_voxels: int) -> Volume:
     """Read a scanned item (NIfTI file or DICOM series) into a RAS :class:`Volume`."""
     if item.row.get("files"):
@@ -136,8 +151,7 @@ def load_nifti(path: str | Path, *, max_voxels: int) -> Volume:
         raise ImageDecodeError(f"{path}: not a readable NIfTI volume ({type(exc).__name__}: {exc})",
                                detail={"path": str(path)}) from exc
     _check_shape(str(path), voxels, spacing)
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return Volume(voxels=voxels, spacing=spacing, modality=guess_modality(voxels), kind="nifti", sha256=digest)
+    return Volume(voxels=voxels, spacing=spacing, modality=guess_modality(voxels), kind="nifti")
 
 
 def _load_dicom_series(label: str, files: list[str], *, max_voxels: int) -> Volume:
@@ -185,13 +199,10 @@ def _load_dicom_series(label: str, files: list[str], *, max_voxels: int) -> Volu
     voxels = np.asarray(canonical.get_fdata(dtype=np.float32), dtype=np.float32)
     spacing = tuple(float(z) for z in canonical.header.get_zooms()[:3])
     _check_shape(label, voxels, spacing)
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(Path(path).read_bytes())
     modality = str(slices[0].get("Modality", "") or "").upper()
     header = pydicom.dcmread(files[int(order[0])], stop_before_pixels=True, force=True)
     return Volume(voxels=voxels, spacing=spacing, modality=modality if modality in ("CT", "MR") else guess_modality(voxels),
-                  kind="dicom-series", header=header, sha256=digest.hexdigest())
+                  kind="dicom-series", header=header)
 
 
 def _slice_units(dataset: Any) -> np.ndarray:
