@@ -149,12 +149,14 @@ class RetrievalService:
     def space_info(self) -> dict[str, Any]:
         return space_json(self.space)
 
-    def close(self) -> None:
+    def close(self, *, keep_store: bool = False) -> None:
+        """Stop the query batcher and save the index; close the store unless another service shares it."""
         if self._batcher is not None:
             self._batcher.close()
         if self._index is not None:
             self._index.save()
-        self.store.close()
+        if not keep_store:
+            self.store.close()
 
 
 def space_json(space: Space) -> dict[str, Any]:
@@ -231,6 +233,6 @@ class SpaceServices:
         return service
 
     def close(self) -> None:
+        """Close the services of other spaces; their store is the default service's, closed by its owner."""
         for service in self._others.values():
-            if service._index is not None:
-                service._index.save()
+            service.close(keep_store=True)
