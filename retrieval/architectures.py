@@ -95,6 +95,12 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+def model_dims(model_name: str) -> int:
+    """2 (images) or 3 (volumes) for a model name; unknown names count as 2-D and are refused on load."""
+    architecture = ARCHITECTURES.get(model_name)
+    return architecture.dims if architecture is not None else 2
+
+
 def get_architecture(model_name: str) -> Architecture:
     """The architecture of a supported model, or a :class:`ConfigurationError` naming the choices."""
     try:

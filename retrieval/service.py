@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrieval.architectures import model_dims
 from retrieval.batching import MicroBatcher
 from retrieval.encoder import MedVAEEncoder
 from retrieval.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -167,7 +168,7 @@ def space_json(space: Space) -> dict[str, Any]:
         "model": space.model,
         "weights": RANDOM_WEIGHTS_LABEL if random else space.weights,
         "input_size": space.input_size,
-        "dims": 3 if space.model.endswith("_3d") else 2,
+        "dims": model_dims(space.model),
         "preprocessing": space.preprocessing,
         "pooling": space.pooling,
         "dim": space.dim,
@@ -214,7 +215,7 @@ class SpaceServices:
         return matches[0]
 
     def _build(self, space: Space) -> RetrievalService:
-        size_field = "volume_size" if space.model.endswith("_3d") else "input_size"
+        size_field = "volume_size" if model_dims(space.model) == 3 else "input_size"
         settings = self.default.settings.model_copy(
             update={"model": space.model, "pooling": space.pooling, size_field: space.input_size}
         )

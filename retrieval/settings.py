@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from retrieval.architectures import model_dims
+
 DEFAULT_ID_SECRET = "change-me-medvae-retrieval"
 
 
@@ -144,7 +146,7 @@ class Settings(BaseSettings):
     @property
     def model_dims(self) -> int:
         """2 for the image models, 3 for the volume models (``medvae_*_3d``)."""
-        return 3 if self.model.endswith("_3d") else 2
+        return model_dims(self.model)
 
     @property
     def model_input_size(self) -> int:
