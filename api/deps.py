@@ -10,7 +10,7 @@ from fastapi import Depends, Path, Request
 from api.schemas import MAX_ROW_ID
 from retrieval.errors import RetrievalError
 from retrieval.service import RetrievalService
-from retrieval.settings import Settings
+from retrieval.config import Settings
 
 
 class UnauthorizedError(RetrievalError):

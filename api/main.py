@@ -17,8 +17,8 @@ from api import web
 from api.routes import archive, compare, health, jobs, score, search
 from api.web import SecurityHeadersMiddleware
 from retrieval.service import RetrievalService, SpaceServices
-from retrieval.settings import Settings
-from retrieval.weights import RANDOM_WEIGHTS_WARNING
+from retrieval.config import Settings
+from retrieval.model.weights import RANDOM_WEIGHTS_WARNING
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from api.schemas import QueryImage
 from retrieval.errors import InvalidRequestError
-from retrieval.fetch import fetch_image_url
-from retrieval.settings import Settings
+from retrieval.query.fetch import fetch_image_url
+from retrieval.config import Settings
 
 Params = TypeVar("Params", bound=QueryImage)
 

@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from retrieval.architectures import ARCHITECTURES
+from retrieval.model.architectures import ARCHITECTURES
 from retrieval.errors import InvalidRequestError
-from retrieval.search import UID_KEYS, Filters
+from retrieval.query.search import UID_KEYS, Filters
 
 
 class SearchFilters(BaseModel):

@@ -33,7 +33,7 @@ from bench.server import bench_env, start_server
 def _query_png(size: int) -> bytes:
     from PIL import Image
 
-    from retrieval.sample import synthetic_chest
+    from retrieval.ops.sample import synthetic_chest
 
     pixels = synthetic_chest(np.random.default_rng(5), size)
     buffer = io.BytesIO()
@@ -43,7 +43,7 @@ def _query_png(size: int) -> bytes:
 
 def _start_server(data_dir: Path, env_overrides: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     """Ingest the sample set into ``data_dir`` and serve it."""
-    from retrieval.sample import write_sample_set
+    from retrieval.ops.sample import write_sample_set
 
     env = bench_env(RETRIEVAL_DATA_DIR=str(data_dir / "data"), **env_overrides)
     write_sample_set(data_dir / "archive")

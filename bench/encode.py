@@ -3,7 +3,7 @@
 Reference ("medvae"): what ``medvae_inference`` does per file, minus file I/O: the model built by
 medvae's classes (LoRA injected, unfused attention), ``model(x, decode=False)`` on ONE image at a
 time, fp32, posterior *sampled* (that is medvae's forward), S2 latent out.
-Ours: :class:`retrieval.encoder.MedVAEEncoder` (LoRA folded, SDPA attention, channels_last, bf16
+Ours: :class:`retrieval.model.encoder.MedVAEEncoder` (LoRA folded, SDPA attention, channels_last, bf16
 autocast where the device has bf16 units), batched, posterior mode, plus S2 + pooling.
 
 Random seeded weights of the exact architecture (cost does not depend on weight values).
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from bench.results_io import write_result
-from retrieval.encoder import MedVAEEncoder
-from retrieval.pooling import parse_pooling, pool
-from retrieval.settings import Settings
+from retrieval.model.encoder import MedVAEEncoder
+from retrieval.model.pooling import parse_pooling, pool
+from retrieval.config import Settings
 
 
 def _sync(device: torch.device) -> None:

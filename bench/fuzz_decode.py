@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing (atheris) of the decode path: any exception but ``ImageDecodeError`` is a bug.
 
-``retrieval.imaging.decode_bytes`` is what every upload and every ingested file goes through
+``retrieval.imaging.decode.decode_bytes`` is what every upload and every ingested file goes through
 (Pillow for rasters, pydicom + its pixel handlers for DICOM, our windowing / LUT / resizing).
 The harness feeds it mutated bytes, seeded from a small corpus of valid PNG / JPEG / TIFF /
 DICOM files, under a pixel cap, and also pushes decoded pixels through ``fit_to_square``.
@@ -21,7 +21,7 @@ import atheris
 
 with atheris.instrument_imports():
     from retrieval.errors import ImageDecodeError
-    from retrieval.imaging import decode_bytes, fit_to_square
+    from retrieval.imaging.decode import decode_bytes, fit_to_square
 
 MAX_PIXELS = 4_000_000
 

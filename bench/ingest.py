@@ -2,7 +2,7 @@
 
 Generates realistic radiographs (default 2048x2048, 16-bit: synthetic chest look-alikes with
 noise, so PNG compression behaves like on real images), ingests them into a fresh SQLite data dir
-with :class:`retrieval.ingest.IngestPipeline` (decode workers overlapping the encoder), and
+with :class:`retrieval.ingest.pipeline.IngestPipeline` (decode workers overlapping the encoder), and
 reports images/s, the split decode (summed worker CPU) / encode / database+index write, the
 encoder's busy fraction of the wall time, peak RSS, and stored bytes per image against the
 source files. ``--scale`` runs the same folder kind at N and 10N images in separate processes and
@@ -36,7 +36,7 @@ from bench.results_io import write_result
 def _write_one(task: tuple[str, str, int, int]) -> int:
     from PIL import Image
 
-    from retrieval.sample import study_variant, synthetic_chest
+    from retrieval.ops.sample import study_variant, synthetic_chest
 
     kind, path, seed, size = task
     rng = np.random.default_rng(seed)
@@ -77,9 +77,9 @@ def generate(kind: str, folder: Path, count: int, size: int, workers: int) -> in
 
 
 def run_ingest(folder: Path, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from retrieval.ingest import IngestPipeline
+    from retrieval.ingest.pipeline import IngestPipeline
     from retrieval.service import RetrievalService
-    from retrieval.settings import Settings
+    from retrieval.config import Settings
 
     settings = Settings(
         data_dir=data_dir, weights="random", input_size=args.input_size, batch_size=args.batch,

@@ -36,7 +36,7 @@ from bench.server import bench_env, start_server
 def _archive(folder: Path, studies: int, per_study: int, seed: int) -> None:
     from PIL import Image
 
-    from retrieval.sample import study_variant, synthetic_chest
+    from retrieval.ops.sample import study_variant, synthetic_chest
 
     rng = np.random.default_rng(seed)
     for s in range(studies):

@@ -1,6 +1,6 @@
 """CPU runtimes for the encoder: PyTorch (ours) against ONNX Runtime and OpenVINO, same weights.
 
-The encoder that :class:`retrieval.encoder.MedVAEEncoder` runs (LoRA folded, SDPA attention;
+The encoder that :class:`retrieval.model.encoder.MedVAEEncoder` runs (LoRA folded, SDPA attention;
 ``encoder`` + ``quant_conv`` -> posterior mode) is exported to ONNX once, then timed in each
 runtime on the same batch, and each output is compared with PyTorch fp32 (max absolute error
 relative to the latent's range). Random seeded weights of the exact architecture. Needs the
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from bench.results_io import write_result
-from retrieval.encoder import MedVAEEncoder, cpu_has_bf16
-from retrieval.openvino_runtime import PosteriorMode
-from retrieval.settings import Settings
+from retrieval.model.encoder import MedVAEEncoder, cpu_has_bf16
+from retrieval.model.openvino_runtime import PosteriorMode
+from retrieval.config import Settings
 
 
 def _time(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:

@@ -29,8 +29,8 @@ import faiss
 import numpy as np
 
 from bench.results_io import write_result
-from retrieval.index import IndexSpec, SpaceIndex
-from retrieval.store import StoredVector
+from retrieval.storage.index import IndexSpec, SpaceIndex
+from retrieval.storage.store import StoredVector
 
 DIM = 84  # spp:1,2,4 over 4 channels, the default pooling
 

@@ -15,19 +15,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrieval.architectures import model_dims
-from retrieval.batching import MicroBatcher
-from retrieval.encoder import MedVAEEncoder
+from retrieval.model.architectures import model_dims
+from retrieval.model.batching import MicroBatcher
+from retrieval.model.encoder import MedVAEEncoder
 from retrieval.errors import ConflictError, InvalidRequestError, NotFoundError
-from retrieval.imaging import PREPROCESSING_VERSION
-from retrieval.index import OpenReport, SpaceIndex, choose_index_spec
-from retrieval.models import Space
-from retrieval.pooling import PoolingSpec, parse_pooling, pool
-from retrieval.settings import Settings
-from retrieval.spaces import SpaceIdentity
-from retrieval.store import Store
-from retrieval.volumes import VOLUME_PREPROCESSING_VERSION
-from retrieval.weights import RANDOM_WEIGHTS_LABEL
+from retrieval.imaging.decode import PREPROCESSING_VERSION
+from retrieval.storage.index import OpenReport, SpaceIndex, choose_index_spec
+from retrieval.storage.orm import Space
+from retrieval.model.pooling import PoolingSpec, parse_pooling, pool
+from retrieval.config import Settings
+from retrieval.domain.spaces import SpaceIdentity
+from retrieval.storage.store import Store
+from retrieval.imaging.volumes import VOLUME_PREPROCESSING_VERSION
+from retrieval.model.weights import RANDOM_WEIGHTS_LABEL
 
 logger = logging.getLogger(__name__)
 

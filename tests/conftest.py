@@ -13,7 +13,7 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from live_server import tiny_env
-from retrieval.settings import Settings
+from retrieval.config import Settings
 
 PG_ADMIN_URL = os.environ.get("RETRIEVAL_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 
@@ -42,7 +42,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 def encoder():  # type: ignore[no-untyped-def]
-    from retrieval.encoder import MedVAEEncoder
+    from retrieval.model.encoder import MedVAEEncoder
 
     return MedVAEEncoder(tiny_settings(Path("/nonexistent-unused")))
 

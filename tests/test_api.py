@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
-from retrieval.ingest import IngestPipeline
+from retrieval.ingest.pipeline import IngestPipeline
 from retrieval.service import RetrievalService
 
 from conftest import make_archive, tiny_settings

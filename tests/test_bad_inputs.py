@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, text
 
 from api.main import create_app
 from retrieval.service import RetrievalService
-from retrieval.sources import printable_path
+from retrieval.ingest.sources import printable_path
 
 from bad_inputs import build_corpus, manifest_cases
 from conftest import database_url, tiny_settings
@@ -78,7 +78,7 @@ def test_api_answers_every_bad_upload_with_a_4xx(corpus: tuple[Path, dict[str, s
 def test_fuzzer_findings_stay_fixed() -> None:
     """Inputs that once escaped the decode contract (found by bench/fuzz_decode.py) now fail cleanly."""
     from retrieval.errors import ImageDecodeError
-    from retrieval.imaging import decode_bytes
+    from retrieval.imaging.decode import decode_bytes
 
     findings = sorted((Path(__file__).parent / "fixtures" / "fuzz").glob("*.bin"))
     assert findings

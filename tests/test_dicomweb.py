@@ -16,15 +16,15 @@ from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 
 from api.main import create_app
-from retrieval.dicomweb import DicomwebQuery, DicomwebSource
+from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource
 from retrieval.errors import ForbiddenError, InvalidRequestError, SourceUnavailableError
-from retrieval.ingest import IngestPipeline
-from retrieval.jobs import allowed_job_source
-from retrieval.metadata import age_in_years, shifted_date
-from retrieval.search import run_search
+from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.storage.jobs import allowed_job_source
+from retrieval.domain.metadata import age_in_years, shifted_date
+from retrieval.query.search import run_search
 from retrieval.service import RetrievalService
-from retrieval.settings import Settings
-from retrieval.worker import Worker
+from retrieval.config import Settings
+from retrieval.ingest.worker import Worker
 
 from conftest import synthetic_image, tiny_settings
 from dicom_factory import write_dicom

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.encoder import MedVAEEncoder, fold_lora, save_state_dict, use_fused_attention
+from retrieval.model.encoder import MedVAEEncoder, fold_lora, save_state_dict, use_fused_attention
 from retrieval.errors import ConfigurationError, WeightsError
 
 from conftest import synthetic_image, tiny_settings
 
 
 def _batch(n: int = 2, size: int = 64) -> np.ndarray:
-    from retrieval.imaging import fit_to_square
+    from retrieval.imaging.decode import fit_to_square
 
     return np.stack([fit_to_square(synthetic_image(i, 80), size) for i in range(n)])
 

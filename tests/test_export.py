@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import torch
 
-from retrieval.export import export_latents
-from retrieval.ingest import IngestPipeline
+from retrieval.ops.export import export_latents
+from retrieval.ingest.pipeline import IngestPipeline
 from retrieval.service import RetrievalService
 
 from conftest import make_archive, tiny_settings

@@ -11,7 +11,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from retrieval.errors import ImageDecodeError, ImageTooLargeError
-from retrieval.imaging import apply_window, decode_bytes, decode_path, fit_to_square
+from retrieval.imaging.decode import apply_window, decode_bytes, decode_path, fit_to_square
 
 from dicom_factory import write_dicom
 

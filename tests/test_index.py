@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.index import SpaceIndex
-from retrieval.metadata import ImageMetadata
-from retrieval.spaces import SpaceIdentity
-from retrieval.store import NewImage, Store
+from retrieval.storage.index import SpaceIndex
+from retrieval.domain.metadata import ImageMetadata
+from retrieval.domain.spaces import SpaceIdentity
+from retrieval.storage.store import NewImage, Store
 
 from conftest import tiny_settings
 
@@ -99,7 +99,7 @@ def test_watermark_ahead_with_fewer_rows_rebuilds(tmp_path: Path) -> None:
     store, space, _ = _store_with_vectors(tmp_path, 10)
     directory = tmp_path / "index"
     index, _ = SpaceIndex.open(store=store, space=space, directory=directory)
-    from retrieval.store import StoredVector
+    from retrieval.storage.store import StoredVector
 
     index.add([StoredVector(row_id=5, image_id=999, vector=np.ones(DIM, np.float32) / 4)])
     index.save()
@@ -111,7 +111,7 @@ def test_watermark_ahead_with_fewer_rows_rebuilds(tmp_path: Path) -> None:
 def test_hnsw_index_is_chosen_by_size_recalls_and_persists_its_type(tmp_path: Path) -> None:
     import faiss
 
-    from retrieval.index import IndexSpec, choose_index_spec
+    from retrieval.storage.index import IndexSpec, choose_index_spec
 
     settings = tiny_settings(tmp_path / "data", hnsw_min_vectors=500)
     assert choose_index_spec(499, settings).kind == "flat" and choose_index_spec(500, settings).kind == "hnsw"

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.ingest import IngestPipeline
-from retrieval.metadata import keyed_hash
-from retrieval.search import run_search
+from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.domain.metadata import keyed_hash
+from retrieval.query.search import run_search
 from retrieval.service import RetrievalService
-from retrieval.settings import Settings
+from retrieval.config import Settings
 
 from conftest import synthetic_image, write_png
 

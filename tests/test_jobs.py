@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from sqlalchemy import update
 
-from retrieval.batching import MicroBatcher
+from retrieval.model.batching import MicroBatcher
 from retrieval.errors import ConflictError
-from retrieval.jobs import JobQueue, Progress
-from retrieval.models import IngestJob
-from retrieval.store import Store
+from retrieval.storage.jobs import JobQueue, Progress
+from retrieval.storage.orm import IngestJob
+from retrieval.storage.store import Store
 
 from conftest import tiny_settings
 

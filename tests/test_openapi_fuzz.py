@@ -12,7 +12,7 @@ import schemathesis
 from schemathesis import checks
 from hypothesis import HealthCheck, given, settings
 
-from retrieval.ingest import IngestPipeline
+from retrieval.ingest.pipeline import IngestPipeline
 from retrieval.service import RetrievalService
 
 from conftest import make_archive, tiny_settings

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retrieval.errors import ConfigurationError
-from retrieval.pooling import parse_pooling, pool
+from retrieval.model.pooling import parse_pooling, pool
 
 
 @pytest.mark.parametrize(("spec", "dim"), [("mean", 4), ("spp:1,2,4", 84), ("spp:4,1,2", 84), ("grid:3", 36)])

@@ -9,8 +9,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from sqlalchemy import create_engine, text
 
-from retrieval.metadata import keyed_hash
-from retrieval.settings import Settings
+from retrieval.domain.metadata import keyed_hash
+from retrieval.config import Settings
 
 from conftest import database_url
 from test_cli_end_to_end import run_cli

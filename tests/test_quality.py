@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.ingest import IngestPipeline
-from retrieval.quality import psnr, reconstruction_quality, ssim
-from retrieval.search import run_search
+from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.query.quality import psnr, reconstruction_quality, ssim
+from retrieval.query.search import run_search
 from retrieval.service import RetrievalService
 
 from conftest import make_archive, synthetic_image, tiny_settings

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from sqlalchemy import inspect
 
-from retrieval.metadata import ImageMetadata, keyed_hash
-from retrieval.models import Base
-from retrieval.spaces import SpaceIdentity
-from retrieval.store import NewImage, Store, current_revision
+from retrieval.domain.metadata import ImageMetadata, keyed_hash
+from retrieval.storage.orm import Base
+from retrieval.domain.spaces import SpaceIdentity
+from retrieval.storage.store import NewImage, Store, current_revision
 
 from conftest import tiny_settings
 
@@ -37,13 +37,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 
 
 def test_migrations_create_schema_and_are_idempotent(store: Store) -> None:
-    from retrieval.store import upgrade_database
+    from retrieval.storage.store import upgrade_database
 
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    from retrieval.store import alembic_config
+    from retrieval.storage.store import alembic_config
 
     upgrade_database(store.engine)
     head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()

@@ -14,14 +14,14 @@ from PIL import Image
 
 from api.main import create_app
 
-from retrieval.encoder import MedVAEEncoder, build_medvae_model
+from retrieval.model.encoder import MedVAEEncoder, build_medvae_model
 from retrieval.errors import ImageDecodeError, InvalidRequestError
-from retrieval.ingest import IngestPipeline
-from retrieval.previews import preview_png
-from retrieval.search import run_search
+from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.query.previews import preview_png
+from retrieval.query.search import run_search
 from retrieval.service import RetrievalService
-from retrieval.settings import Settings
-from retrieval.volumes import check_slice_spacing, load_nifti, load_volume, scan_volumes
+from retrieval.config import Settings
+from retrieval.imaging.volumes import check_slice_spacing, load_nifti, load_volume, scan_volumes
 
 from conftest import make_archive, tiny_settings
 from volume_factory import phantom_hu, write_ct_series, write_nifti

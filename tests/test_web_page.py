@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from retrieval.ingest import IngestPipeline
+from retrieval.ingest.pipeline import IngestPipeline
 from retrieval.service import RetrievalService
 
 from conftest import make_archive, synthetic_image, tiny_settings

@@ -15,9 +15,9 @@ from api.deps import RowId, ServiceDep, require_api_key, service_for_space
 from api.errors import error_responses
 from api.schemas import SPACE_KEY_PATTERN, ImageDetail, SpaceInfo, StudyDetail
 from retrieval.errors import NotFoundError
-from retrieval.models import Study
-from retrieval.previews import PREVIEW_NOTE, preview_png
-from retrieval.search import image_json, study_json
+from retrieval.storage.orm import Study
+from retrieval.query.previews import PREVIEW_NOTE, preview_png
+from retrieval.query.search import image_json, study_json
 from retrieval.service import space_json
 
 router = APIRouter(prefix="/v1", tags=["archive"], dependencies=[Depends(require_api_key)])

@@ -13,9 +13,9 @@ from api.deps import ServiceDep, require_api_key
 from api.errors import error_responses
 from api.queries import parse_query_request, query_image_bytes
 from api.schemas import MAX_ROW_ID, SimilarityParams, SimilarityResponse
-from retrieval.previews import PREVIEW_NOTE, to_png
+from retrieval.query.previews import PREVIEW_NOTE, to_png
 from retrieval.service import RetrievalService
-from retrieval.similarity import query_latent, similarity_map
+from retrieval.query.similarity import query_latent, similarity_map
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_api_key)])
 

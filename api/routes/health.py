@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from api.deps import require_api_key
 from api.schemas import ServiceInfo
-from retrieval.weights import RANDOM_WEIGHTS_WARNING
+from retrieval.model.weights import RANDOM_WEIGHTS_WARNING
 
 router = APIRouter(tags=["health"])
 

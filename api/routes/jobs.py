@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from api.deps import ServiceDep, SettingsDep, require_api_key
 from api.errors import error_responses
 from api.schemas import IngestJobInfo, IngestJobList, IngestJobRequest
-from retrieval.jobs import JobQueue, allowed_job_source, job_json
+from retrieval.storage.jobs import JobQueue, allowed_job_source, job_json
 
 router = APIRouter(prefix="/v1/ingest-jobs", tags=["ingest jobs"], dependencies=[Depends(require_api_key)])
 

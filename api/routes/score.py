@@ -18,7 +18,7 @@ from api.errors import error_responses
 from api.queries import image_bytes_from_reference
 from api.schemas import ScoreRequest, ScoreResponse
 from retrieval.errors import InvalidRequestError
-from retrieval.imaging import decode_bytes, fit_to_square
+from retrieval.imaging.decode import decode_bytes, fit_to_square
 from retrieval.service import RetrievalService
 
 router = APIRouter(tags=["score"], dependencies=[Depends(require_api_key)])

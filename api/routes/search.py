@@ -13,8 +13,8 @@ from api.deps import require_api_key, service_for_space
 from api.errors import error_responses
 from api.queries import parse_query_request, query_image_bytes
 from api.schemas import SearchParams, SearchResponse
-from retrieval.previews import preview_png
-from retrieval.search import run_search
+from retrieval.query.previews import preview_png
+from retrieval.query.search import run_search
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_api_key)])
 

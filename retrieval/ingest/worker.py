@@ -19,9 +19,9 @@ import socket
 import threading
 import uuid
 
-from retrieval.ingest import IngestPipeline, IngestReport
-from retrieval.jobs import JobQueue, Progress
-from retrieval.models import IngestJob
+from retrieval.ingest.pipeline import IngestPipeline, IngestReport
+from retrieval.storage.jobs import JobQueue, Progress
+from retrieval.storage.orm import IngestJob
 from retrieval.service import RetrievalService
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""`retrieval eval`: the metrics of :mod:`retrieval.evaluation` on images already in the archive.
+"""`retrieval eval`: the metrics of :mod:`retrieval.domain.evaluation` on images already in the archive.
 
 * :func:`labelled_items` matches a labelled CSV manifest to stored images by file content (sha256),
   so the manifest may name files by any path; rows not in the archive are counted, not guessed.
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from retrieval.errors import InvalidRequestError
-from retrieval.evaluation import EvalItem, evaluate, rankings, recall_of_exact
-from retrieval.pooling import parse_pooling, pool
+from retrieval.domain.evaluation import EvalItem, evaluate, rankings, recall_of_exact
+from retrieval.model.pooling import parse_pooling, pool
 from retrieval.service import RetrievalService
-from retrieval.sources import scan
+from retrieval.ingest.sources import scan
 
 
 def _labels(value: str) -> frozenset[str]:
@@ -151,7 +151,7 @@ TRANSFORMS: dict[str, Transform] = {
 
 def near_duplicates(service: RetrievalService, items: list[EvalItem], *, limit: int = 100) -> dict[str, dict[str, float]]:
     """recall@1 and @5 of each original when its transformed copy is the query."""
-    from retrieval.imaging import decode_path, fit_to_square
+    from retrieval.imaging.decode import decode_path, fit_to_square
 
     images = service.store.images_by_id([item.image_id for item in items[:limit]])
     index = service.searchable_index()

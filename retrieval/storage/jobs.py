@@ -23,10 +23,10 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 
 from retrieval.errors import ConflictError, ForbiddenError, InvalidRequestError, NotFoundError
-from retrieval.models import IngestError, IngestJob
-from retrieval.settings import Settings
-from retrieval.store import Store
-from retrieval.volumes import is_nifti
+from retrieval.storage.orm import IngestError, IngestJob
+from retrieval.config import Settings
+from retrieval.storage.store import Store
+from retrieval.imaging.volumes import is_nifti
 
 FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
 MAX_LISTED_FAILURES = 200
@@ -52,7 +52,7 @@ def allowed_job_source(source: str, settings: Settings) -> str:
     DICOMweb sources are checked against ``RETRIEVAL_DICOMWEB_ALLOWED_URLS`` (base URL, exact),
     so the API cannot be used to make the worker call arbitrary hosts. Returns the canonical source.
     """
-    from retrieval.dicomweb import DicomwebQuery, is_dicomweb
+    from retrieval.ingest.dicomweb import DicomwebQuery, is_dicomweb
 
     if not is_dicomweb(source):
         return allowed_source(source, settings.ingest_root_list)

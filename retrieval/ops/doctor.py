@@ -7,8 +7,8 @@ import platform
 from typing import Any
 
 from retrieval.errors import RetrievalError
-from retrieval.index import Sidecar
-from retrieval.settings import DEFAULT_ID_SECRET, Settings
+from retrieval.storage.index import Sidecar
+from retrieval.config import DEFAULT_ID_SECRET, Settings
 
 PACKAGES = ("medvae-retrieval", "torch", "medvae", "faiss-cpu", "faiss-gpu-cu12", "sqlalchemy", "alembic", "pydicom", "pillow", "fastapi")
 
@@ -24,7 +24,7 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
     """Collect the report; never raises: each failing part reports its error instead."""
     import torch
 
-    from retrieval.encoder import cpu_has_bf16
+    from retrieval.model.encoder import cpu_has_bf16
 
     report: dict[str, Any] = {
         "python": platform.python_version(),
@@ -47,7 +47,7 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
         },
     }
     from retrieval.service import RetrievalService
-    from retrieval.store import Store, current_revision
+    from retrieval.storage.store import Store, current_revision
 
     try:
         store = Store.open(settings)

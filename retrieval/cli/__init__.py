@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from retrieval.errors import InvalidRequestError, RetrievalError
-from retrieval.settings import Settings
-from retrieval.weights import RANDOM_WEIGHTS_WARNING
+from retrieval.config import Settings
+from retrieval.model.weights import RANDOM_WEIGHTS_WARNING
 
 app = typer.Typer(help="Similar-case search for radiology archives on MedVAE latents.", no_args_is_help=True)
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
@@ -120,7 +120,7 @@ def ingest(
     quality: Annotated[Optional[bool], typer.Option("--quality/--no-quality", help="Score reconstructions (PSNR/SSIM; ~3.3x encode cost) [RETRIEVAL_INGEST_QUALITY].")] = None,
 ) -> None:
     """Encode and store every new image of SOURCE; already stored images are skipped."""
-    from retrieval.ingest import IngestPipeline
+    from retrieval.ingest.pipeline import IngestPipeline
 
     if quality is not None:
         State.settings_overrides["ingest_quality"] = quality
@@ -160,7 +160,7 @@ def ingest(
 
 def _ingest_source(source: str, *, since: str | None, modality: str | None, studies: list[str]) -> str:
     """The source string with the DICOMweb options folded in (they only apply to DICOMweb sources)."""
-    from retrieval.dicomweb import DicomwebQuery, is_dicomweb
+    from retrieval.ingest.dicomweb import DicomwebQuery, is_dicomweb
 
     if not is_dicomweb(source):
         if since or modality or studies:
@@ -182,7 +182,7 @@ def search(
     sort: Annotated[str, typer.Option(help="score | psnr | ssim (reconstruction quality, worst first).")] = "score",
 ) -> None:
     """Find the studies most similar to IMAGE (or to --image-id)."""
-    from retrieval.search import run_search
+    from retrieval.query.search import run_search
 
     current = settings()
     warn_if_random(current)
@@ -225,8 +225,8 @@ def reindex(
     pooling: Annotated[Optional[str], typer.Option("--to-pooling", help="Build a space with this pooling from stored z.")] = None,
 ) -> None:
     """Rebuild the index from stored vectors, or (with --to-pooling) derive a new space from stored z."""
-    from retrieval.pooling import parse_pooling
-    from retrieval.reindex import reindex as run_reindex
+    from retrieval.model.pooling import parse_pooling
+    from retrieval.ops.reindex import reindex as run_reindex
 
     with reported_errors():
         report = run_reindex(_service(model_settings()), pooling=parse_pooling(pooling) if pooling else None)
@@ -247,7 +247,7 @@ def export(
     shard_size: Annotated[int, typer.Option(help="Images per .npz shard (and per streamed chunk).")] = 1000,
 ) -> None:
     """Export stored latents (z), pooled vectors, optionally S2 latents, with metadata and labels."""
-    from retrieval.export import export_latents
+    from retrieval.ops.export import export_latents
 
     chosen = tuple(part.strip() for part in formats.split(",") if part.strip())
     with reported_errors():
@@ -264,7 +264,7 @@ def preview(
     output: Annotated[Path, typer.Argument(help="PNG file to write.")],
 ) -> None:
     """Write the MedVAE reconstruction of a stored image (decoded from its stored z) as PNG."""
-    from retrieval.previews import preview_png
+    from retrieval.query.previews import preview_png
 
     with reported_errors():
         data = preview_png(_service(model_settings()), image_id)
@@ -278,7 +278,7 @@ def doctor(
     no_model: Annotated[bool, typer.Option("--no-model", help="Skip loading the model.")] = False,
 ) -> None:
     """Environment, weights, database and index state."""
-    from retrieval.doctor import diagnose
+    from retrieval.ops.doctor import diagnose
 
     report = diagnose(model_settings(), load_model=not no_model)
     if as_json:
@@ -296,7 +296,7 @@ def doctor(
 @app.command()
 def sample(target: Annotated[Path, typer.Argument(help="Folder to write the sample archive into.")] = Path("data/sample")) -> None:
     """Write the bundled sample archive (pydicom test files + generated chest X-ray look-alikes)."""
-    from retrieval.sample import write_sample_set
+    from retrieval.ops.sample import write_sample_set
 
     write_sample_set(target)
     out.print(f"sample archive written to {target}", highlight=False)
@@ -323,7 +323,7 @@ def quality_command(
     batch: Annotated[int, typer.Option(help="Images per decoder batch.")] = 16,
 ) -> None:
     """Score stored images' reconstructions (PSNR/SSIM of decode(z) vs the re-read source file)."""
-    from retrieval.quality import score_stored
+    from retrieval.query.quality import score_stored
 
     with reported_errors():
         scored, unreadable = score_stored(_service(model_settings()), limit=limit, batch=batch)
@@ -342,7 +342,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Leave-one-out retrieval quality on labelled images already in the archive (image and study level)."""
-    from retrieval import eval_archive
+    from retrieval.ops import eval_archive
 
     with reported_errors(as_json=as_json):
         service = _service(model_settings())
@@ -392,8 +392,8 @@ def classify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """kNN label voting on stored vectors: accuracy and AUROC per label on a held-out split by study/patient."""
-    from retrieval import eval_archive
-    from retrieval.evaluation import knn_classification
+    from retrieval.ops import eval_archive
+    from retrieval.domain.evaluation import knn_classification
 
     with reported_errors(as_json=as_json):
         service = _service(model_settings())
@@ -432,7 +432,7 @@ def backup_command(
     target: Annotated[Path, typer.Argument(help="New or empty folder for the backup.")],
 ) -> None:
     """Back up the database (SQLite online backup or pg_dump) and the index files, with a manifest."""
-    from retrieval.backup import backup
+    from retrieval.ops.backup import backup
 
     with reported_errors():
         manifest = backup(settings(), target)
@@ -446,7 +446,7 @@ def restore_command(
     force: Annotated[bool, typer.Option(help="Overwrite a database that already holds images.")] = False,
 ) -> None:
     """Restore a backup into the configured (empty) database and data dir; checks every file's sha256."""
-    from retrieval.backup import restore
+    from retrieval.ops.backup import restore
 
     with reported_errors():
         manifest = restore(settings(), source, force=force)
@@ -465,7 +465,7 @@ def worker(
     """
     import signal
 
-    from retrieval.worker import Worker
+    from retrieval.ingest.worker import Worker
 
     with reported_errors():
         runner = Worker(_service(model_settings()), poll_seconds=poll)
@@ -486,10 +486,10 @@ def demo(
     """Write the sample archive, ingest it, run a similar-case search, then serve the API."""
     import os
 
-    from retrieval.demo import demo_weights
-    from retrieval.ingest import IngestPipeline
-    from retrieval.sample import write_sample_set
-    from retrieval.search import run_search
+    from retrieval.ops.demo import demo_weights
+    from retrieval.ingest.pipeline import IngestPipeline
+    from retrieval.ops.sample import write_sample_set
+    from retrieval.query.search import run_search
 
     explicit = State.settings_overrides.get("weights") or os.environ.get("RETRIEVAL_WEIGHTS")
     weights, notice = demo_weights(explicit)
@@ -532,7 +532,7 @@ def demo(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply pending database migrations (also done automatically on first use)."""
-    from retrieval.store import Store, current_revision
+    from retrieval.storage.store import Store, current_revision
 
     with reported_errors():
         store = Store.open(settings())

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import numpy as np
 
 from retrieval.errors import InvalidRequestError, NotFoundError
-from retrieval.evaluation import neighbour_label_scores
-from retrieval.metadata import age_in_years, parse_date
-from retrieval.models import ImageRecord, Study
+from retrieval.domain.evaluation import neighbour_label_scores
+from retrieval.domain.metadata import age_in_years, parse_date
+from retrieval.storage.orm import ImageRecord, Study
 from retrieval.service import RetrievalService
 
 QUALITY_KEYS = ("min_psnr", "max_psnr", "min_ssim", "max_ssim")
@@ -333,7 +333,7 @@ def empty_space_warnings(service: RetrievalService) -> list[str]:
 
 
 def _vector_and_patient_of_file(service: RetrievalService, path: Any) -> tuple[np.ndarray, str | None]:
-    from retrieval.imaging import decode_path
+    from retrieval.imaging.decode import decode_path
 
     if service.settings.model_dims == 3:
         return _vector_and_patient_of_volume(service, path)
@@ -341,12 +341,12 @@ def _vector_and_patient_of_file(service: RetrievalService, path: Any) -> tuple[n
 
 
 def _vector_and_patient_of_bytes(service: RetrievalService, data: bytes, name: str) -> tuple[np.ndarray, str | None]:
-    from retrieval.imaging import decode_bytes
+    from retrieval.imaging.decode import decode_bytes
 
     if service.settings.model_dims == 3:  # an uploaded volume: NIfTI only (a series is many files)
         import tempfile
 
-        from retrieval.volumes import is_nifti
+        from retrieval.imaging.volumes import is_nifti
 
         suffix = ".nii.gz" if name.lower().endswith(".gz") or data[:2] == b"\x1f\x8b" else ".nii"
         if name and not is_nifti(name) and not name.lower().endswith(".gz"):
@@ -363,8 +363,8 @@ def _vector_and_patient_of_bytes(service: RetrievalService, data: bytes, name: s
 
 def _vector_and_patient_of_volume(service: RetrievalService, path: Any) -> tuple[np.ndarray, str | None]:
     """A query volume: a NIfTI file, or a folder holding exactly one DICOM series."""
-    from retrieval.volume_ingest import volume_metadata, volume_model_input
-    from retrieval.volumes import load_volume, scan_volumes
+    from retrieval.ingest.volume_pipeline import volume_metadata, volume_model_input
+    from retrieval.imaging.volumes import load_volume, scan_volumes
 
     items = [item for item in scan_volumes(path) if not item.error]
     if len(items) != 1:
@@ -379,8 +379,8 @@ def _vector_and_patient_of_volume(service: RetrievalService, path: Any) -> tuple
 
 
 def _vector_and_patient(service: RetrievalService, decoded: Any) -> tuple[np.ndarray, str | None]:
-    from retrieval.imaging import fit_to_square
-    from retrieval.metadata import from_dicom
+    from retrieval.imaging.decode import fit_to_square
+    from retrieval.domain.metadata import from_dicom
 
     pixels = fit_to_square(decoded.pixels, service.settings.input_size)
     vector = service.embed_query(pixels)[1]

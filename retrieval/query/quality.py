@@ -71,7 +71,7 @@ def score_stored(service: RetrievalService, *, limit: int, batch: int = 16) -> t
     Returns ``(scored, unreadable sources)``; images whose source is gone keep no score.
     """
     from retrieval.errors import RetrievalError
-    from retrieval.imaging import decode_path, fit_to_square
+    from retrieval.imaging.decode import decode_path, fit_to_square
 
     images = service.store.images_without_quality(limit)
     scored, unreadable = 0, 0

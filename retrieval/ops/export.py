@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from retrieval.errors import InvalidRequestError
-from retrieval.models import ImageRecord
+from retrieval.storage.orm import ImageRecord
 from retrieval.service import RetrievalService
 
 METADATA_COLUMNS = [

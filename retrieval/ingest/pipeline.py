@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
+from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.errors import reason_of
-from retrieval.prepare import Fingerprint, Prepared, PrepareOptions, fingerprint, prepare
-from retrieval.quality import score_latents
+from retrieval.ingest.prepare import Fingerprint, Prepared, PrepareOptions, fingerprint, prepare
+from retrieval.query.quality import score_latents
 from retrieval.service import RetrievalService
-from retrieval.sources import SourceItem, printable_path, scan
-from retrieval.store import NewImage
+from retrieval.ingest.sources import SourceItem, printable_path, scan
+from retrieval.storage.store import NewImage
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +114,13 @@ def decode_worker_count(setting: int) -> int:
 
 
 def make_executor(workers: int) -> Executor | _InProcessExecutor:
-    """A process pool whose workers import only the torch-free ``retrieval.prepare``."""
+    """A process pool whose workers import only the torch-free ``retrieval.ingest.prepare``."""
     if workers == 0:
         return _InProcessExecutor()
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
-        context.set_forkserver_preload(["retrieval.prepare"])
+        context.set_forkserver_preload(["retrieval.ingest.prepare"])
     return ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
 
@@ -217,8 +217,8 @@ class IngestPipeline:
         return report
 
     def _run_volumes(self, source: str | Path, report: IngestReport) -> IngestReport:
-        """3-D models: NIfTI files and DICOM series, one vector each (:mod:`retrieval.volume_ingest`)."""
-        from retrieval.volume_ingest import ingest_volumes
+        """3-D models: NIfTI files and DICOM series, one vector each (:mod:`retrieval.ingest.volume_pipeline`)."""
+        from retrieval.ingest.volume_pipeline import ingest_volumes
 
         try:
             ingest_volumes(self, source, report)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import RetrievalError
-from retrieval.imaging import DICOM_SUFFIXES, decode_path, fit_to_square, looks_like_dicom
-from retrieval.metadata import ImageMetadata, from_dicom, merge_manifest_row
-from retrieval.sources import SourceItem
+from retrieval.imaging.decode import DICOM_SUFFIXES, decode_path, fit_to_square, looks_like_dicom
+from retrieval.domain.metadata import ImageMetadata, from_dicom, merge_manifest_row
+from retrieval.ingest.sources import SourceItem
 
 
 @dataclass

@@ -22,10 +22,10 @@ from sqlalchemy import Engine, create_engine, event, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from retrieval.metadata import ImageMetadata
-from retrieval.models import ImageRecord, IngestError, IngestJob, Latent, Space, Study, Vector
-from retrieval.settings import Settings
-from retrieval.spaces import SpaceIdentity
+from retrieval.domain.metadata import ImageMetadata
+from retrieval.storage.orm import ImageRecord, IngestError, IngestJob, Latent, Space, Study, Vector
+from retrieval.config import Settings
+from retrieval.domain.spaces import SpaceIdentity
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from retrieval.errors import ConfigurationError, InvalidRequestError
-from retrieval.index import file_lock
-from retrieval.settings import Settings
-from retrieval.store import Store, current_revision
+from retrieval.storage.index import file_lock
+from retrieval.config import Settings
+from retrieval.storage.store import Store, current_revision
 
 MANIFEST = "manifest.json"
 SQLITE_FILE = "database.sqlite"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrieval.errors import InvalidRequestError
-from retrieval.imaging import IMAGE_SUFFIXES
+from retrieval.imaging.decode import IMAGE_SUFFIXES
 
 
 @dataclass

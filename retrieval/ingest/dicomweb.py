@@ -8,7 +8,7 @@ them. Credentials never travel in the URL (refused when present): they come from
 Contract:
 
 * :meth:`DicomwebSource.list_items` lists instances with QIDO-RS (studies -> series -> instances)
-  and returns one :class:`~retrieval.sources.SourceItem` per instance with its SOPInstanceUID, so
+  and returns one :class:`~retrieval.ingest.sources.SourceItem` per instance with its SOPInstanceUID, so
   the pipeline skips stored instances *before* fetching them: a later sync fetches only what is new.
   A server that refuses the credentials or cannot be reached raises
   :class:`~retrieval.errors.SourceUnavailableError`; nothing has been stored at that point.
@@ -33,9 +33,9 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from retrieval.errors import InvalidRequestError, SourceUnavailableError
-from retrieval.metadata import parse_date
-from retrieval.settings import Settings
-from retrieval.sources import SourceItem
+from retrieval.domain.metadata import parse_date
+from retrieval.config import Settings
+from retrieval.ingest.sources import SourceItem
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ def query_latent(service: RetrievalService, *, data: bytes | None, name: str, im
         if image_id is None:
             raise ValueError("a query needs bytes or an image id")
         return stored_z(service, image_id)
-    from retrieval.imaging import decode_bytes, fit_to_square
+    from retrieval.imaging.decode import decode_bytes, fit_to_square
 
     decoded = decode_bytes(data, name=name, max_pixels=service.settings.max_image_pixels)
     return service.embed_query(fit_to_square(decoded.pixels, service.settings.input_size))[0]

@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval.architectures import Architecture
+from retrieval.model.architectures import Architecture
 from retrieval.errors import WeightsError
-from retrieval.settings import Settings
+from retrieval.config import Settings
 
 logger = logging.getLogger(__name__)
 

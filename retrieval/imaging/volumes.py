@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import ImageDecodeError, InvalidRequestError
-from retrieval.imaging import looks_like_dicom
-from retrieval.sources import SourceItem
+from retrieval.imaging.decode import looks_like_dicom
+from retrieval.ingest.sources import SourceItem
 
 logger = logging.getLogger(__name__)
 

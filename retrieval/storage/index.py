@@ -32,9 +32,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.models import Space
-from retrieval.settings import Settings
-from retrieval.store import Store, StoredVector
+from retrieval.storage.orm import Space
+from retrieval.config import Settings
+from retrieval.storage.store import Store, StoredVector
 
 logger = logging.getLogger(__name__)
 

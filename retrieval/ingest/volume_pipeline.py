@@ -1,6 +1,6 @@
 """Bulk ingest for the 3-D models: one vector per NIfTI file or DICOM series.
 
-Same contract as the 2-D pipeline (:mod:`retrieval.ingest`): idempotent by content hash (a
+Same contract as the 2-D pipeline (:mod:`retrieval.ingest.pipeline`): idempotent by content hash (a
 series' hash covers all its files; checked before decoding, so a re-run reads no voxels twice), one transaction per volume, one bad volume never stops the
 run, failures recorded with their stage and reason. Volumes are encoded one at a time: a
 single 128^3 cube already fills the encoder.
@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
+from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.errors import RetrievalError, reason_of
-from retrieval.metadata import ImageMetadata, from_dicom
-from retrieval.prepare import study_of
-from retrieval.sources import SourceItem, printable_path
-from retrieval.store import NewImage
-from retrieval.volumes import Volume, content_sha256, fit_to_cube, load_volume, normalise, scan_volumes
+from retrieval.domain.metadata import ImageMetadata, from_dicom
+from retrieval.ingest.prepare import study_of
+from retrieval.ingest.sources import SourceItem, printable_path
+from retrieval.storage.store import NewImage
+from retrieval.imaging.volumes import Volume, content_sha256, fit_to_cube, load_volume, normalise, scan_volumes
 
 if TYPE_CHECKING:
-    from retrieval.ingest import IngestPipeline, IngestReport
+    from retrieval.ingest.pipeline import IngestPipeline, IngestReport
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def volume_metadata(volume: Volume, *, secret: str, date_shift_days: int) -> Ima
 def ingest_volumes(pipeline: IngestPipeline, source: str | Path, report: IngestReport) -> None:
     """Fill ``report`` with the ingest of every volume under ``source`` into the pipeline's 3-D space:
     a folder or NIfTI file, or a DICOMweb source (one volume per series)."""
-    from retrieval.ingest import Failure
+    from retrieval.ingest.pipeline import Failure
 
     pipeline.volumes_seen = set()
     if is_dicomweb(source):
@@ -76,7 +76,7 @@ def _ingest_remote_series(pipeline: IngestPipeline, source: str, report: IngestR
     Stored series are skipped by SeriesInstanceUID before any fetch (incremental sync); the
     fetched files live in a spool folder only while their series is processed.
     """
-    from retrieval.ingest import Failure
+    from retrieval.ingest.pipeline import Failure
 
     service, settings = pipeline.service, pipeline.settings
     remote = DicomwebSource(DicomwebQuery.parse(source), settings)
@@ -107,7 +107,7 @@ def _ingest_remote_series(pipeline: IngestPipeline, source: str, report: IngestR
 
 def _load_and_store(pipeline: IngestPipeline, item: SourceItem, report: IngestReport) -> None:
     """Read, fit, encode and store one volume item; failures are recorded, never raised."""
-    from retrieval.ingest import Failure
+    from retrieval.ingest.pipeline import Failure
 
     store, space = pipeline.service.store, pipeline.service.space
     try:
@@ -137,7 +137,7 @@ def _store_volume(
     pipeline: IngestPipeline, item: SourceItem, volume: Volume, cube: np.ndarray, sha256: str, report: IngestReport
 ) -> None:
     """Encode one fitted volume and store it (row, latent, vector) in one transaction."""
-    from retrieval.ingest import Failure
+    from retrieval.ingest.pipeline import Failure
 
     service, settings = pipeline.service, pipeline.settings
     tick = time.perf_counter()

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from retrieval.index import SpaceIndex, choose_index_spec
-from retrieval.models import Vector
-from retrieval.pooling import PoolingSpec, pool
+from retrieval.storage.index import SpaceIndex, choose_index_spec
+from retrieval.storage.orm import Vector
+from retrieval.model.pooling import PoolingSpec, pool
 from retrieval.service import RetrievalService
 
 logger = logging.getLogger(__name__)

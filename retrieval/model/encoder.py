@@ -14,7 +14,7 @@ Speed-ups that keep the function identical: LoRA folded into the conv weights af
 the attention block computed with ``scaled_dot_product_attention``, ``channels_last``, and
 bf16 autocast on CUDA and on CPUs with bf16 matrix units (``precision="fp32"`` turns it off).
 On the CPU, 2-D encoding runs in OpenVINO when it is installed (``runtime``; see
-:mod:`retrieval.openvino_runtime`), in bf16 exactly where autocast would be.
+:mod:`retrieval.model.openvino_runtime`), in bf16 exactly where autocast would be.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.architectures import LORA_RANK, LORA_TARGETS, Architecture, ddconfig_from_yaml, get_architecture
+from retrieval.model.architectures import LORA_RANK, LORA_TARGETS, Architecture, ddconfig_from_yaml, get_architecture
 from retrieval.errors import ConfigurationError, WeightsError
-from retrieval.openvino_runtime import OpenVinoPosteriorMode, openvino_available
-from retrieval.settings import Settings
-from retrieval.weights import WeightsSource, resolve_weights
+from retrieval.model.openvino_runtime import OpenVinoPosteriorMode, openvino_available
+from retrieval.config import Settings
+from retrieval.model.weights import WeightsSource, resolve_weights
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from PIL import Image, PngImagePlugin
 
 from retrieval.errors import NotFoundError
 from retrieval.service import RetrievalService
-from retrieval.volumes import orthogonal_slices
+from retrieval.imaging.volumes import orthogonal_slices
 
 PREVIEW_NOTE = "MedVAE reconstruction decoded from the stored latent; not the original pixels."
 VOLUME_PREVIEW_NOTE = (
