@@ -1,16 +1,20 @@
-"""Dependency vocabulary of the routes: the service, the settings, the API-key check."""
+"""Dependency vocabulary of the routes: the services, the settings, metrics, the preview cache, the API-key check.
+
+Routes take these typed dependencies and never read ``app.state`` themselves; this module is the
+one place that knows where the application keeps them.
+"""
 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 
 from api.schemas import MAX_ROW_ID
-from retrieval.errors import RetrievalError
-from retrieval.service import RetrievalService
 from retrieval.config import Settings
+from retrieval.errors import RetrievalError
+from retrieval.service import SpaceService, SpaceServices
 
 
 class UnauthorizedError(RetrievalError):
@@ -18,13 +22,28 @@ class UnauthorizedError(RetrievalError):
     http_status = 401
 
 
-def get_service(request: Request) -> RetrievalService:
+def get_service(request: Request) -> SpaceService:
     return request.app.state.service
 
 
-def service_for_space(request: Request, space: str | None) -> RetrievalService:
+def get_spaces(request: Request) -> SpaceServices:
+    """Every stored space's service: ``spaces.get(key)`` (key or 8+ character prefix; ``None`` = the default)."""
+    return request.app.state.spaces
+
+
+def service_for_space(request: Request, space: str | None) -> SpaceService:
     """The service of the named space (key or 8+ character prefix); the configured one when ``None``."""
-    return request.app.state.spaces.get(space)
+    return get_spaces(request).get(space)
+
+
+def get_metrics(request: Request) -> Any:
+    """The app's :class:`api.metrics.Metrics`."""
+    return request.app.state.metrics
+
+
+def get_preview_cache(request: Request) -> dict[tuple[str, int], bytes]:
+    """PNG previews already decoded by this process, keyed by (encoder key, image id)."""
+    return request.app.state.preview_cache
 
 
 def get_settings(request: Request) -> Settings:
@@ -42,7 +61,10 @@ def require_api_key(request: Request) -> None:
         raise UnauthorizedError("missing or wrong API key: send `Authorization: Bearer <key>`")
 
 
-ServiceDep = Annotated[RetrievalService, Depends(get_service)]
+ServiceDep = Annotated[SpaceService, Depends(get_service)]
 #: database row ids: positive 32-bit integers (PostgreSQL ``integer``); anything else is a 422, never a 500
 RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+SpacesDep = Annotated[SpaceServices, Depends(get_spaces)]
+MetricsDep = Annotated[Any, Depends(get_metrics)]
+PreviewCacheDep = Annotated[dict[tuple[str, int], bytes], Depends(get_preview_cache)]

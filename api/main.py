@@ -10,37 +10,38 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from api import web
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimitMiddleware
 from api.metrics import Metrics, RequestTimingMiddleware
-from api import web
 from api.routes import archive, compare, health, jobs, score, search
 from api.web import SecurityHeadersMiddleware
-from retrieval.service import RetrievalService, SpaceServices
 from retrieval.config import Settings
-from retrieval.model.weights import RANDOM_WEIGHTS_WARNING
+from retrieval.model.weights import weights_warning
+from retrieval.service import SpaceService, SpaceServices
 
 logger = logging.getLogger(__name__)
 
 
-def _warm_up(service: RetrievalService) -> None:
+def _warm_up(service: SpaceService) -> None:
     """Load the model and open the index in the background; requests needing them wait on its lock."""
     try:
         service.index  # noqa: B018 - loads encoder, space and index
-        if service.encoder.weights.is_random:
-            logger.warning(RANDOM_WEIGHTS_WARNING)
+        warning = weights_warning(service.settings.weights)
+        if warning:
+            logger.warning(warning)
     except Exception:  # noqa: BLE001 - /readyz reports it; requests will raise the typed error
         logger.exception("model or index failed to load")
 
 
-def create_app(settings: Settings | None = None, *, service: RetrievalService | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, service: SpaceService | None = None) -> FastAPI:
     """Build the app. The database opens (and migrates) at start; the model loads in the background."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.service = service or RetrievalService(settings)
+        app.state.service = service or SpaceService(settings)
         app.state.spaces = SpaceServices(app.state.service)
         app.state.metrics.attach(app.state.service)
         app.state.preview_cache = {}

@@ -15,8 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from retrieval.service import SpaceService
 from retrieval.storage.jobs import JobQueue
-from retrieval.service import RetrievalService
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -25,7 +25,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 class ArchiveCollector(Collector):
     """Gauges and counters read from the database when Prometheus scrapes."""
 
-    def __init__(self, service: RetrievalService) -> None:
+    def __init__(self, service: SpaceService) -> None:
         self.service = service
 
     def collect(self) -> Iterable[Any]:
@@ -77,7 +77,7 @@ class Metrics:
             ),
         }
 
-    def attach(self, service: RetrievalService) -> None:
+    def attach(self, service: SpaceService) -> None:
         """Feed the service's timing hook into the histograms and read archive figures at scrape."""
         service.observe = self.observe
         if self._archive is not None:  # the app started again (a new lifespan): follow its service

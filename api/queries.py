@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.schemas import QueryImage
+from retrieval.config import Settings
 from retrieval.errors import InvalidRequestError
 from retrieval.query.fetch import fetch_image_url
-from retrieval.config import Settings
 
 Params = TypeVar("Params", bound=QueryImage)
 

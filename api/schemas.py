@@ -7,9 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from retrieval.model.architectures import ARCHITECTURES
+from retrieval.domain.filters import UID_KEYS, Filters
 from retrieval.errors import InvalidRequestError
-from retrieval.query.search import UID_KEYS, Filters
+from retrieval.model.architectures import ARCHITECTURES
+from retrieval.query.results import ImageResult, StudyResult, StudySummary
 
 
 class SearchFilters(BaseModel):
@@ -111,38 +112,6 @@ class ServiceInfo(BaseModel):
     max_request_bytes: int
     ingest_enabled: bool
     dicomweb_sources: list[str] = Field(default_factory=list, description="DICOMweb base URLs that ingest jobs may sync from.")
-
-
-class ImageResult(BaseModel):
-    image_id: int
-    source: str
-    score: float | None = None
-    recon_psnr: float | None = Field(None, description="PSNR (dB) of the MedVAE reconstruction, when scored.")
-    recon_ssim: float | None = Field(None, description="SSIM of the MedVAE reconstruction, when scored.")
-    modality: str | None = None
-    body_part: str | None = None
-    view: str | None = None
-    laterality: str | None = None
-    study_date: str | None = None
-    width: int
-    height: int
-    labels: list[str] = []
-    preview_url: str | None = None
-    preview_png_base64: str | None = None
-
-
-class StudySummary(BaseModel):
-    study_id: int
-    study_key: str
-    label: str
-    study_uid: str | None = None
-    study_date: str | None = None
-
-
-class StudyResult(BaseModel):
-    study: StudySummary
-    score: float
-    images: list[ImageResult]
 
 
 class ModelInfo(BaseModel):

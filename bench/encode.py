@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from bench.results_io import write_result
+from retrieval.config import Settings
 from retrieval.model.encoder import MedVAEEncoder
 from retrieval.model.pooling import parse_pooling, pool
-from retrieval.config import Settings
 
 
 def _sync(device: torch.device) -> None:

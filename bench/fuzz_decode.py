@@ -21,7 +21,8 @@ import atheris
 
 with atheris.instrument_imports():
     from retrieval.errors import ImageDecodeError
-    from retrieval.imaging.decode import decode_bytes, fit_to_square
+    from retrieval.imaging.decode import decode_bytes
+    from retrieval.imaging.preprocess import fit_to_square
 
 MAX_PIXELS = 4_000_000
 

@@ -77,15 +77,15 @@ def generate(kind: str, folder: Path, count: int, size: int, workers: int) -> in
 
 
 def run_ingest(folder: Path, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from retrieval.ingest.pipeline import IngestPipeline
-    from retrieval.service import RetrievalService
     from retrieval.config import Settings
+    from retrieval.ingest.pipeline import IngestPipeline
+    from retrieval.service import SpaceService
 
     settings = Settings(
         data_dir=data_dir, weights="random", input_size=args.input_size, batch_size=args.batch,
         decode_workers=args.workers, device=args.device,
     )
-    service = RetrievalService(settings)
+    service = SpaceService(settings)
     report = IngestPipeline(service).run(folder)
     service.close()
     db_bytes = sum(p.stat().st_size for p in data_dir.glob("retrieval.db*"))

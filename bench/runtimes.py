@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from bench.results_io import write_result
+from retrieval.config import Settings
 from retrieval.model.encoder import MedVAEEncoder, cpu_has_bf16
 from retrieval.model.openvino_runtime import PosteriorMode
-from retrieval.config import Settings
 
 
 def _time(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:

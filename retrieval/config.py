@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     model: str = Field("medvae_8_4_2d", description="MedVAE model name.")
     weights: str = Field(
         "hub",
-        description="`hub` (Hugging Face, pinned revision), a local checkpoint path, or `random`.",
+        description="`hub` (Hugging Face; a commit sha as hub_revision pins it), a local checkpoint path, `random` "
+        "(seeded random MedVAE weights), or `fake` (a deterministic stand-in encoder for tests; not MedVAE).",
     )
     model_config_path: Path | None = Field(
         None, description="Optional YAML architecture config to go with a local checkpoint."
@@ -133,7 +134,7 @@ class Settings(BaseSettings):
     @classmethod
     def _weights_not_empty(cls, value: str) -> str:
         if not value.strip():
-            raise ValueError("weights must be `hub`, `random` or a checkpoint path")
+            raise ValueError("weights must be `hub`, `random`, `fake` or a checkpoint path")
         return value.strip()
 
     @property
@@ -177,4 +178,5 @@ class Settings(BaseSettings):
 
     @property
     def uses_random_weights(self) -> bool:
-        return self.weights == "random"
+        """True when the weights are not MedVAE's trained ones (``random`` or the ``fake`` test encoder)."""
+        return self.weights in ("random", "fake")

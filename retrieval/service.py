@@ -1,4 +1,10 @@
-"""Wiring: settings -> store, encoder, embedding space and its index, shared by the CLI and the API.
+"""SpaceService: one embedding space's preprocessing, encoder, pooling head and index over the shared store.
+
+It is the one object that knows how this space turns pixels into a vector, and the one place
+that tells 2-D from 3-D: ingest, search, similarity maps, ``/score``, quality and evaluation all
+call :meth:`SpaceService.model_input` / :meth:`SpaceService.embed` instead of preprocessing on
+their own. The CLI and the API build one per request scope; :class:`SpaceServices` serves the
+other stored spaces of the same database beside it.
 
 The encoder and the index are loaded lazily on first use, under a lock (loading MedVAE takes
 seconds; ``doctor`` and metadata reads do not need it).
@@ -15,31 +21,34 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrieval.config import Settings
+from retrieval.domain.spaces import PreprocessSpec, SpaceIdentity
+from retrieval.errors import ConflictError, InvalidRequestError, NotFoundError
+from retrieval.imaging.decode import DecodedImage
+from retrieval.imaging.preprocess import preprocess_spec, to_model_input
+from retrieval.imaging.volumes import Volume
 from retrieval.model.architectures import model_dims
 from retrieval.model.batching import MicroBatcher
-from retrieval.model.encoder import MedVAEEncoder
-from retrieval.errors import ConflictError, InvalidRequestError, NotFoundError
-from retrieval.imaging.decode import PREPROCESSING_VERSION
+from retrieval.model.contract import Encoder
+from retrieval.model.loader import load_encoder
+from retrieval.model.pooling import PoolingSpec, parse_pooling, pool
+from retrieval.model.weights import placeholder_label
 from retrieval.storage.index import OpenReport, SpaceIndex, choose_index_spec
 from retrieval.storage.orm import Space
-from retrieval.model.pooling import PoolingSpec, parse_pooling, pool
-from retrieval.config import Settings
-from retrieval.domain.spaces import SpaceIdentity
 from retrieval.storage.store import Store
-from retrieval.imaging.volumes import VOLUME_PREPROCESSING_VERSION
-from retrieval.model.weights import RANDOM_WEIGHTS_LABEL
 
 logger = logging.getLogger(__name__)
 
 
-class RetrievalService:
-    """One archive: its database, its encoder and the index of the configured space."""
+class SpaceService:
+    """One embedding space of an archive: preprocessing, encoder, pooling head and index, over its store."""
 
     def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
         self.settings = settings
         self.pooling: PoolingSpec = parse_pooling(settings.pooling)
+        self.preprocessing: PreprocessSpec = preprocess_spec(settings.model_dims, settings.model_input_size)
         self.store = store or Store.open(settings)
-        self._encoder: MedVAEEncoder | None = None
+        self._encoder: Encoder | None = None
         self._space: Space | None = None
         self._index: SpaceIndex | None = None
         self.index_report: OpenReport | None = None
@@ -51,11 +60,16 @@ class RetrievalService:
     # -- lazily loaded parts
 
     @property
-    def encoder(self) -> MedVAEEncoder:
+    def encoder(self) -> Encoder:
         with self._lock:
             if self._encoder is None:
-                self._encoder = MedVAEEncoder(self.settings)
+                self._encoder = load_encoder(self.settings)
             return self._encoder
+
+    @property
+    def is_volume_space(self) -> bool:
+        """True for 3-D spaces (one vector per volume), False for 2-D images."""
+        return self.preprocessing.dims == 3
 
     @property
     def encoder_loaded(self) -> bool:
@@ -68,8 +82,8 @@ class RetrievalService:
         return SpaceIdentity(
             model=self.settings.model,
             weights=encoder.weights.identity,
-            input_size=self.settings.model_input_size,
-            preprocessing=PREPROCESSING_VERSION if encoder.dims == 2 else VOLUME_PREPROCESSING_VERSION,
+            input_size=self.preprocessing.input_size,
+            preprocessing=self.preprocessing.version,
             pooling=spec.canonical,
             dim=spec.dimension(encoder.latent_channels, encoder.dims),
         )
@@ -102,6 +116,14 @@ class RetrievalService:
         return index
 
     # -- embedding
+
+    def model_input(self, decoded: DecodedImage | Volume) -> np.ndarray:
+        """A decoded image (2-D space) or loaded volume (3-D space) as this space's encoder takes it."""
+        return to_model_input(decoded, self.preprocessing)
+
+    def embed(self, decoded: DecodedImage | Volume) -> tuple[torch.Tensor, np.ndarray]:
+        """One decoded query image or volume -> (z, vector) of this space (micro-batched when on)."""
+        return self.embed_query(self.model_input(decoded))
 
     def embed_pixels(self, pixels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """``(B, S, S)`` normalised pixels -> (z ``(B, C, h, w)``, vectors ``(B, D)`` float32)."""
@@ -141,6 +163,25 @@ class RetrievalService:
                 )
             return self._batcher
 
+    def readiness(self) -> dict[str, Any]:
+        """Checks for ``/readyz``: the database answers, the model is loaded, the index equals the database.
+
+        Each value is ``True`` or the reason it is not; it never raises and never loads the model.
+        """
+        checks: dict[str, Any] = {}
+        try:
+            self.store.ping()
+            checks["database"] = True
+        except Exception as exc:  # noqa: BLE001 - readiness reports, never raises
+            checks["database"] = f"{type(exc).__name__}: {exc}"
+        checks["model_loaded"] = self.encoder_loaded
+        if self.encoder_loaded and checks["database"] is True:
+            count, _ = self.store.vector_stats(self.space.id)
+            checks["index_consistent"] = self.searchable_index().count == count
+        else:
+            checks["index_consistent"] = False
+        return checks
+
     # -- descriptions shared by JSON outputs
 
     def model_info(self) -> dict[str, Any]:
@@ -161,12 +202,11 @@ class RetrievalService:
 
 
 def space_json(space: Space) -> dict[str, Any]:
-    """A space as JSON outputs show it; random weights always read ``random-init``."""
-    random = space.weights.startswith(RANDOM_WEIGHTS_LABEL)
+    """A space as JSON outputs show it; random weights read ``random-init``, the fake encoder ``fake-encoder``."""
     return {
         "key": space.key,
         "model": space.model,
-        "weights": RANDOM_WEIGHTS_LABEL if random else space.weights,
+        "weights": placeholder_label(space.weights) or space.weights,
         "input_size": space.input_size,
         "dims": model_dims(space.model),
         "preprocessing": space.preprocessing,
@@ -185,12 +225,12 @@ class SpaceServices:
     encodes queries into a space with a different encoder than the one that built it.
     """
 
-    def __init__(self, default: RetrievalService) -> None:
+    def __init__(self, default: SpaceService) -> None:
         self.default = default
-        self._others: dict[str, RetrievalService] = {}
+        self._others: dict[str, SpaceService] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: str | None) -> RetrievalService:
+    def get(self, key: str | None) -> SpaceService:
         if not key:
             return self.default
         space = self._find(key.strip().lower())
@@ -214,12 +254,12 @@ class SpaceServices:
             raise InvalidRequestError(f"space {key!r} is ambiguous: give more characters", detail={"field": "space"})
         return matches[0]
 
-    def _build(self, space: Space) -> RetrievalService:
+    def _build(self, space: Space) -> SpaceService:
         size_field = "volume_size" if model_dims(space.model) == 3 else "input_size"
         settings = self.default.settings.model_copy(
             update={"model": space.model, "pooling": space.pooling, size_field: space.input_size}
         )
-        service = RetrievalService(settings, store=self.default.store)
+        service = SpaceService(settings, store=self.default.store)
         service.observe = self.default.observe
         identity = service.identity()
         if identity.key != space.key:

@@ -17,11 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from pydicom.uid import generate_uid
-
 from conftest import synthetic_image
 from dicom_factory import write_dicom
+from PIL import Image
+from pydicom.uid import generate_uid
 
 
 def _png(image: Image.Image, **options: object) -> bytes:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny settings with seeded random weights, a PostgreSQL database per session."""
+"""Shared fixtures: tiny settings with the fake encoder (or seeded random MedVAE weights where the
+model matters), a PostgreSQL database per session."""
 
 from __future__ import annotations
 
@@ -9,20 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from live_server import tiny_env
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from live_server import tiny_env
 from retrieval.config import Settings
 
 PG_ADMIN_URL = os.environ.get("RETRIEVAL_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 
 
 def tiny_settings(data_dir: Path, database_url: str | None = None, **overrides: object) -> Settings:
+    """64-px settings on the fast deterministic fake encoder; pass ``weights="random"`` where MedVAE itself matters."""
     values: dict[str, object] = {
         "data_dir": data_dir,
         "database_url": database_url,
-        "weights": "random",
+        "weights": "fake",
         "seed": 0,
         "input_size": 64,
         "precision": "fp32",
@@ -44,7 +46,7 @@ def settings(tmp_path: Path) -> Settings:
 def encoder():  # type: ignore[no-untyped-def]
     from retrieval.model.encoder import MedVAEEncoder
 
-    return MedVAEEncoder(tiny_settings(Path("/nonexistent-unused")))
+    return MedVAEEncoder(tiny_settings(Path("/nonexistent-unused"), weights="random"))
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +103,7 @@ def make_archive(root: Path, *, studies: int = 4, per_study: int = 3) -> list[Pa
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def cli_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """Environment for `python -m retrieval` processes: tiny random-weights settings, SQLite or PostgreSQL."""
+    """Environment for `python -m retrieval` processes: tiny fake-encoder settings, SQLite or PostgreSQL."""
     env = tiny_env(tmp_path / "data", RETRIEVAL_DECODE_WORKERS="1")  # one real decode worker process
     if request.param == "postgres":
         base = request.getfixturevalue("postgres_url")

@@ -21,11 +21,12 @@ def free_port() -> int:
 
 
 def tiny_env(data_dir: Path, **overrides: str) -> dict[str, str]:
-    """The process environment for tiny random-weights settings (64 px, fp32, PyTorch runtime), no inherited
-    RETRIEVAL_*. (The OpenVINO runtime has its own tests; converting per data folder would slow every test.)"""
+    """The process environment for tiny settings on the fake encoder (64 px; ``RETRIEVAL_WEIGHTS=random`` in
+    ``overrides`` for real MedVAE, fp32, PyTorch runtime), no inherited RETRIEVAL_*. (The OpenVINO runtime has
+    its own tests; converting per data folder would slow every test.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETRIEVAL_")}
     env.update(
-        RETRIEVAL_DATA_DIR=str(data_dir), RETRIEVAL_WEIGHTS="random", RETRIEVAL_SEED="0", RETRIEVAL_INPUT_SIZE="64",
+        RETRIEVAL_DATA_DIR=str(data_dir), RETRIEVAL_WEIGHTS="fake", RETRIEVAL_SEED="0", RETRIEVAL_INPUT_SIZE="64",
         RETRIEVAL_PRECISION="fp32", RETRIEVAL_BATCH_SIZE="4", RETRIEVAL_DECODE_WORKERS="0", HF_HUB_OFFLINE="1",
         RETRIEVAL_ID_SECRET="test-secret-not-for-production", RETRIEVAL_RUNTIME="torch",
     )

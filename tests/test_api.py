@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_archive, tiny_settings
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
 from retrieval.ingest.pipeline import IngestPipeline
-from retrieval.service import RetrievalService
-
-from conftest import make_archive, tiny_settings
+from retrieval.service import SpaceService
 
 SEED_CARD = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_6b595dc0430858fc.txt"
 
@@ -31,9 +30,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]
     return root, files
 
 
-def _client(root: Path, **overrides: object) -> Iterator[TestClient]:
-    settings = tiny_settings(root / "data", **overrides)
-    service = RetrievalService(settings)
+def _client(root: Path, data: str = "data", **overrides: object) -> Iterator[TestClient]:
+    settings = tiny_settings(root / data, **overrides)
+    service = SpaceService(settings)
     if service.store.counts()["images"] == 0:
         IngestPipeline(service).run(root / "archive")
     with TestClient(create_app(settings, service=service)) as client:
@@ -54,7 +53,7 @@ def test_search_by_upload(client: TestClient, archive: tuple[Path, list[Path]]) 
     response = client.post("/v1/search", files={"file": ("q.png", _png_bytes(query), "image/png")}, data={"k": "2"})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model"]["weights"] == "random-init" and body["took_ms"] > 0
+    assert body["model"]["weights"] == "fake-encoder" and body["took_ms"] > 0
     top = body["results"][0]
     assert top["study"]["label"] == "study_1" and top["score"] > 0.9999
     assert top["images"][0]["preview_url"].endswith(f"/v1/images/{top['images'][0]['image_id']}/preview.png")
@@ -119,7 +118,7 @@ def test_redirect_to_private_address_is_refused(archive: tuple[Path, list[Path]]
 
 def test_study_image_preview_latent_spaces(client: TestClient) -> None:
     image = client.get("/v1/images/1").json()
-    assert image["image_id"] == 1 and image["weights"] == "random-init"
+    assert image["image_id"] == 1 and image["weights"] == "fake-encoder"
     study = client.get(f"/v1/studies/{image['study']['study_id']}").json()
     assert [i["image_id"] for i in study["images"]] == [1, 2]
     preview = client.get("/v1/images/1/preview.png")
@@ -130,7 +129,7 @@ def test_study_image_preview_latent_spaces(client: TestClient) -> None:
     latent = np.load(io.BytesIO(client.get("/v1/images/1/latent.npy").content))
     assert latent.shape == (4, 8, 8) and latent.dtype == np.float16
     spaces = client.get("/v1/spaces").json()
-    assert len(spaces) == 1 and spaces[0]["active"] and spaces[0]["images"] == 6 and spaces[0]["weights"] == "random-init"
+    assert len(spaces) == 1 and spaces[0]["active"] and spaces[0]["images"] == 6 and spaces[0]["weights"] == "fake-encoder"
     for path in ("/v1/images/999", "/v1/studies/999", "/v1/images/999/preview.png", "/v1/images/999/latent.npy"):
         missing = client.get(path)
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
@@ -160,11 +159,19 @@ def test_vendored_card_example_matches_the_seed_card() -> None:
     assert code and code.group(1) in CARD_EXAMPLE.read_text()
 
 
+@pytest.fixture(scope="module")
+def medvae_client(archive: tuple[Path, list[Path]]) -> Iterator[TestClient]:
+    """A server on real MedVAE (seeded random weights): /score is checked with the card's own code on it."""
+    yield from _client(archive[0], data="data-medvae", weights="random")
+
+
 @pytest.mark.parametrize("decode", [True, False])
-def test_score_accepts_the_card_request(client: TestClient, archive: tuple[Path, list[Path]], tmp_path: Path, decode: bool) -> None:
+def test_score_accepts_the_card_request(
+    medvae_client: TestClient, archive: tuple[Path, list[Path]], tmp_path: Path, decode: bool
+) -> None:
     encoded = base64.b64encode(_png_bytes(archive[1][1])).decode()
     request = {"input_data": {"columns": ["image_path", "decode"], "data": [[encoded, decode]]}}
-    response = client.post("/score", json=request)
+    response = medvae_client.post("/score", json=request)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["weights"] == "random-init"
@@ -247,7 +254,7 @@ def test_ingest_job_routes(archive: tuple[Path, list[Path]], tmp_path: Path) -> 
         job = client.post("/v1/ingest-jobs", json={"source": str(allowed / "folder")})
         assert job.status_code == 202 and job.json()["state"] == "queued" and job.json()["failures"] == []
         assert job.json()["model"] == "medvae_8_4_2d"  # the server's model by default
-        assert job.json()["weights"] == "random-init"
+        assert job.json()["weights"] == "fake-encoder"
         job_id = job.json()["job_id"]
         listed = client.get("/v1/ingest-jobs").json()["jobs"]
         assert [j["job_id"] for j in listed][0] == job_id and len(listed) == 2
@@ -278,7 +285,7 @@ def test_metrics_report_routes_timings_and_archive(client: TestClient, archive: 
 
 def test_similarity_map_and_info(client: TestClient, archive: tuple[Path, list[Path]]) -> None:
     info = client.get("/v1/info").json()
-    assert info["random_weights"] is True and "RANDOM-INITIALISED" in info["warning"]
+    assert info["random_weights"] is True and "NOT MedVAE" in info["warning"]
     assert info["space"]["pooling"] == "spp:1,2,4" and info["max_request_bytes"] > 0
     same = client.post("/v1/similarity-map", json={"image_id": 3, "target_image_id": 3}).json()
     assert same["grid"]["rows"] == same["grid"]["cols"] == 8  # 64 px input / 8

@@ -7,16 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
-
-from api.main import create_app
-from retrieval.service import RetrievalService
-from retrieval.ingest.sources import printable_path
-
 from bad_inputs import build_corpus, manifest_cases
 from conftest import database_url, tiny_settings
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
 from test_cli_end_to_end import run_cli
+
+from api.main import create_app
+from retrieval.domain.items import printable_path
+from retrieval.service import SpaceService
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_cli_ingests_every_good_file_and_records_every_bad_one(corpus: tuple[Pat
 def test_api_answers_every_bad_upload_with_a_4xx(corpus: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     root, expected = corpus
     settings = tiny_settings(tmp_path / "data", max_image_pixels=50_000_000)
-    with TestClient(create_app(settings, service=RetrievalService(settings)), raise_server_exceptions=False) as client:
+    with TestClient(create_app(settings, service=SpaceService(settings)), raise_server_exceptions=False) as client:
         for relative, outcome in expected.items():
             data = (root / relative).read_bytes()
             name = printable_path(Path(relative).name)  # what a client can send of a non-UTF-8 name

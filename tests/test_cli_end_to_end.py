@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from sqlalchemy import create_engine, text
-
 from conftest import database_url, db_counts, make_archive, synthetic_image, write_png
 from dicom_factory import write_dicom
+from PIL import Image
+from sqlalchemy import create_engine, text
 
 
 def run_cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -35,6 +34,8 @@ def index_count(env: dict[str, str]) -> int:
 
 
 def test_ingest_search_reingest(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """The one end-to-end run on real MedVAE (seeded random weights) per backend; the others use the fake encoder."""
+    cli_env = {**cli_env, "RETRIEVAL_WEIGHTS": "random"}
     archive = tmp_path / "archive"
     files = make_archive(archive, studies=4, per_study=3)
     write_dicom(archive / "dicom_study" / "a.dcm", (synthetic_image(77) * 4000).astype(np.uint16), window=(2000, 4000),

@@ -14,9 +14,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, text
-
 from conftest import database_url, db_counts, make_archive
+from sqlalchemy import create_engine, text
 from test_cli_end_to_end import run_cli
 
 KILLS = 10

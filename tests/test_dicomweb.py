@@ -12,25 +12,24 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from fastapi.testclient import TestClient
-from pydicom.data import get_testdata_file
-
-from api.main import create_app
-from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource
-from retrieval.errors import ForbiddenError, InvalidRequestError, SourceUnavailableError
-from retrieval.ingest.pipeline import IngestPipeline
-from retrieval.storage.jobs import allowed_job_source
-from retrieval.domain.metadata import age_in_years, shifted_date
-from retrieval.query.search import run_search
-from retrieval.service import RetrievalService
-from retrieval.config import Settings
-from retrieval.ingest.worker import Worker
-
 from conftest import synthetic_image, tiny_settings
 from dicom_factory import write_dicom
+from fastapi.testclient import TestClient
 from orthanc_server import PASSWORD, USER, OrthancServer
+from pydicom.data import get_testdata_file
 from test_cli_end_to_end import run_cli
 from volume_factory import phantom_hu, write_ct_series
+
+from api.main import create_app
+from retrieval.config import Settings
+from retrieval.domain.metadata import age_in_years, shifted_date
+from retrieval.errors import ForbiddenError, InvalidRequestError, SourceUnavailableError
+from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource
+from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.ingest.worker import Worker
+from retrieval.query.search import run_search
+from retrieval.service import SpaceService
+from retrieval.storage.jobs import allowed_job_source
 
 BUNDLED = ("CT_small.dcm", "MR_small.dcm")  # ship inside pydicom; different studies, CT and MR
 
@@ -78,7 +77,7 @@ def test_sync_search_then_resync_fetches_only_new_instances(
 ) -> None:
     orthanc.upload(*(Path(get_testdata_file(name)) for name in BUNDLED), *_xrays(tmp_path / "first", 3, first_seed=1))
     fetched = _count_fetches(monkeypatch)
-    service = RetrievalService(_settings(tmp_path))
+    service = SpaceService(_settings(tmp_path))
     report = IngestPipeline(service).run(orthanc.dicomweb_source)
     assert (report.total, report.ingested, report.skipped, report.failed) == (5, 5, 0, 0), report.failures
     assert len(fetched) == 5
@@ -112,7 +111,7 @@ def test_sync_search_then_resync_fetches_only_new_instances(
 
 def test_filters_by_modality_and_study(orthanc: OrthancServer, tmp_path: Path) -> None:
     orthanc.upload(*(Path(get_testdata_file(name)) for name in BUNDLED), *_xrays(tmp_path / "x", 2, first_seed=3))
-    service = RetrievalService(_settings(tmp_path))
+    service = SpaceService(_settings(tmp_path))
     only_cr = IngestPipeline(service).run(f"{orthanc.dicomweb_source}?modality=cr")
     assert (only_cr.total, only_cr.ingested) == (2, 2)
     ct_study = str(pydicom.dcmread(get_testdata_file("CT_small.dcm")).StudyInstanceUID)
@@ -125,7 +124,7 @@ def test_filters_by_modality_and_study(orthanc: OrthancServer, tmp_path: Path) -
 
 def test_wrong_password_is_a_clear_error_and_stores_nothing(orthanc: OrthancServer, tmp_path: Path) -> None:
     orthanc.upload(Path(get_testdata_file("CT_small.dcm")))
-    service = RetrievalService(_settings(tmp_path, dicomweb_password="not-the-password"))
+    service = SpaceService(_settings(tmp_path, dicomweb_password="not-the-password"))
     with pytest.raises(SourceUnavailableError, match=r"refused the credentials \(HTTP 401\)") as raised:
         IngestPipeline(service).run(orthanc.dicomweb_source)
     assert "not-the-password" not in str(raised.value)
@@ -147,7 +146,7 @@ def test_orthanc_stopped_mid_sync_then_rerun_completes(
         return real_fetch(self, item, spool)
 
     monkeypatch.setattr(DicomwebSource, "fetch", fetch_then_stop_orthanc)
-    service = RetrievalService(_settings(tmp_path, dicomweb_fetch_workers=1))
+    service = SpaceService(_settings(tmp_path, dicomweb_fetch_workers=1))
     first = IngestPipeline(service).run(orthanc.dicomweb_source)
     assert (first.ingested, first.failed) == (2, 3)
     assert {f.stage for f in first.failures} == {"fetch"}
@@ -199,7 +198,7 @@ def test_date_shift_is_per_patient_and_keeps_intervals() -> None:
 def test_api_job_syncs_an_allowed_dicomweb_server_through_the_worker(orthanc: OrthancServer, tmp_path: Path) -> None:
     orthanc.upload(*_xrays(tmp_path / "x", 2, first_seed=30))
     settings = _settings(tmp_path, dicomweb_allowed_urls=f"{orthanc.url}/dicom-web")
-    service = RetrievalService(settings)
+    service = SpaceService(settings)
     with TestClient(create_app(settings, service=service)) as client:
         other = client.post("/v1/ingest-jobs", json={"source": "dicomweb+http://10.0.0.1:8042/dicom-web"})
         assert other.status_code == 403 and other.json()["error"]["code"] == "forbidden"
@@ -262,7 +261,7 @@ def test_ct_series_sync_into_a_3d_space_one_volume_per_series(
     series = write_ct_series(tmp_path / "ct", phantom_hu(7, (32, 32, 8)), PatientID="P7", PatientSex="M")
     orthanc.upload(*series, *_xrays(tmp_path / "x", 1, first_seed=40))  # one CT series of 8 slices, one CR image
     fetched = _count_fetches(monkeypatch)
-    service = RetrievalService(_settings(tmp_path, model="medvae_4_1_3d", volume_size=32))
+    service = SpaceService(_settings(tmp_path, model="medvae_4_1_3d", volume_size=32))
     report = IngestPipeline(service).run(orthanc.dicomweb_source)
     assert (report.total, report.ingested, report.failed) == (2, 1, 1), report.failures
     assert "at least 2 slices" in report.failures[0].reason  # the lone X-ray is not a volume

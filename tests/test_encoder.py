@@ -5,15 +5,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_image
+from conftest import tiny_settings as fake_settings
 
-from retrieval.model.encoder import MedVAEEncoder, fold_lora, save_state_dict, use_fused_attention
 from retrieval.errors import ConfigurationError, WeightsError
+from retrieval.model.encoder import (
+    MedVAEEncoder,
+    fold_lora,
+    save_state_dict,
+    use_fused_attention,
+)
+from retrieval.config import Settings
 
-from conftest import synthetic_image, tiny_settings
+
+def tiny_settings(data_dir: Path, **overrides: object) -> Settings:
+    """These tests are about MedVAE itself: seeded random weights unless a test says otherwise."""
+    return fake_settings(data_dir, **{"weights": "random", **overrides})
 
 
 def _batch(n: int = 2, size: int = 64) -> np.ndarray:
-    from retrieval.imaging.decode import fit_to_square
+    from retrieval.imaging.preprocess import fit_to_square
 
     return np.stack([fit_to_square(synthetic_image(i, 80), size) for i in range(n)])
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from retrieval.domain.evaluation import EvalItem, evaluate, rankings, recall_of_exact
-
 from conftest import make_archive
 from test_cli_end_to_end import run_cli
+
+from retrieval.domain.evaluation import EvalItem, evaluate, rankings, recall_of_exact
 
 # 4 images in 2-D; scores: AB .8, AC .6, AD 0, BC .96, BD .6, CD .8
 A = EvalItem(1, 1, frozenset({"x"}))
@@ -87,7 +86,11 @@ def test_eval_command_report_pooling_study_and_near_duplicates(cli_env: dict[str
 
 
 def test_neighbour_label_votes_and_knn_classification() -> None:
-    from retrieval.domain.evaluation import knn_classification, neighbour_label_scores, split_by_study
+    from retrieval.domain.evaluation import (
+        knn_classification,
+        neighbour_label_scores,
+        split_by_study,
+    )
 
     votes = neighbour_label_scores([frozenset({"x"}), frozenset({"x", "y"}), frozenset()], [0.9, 0.6, -0.2])
     assert votes == {"x": 1.0, "y": 0.4}  # y: 0.6 / (0.9 + 0.6); negative similarity carries no weight

@@ -11,12 +11,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-
-from retrieval.ops.export import export_latents
-from retrieval.ingest.pipeline import IngestPipeline
-from retrieval.service import RetrievalService
-
 from conftest import make_archive, tiny_settings
+
+from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.ops.export import export_latents
+from retrieval.service import SpaceService
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +25,7 @@ def test_npz_and_hdf5_round_trip_with_s2_and_labels(tmp_path: Path) -> None:
     manifest = tmp_path / "labels.csv"
     manifest.write_text("path,labels\n" + "".join(
         f"{f},{'effusion' if i // 2 % 2 else 'normal'}|cohort-a\n" for i, f in enumerate(files)))
-    service = RetrievalService(tiny_settings(tmp_path / "data"))
+    service = SpaceService(tiny_settings(tmp_path / "data"))
     assert IngestPipeline(service).run(manifest).ingested == 12
     out = tmp_path / "export"
     result = export_latents(service, out, shard_size=5, formats=("npz", "hdf5"), include_s2=True)

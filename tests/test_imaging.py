@@ -7,13 +7,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_factory import write_dicom
 from PIL import Image
 from pydicom.data import get_testdata_file
 
 from retrieval.errors import ImageDecodeError, ImageTooLargeError
-from retrieval.imaging.decode import apply_window, decode_bytes, decode_path, fit_to_square
-
-from dicom_factory import write_dicom
+from retrieval.imaging.decode import (
+    apply_window,
+    decode_bytes,
+    decode_path,
+)
+from retrieval.imaging.preprocess import fit_to_square
 
 CAP = 80_000_000
 

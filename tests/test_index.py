@@ -5,13 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_settings
 
-from retrieval.storage.index import SpaceIndex
 from retrieval.domain.metadata import ImageMetadata
 from retrieval.domain.spaces import SpaceIdentity
-from retrieval.storage.store import NewImage, Store
-
-from conftest import tiny_settings
+from retrieval.storage.index import SpaceIndex
+from retrieval.storage.rows import NewImage
+from retrieval.storage.store import Store
 
 DIM = 16
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from retrieval.ingest.pipeline import IngestPipeline
-from retrieval.domain.metadata import keyed_hash
-from retrieval.query.search import run_search
-from retrieval.service import RetrievalService
-from retrieval.config import Settings
-
 from conftest import synthetic_image, write_png
+
+from retrieval.config import Settings
+from retrieval.domain.metadata import keyed_hash
+from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.query.search import run_search
+from retrieval.service import SpaceService
 
 
 def test_manifest_ingest_groups_labels_and_hashes(settings: Settings, tmp_path: Path) -> None:
@@ -29,7 +28,7 @@ def test_manifest_ingest_groups_labels_and_hashes(settings: Settings, tmp_path: 
         "files/missing.png,S4,,DX,,,\n"
         ",S5,,,,,\n"
     )
-    service = RetrievalService(settings)
+    service = SpaceService(settings)
     report = IngestPipeline(service).run(manifest)
     assert (report.ingested, report.skipped, report.failed) == (4, 0, 2)
     reasons = {Path(f.source).name: f.reason for f in report.failures}
@@ -59,7 +58,7 @@ def test_same_bytes_twice_in_one_run_is_stored_once(settings: Settings, tmp_path
     pixels = synthetic_image(5)
     write_png(tmp_path / "a" / "x.png", pixels)
     write_png(tmp_path / "b" / "x_copy.png", pixels)
-    service = RetrievalService(settings)
+    service = SpaceService(settings)
     report = IngestPipeline(service).run(tmp_path)
     assert (report.ingested, report.skipped) == (1, 1)
     assert service.store.counts()["images"] == 1

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_settings
 from sqlalchemy import update
 
-from retrieval.model.batching import MicroBatcher
 from retrieval.errors import ConflictError
+from retrieval.model.batching import MicroBatcher
 from retrieval.storage.jobs import JobQueue, Progress
 from retrieval.storage.orm import IngestJob
 from retrieval.storage.store import Store
-
-from conftest import tiny_settings
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -135,12 +134,12 @@ def test_micro_batcher_hands_errors_to_every_caller() -> None:
 
 
 def test_batched_queries_equal_single_queries(tmp_path: Path) -> None:
-    from retrieval.service import RetrievalService
-
     from conftest import synthetic_image
 
-    single = RetrievalService(tiny_settings(tmp_path / "a", query_batching="off"))
-    batched = RetrievalService(tiny_settings(tmp_path / "b", query_batching="on", query_batch_wait_ms=20))
+    from retrieval.service import SpaceService
+
+    single = SpaceService(tiny_settings(tmp_path / "a", query_batching="off"))
+    batched = SpaceService(tiny_settings(tmp_path / "b", query_batching="on", query_batch_wait_ms=20))
     images = [synthetic_image(n, size=64) for n in range(6)]  # [0, 1], as fit_to_square gives
     expected = [single.embed_query(image)[1] for image in images]
     with ThreadPoolExecutor(6) as pool:

@@ -9,14 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from schemathesis import checks
+from conftest import make_archive, tiny_settings
 from hypothesis import HealthCheck, given, settings
+from live_server import running_server, tiny_env
+from schemathesis import checks
 
 from retrieval.ingest.pipeline import IngestPipeline
-from retrieval.service import RetrievalService
-
-from conftest import make_archive, tiny_settings
-from live_server import running_server, tiny_env
+from retrieval.service import SpaceService
 
 EXAMPLES_PER_OPERATION = 60
 #: no 5xx, and every response (status, content type, headers, body) as the OpenAPI document says
@@ -33,7 +32,7 @@ CHECKS = [
 def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesis.BaseSchema]:
     root = tmp_path_factory.mktemp("fuzz")
     make_archive(root / "roots" / "archive", studies=2, per_study=2)
-    service = RetrievalService(tiny_settings(root / "data"))
+    service = SpaceService(tiny_settings(root / "data"))
     IngestPipeline(service).run(root / "roots" / "archive")
     service.close()
     env = tiny_env(root / "data", RETRIEVAL_INGEST_ROOTS=str(root / "roots"))

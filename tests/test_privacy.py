@@ -6,14 +6,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import database_url
 from pydicom.data import get_testdata_file
 from sqlalchemy import create_engine, text
-
-from retrieval.domain.metadata import keyed_hash
-from retrieval.config import Settings
-
-from conftest import database_url
 from test_cli_end_to_end import run_cli
+
+from retrieval.config import Settings
+from retrieval.domain.metadata import keyed_hash
 
 # identifying values in pydicom's CT_small.dcm (PatientName, PatientID, InstitutionName, StationName)
 IDENTIFIERS = ["CompressedSamples", "CT1^", "1CT1", "JFK IMAGING CENTER", "CT01_OC0"]

@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_archive, synthetic_image, tiny_settings
+from test_cli_end_to_end import run_cli
 
 from retrieval.ingest.pipeline import IngestPipeline
 from retrieval.query.quality import psnr, reconstruction_quality, ssim
 from retrieval.query.search import run_search
-from retrieval.service import RetrievalService
-
-from conftest import make_archive, synthetic_image, tiny_settings
-from test_cli_end_to_end import run_cli
+from retrieval.service import SpaceService
 
 
 def test_psnr_and_ssim_behave() -> None:
@@ -32,7 +31,7 @@ def test_psnr_and_ssim_behave() -> None:
 
 def test_quality_at_ingest_filter_and_sort(tmp_path: Path) -> None:
     make_archive(tmp_path / "archive", studies=3, per_study=2)
-    service = RetrievalService(tiny_settings(tmp_path / "data", ingest_quality=True))
+    service = SpaceService(tiny_settings(tmp_path / "data", ingest_quality=True))
     report = IngestPipeline(service).run(tmp_path / "archive")
     assert report.ingested == 6 and report.seconds["quality"] > 0
     images = service.store.images_by_id(list(range(1, 7)))

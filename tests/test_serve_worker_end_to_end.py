@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
-
 from conftest import db_counts, make_archive
 from live_server import free_port, wait_ready
+from PIL import Image
 
 
 def start(env: dict[str, str], *args: str, log: Path) -> subprocess.Popen[bytes]:

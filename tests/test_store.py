@@ -4,14 +4,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_settings
 from sqlalchemy import inspect
 
 from retrieval.domain.metadata import ImageMetadata, keyed_hash
-from retrieval.storage.orm import Base
 from retrieval.domain.spaces import SpaceIdentity
-from retrieval.storage.store import NewImage, Store, current_revision
-
-from conftest import tiny_settings
+from retrieval.storage.database import current_revision
+from retrieval.storage.orm import Base
+from retrieval.storage.rows import NewImage
+from retrieval.storage.store import Store
 
 
 def _image(n: int, **meta: object) -> NewImage:
@@ -37,13 +38,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 
 
 def test_migrations_create_schema_and_are_idempotent(store: Store) -> None:
-    from retrieval.storage.store import upgrade_database
-
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    from retrieval.storage.store import alembic_config
+    from retrieval.storage.database import alembic_config, upgrade_database
 
     upgrade_database(store.engine)
     head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()

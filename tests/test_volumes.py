@@ -9,22 +9,25 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import make_archive, tiny_settings
 from fastapi.testclient import TestClient
 from PIL import Image
+from volume_factory import phantom_hu, write_ct_series, write_nifti
 
 from api.main import create_app
-
-from retrieval.model.encoder import MedVAEEncoder, build_medvae_model
+from retrieval.config import Settings
 from retrieval.errors import ImageDecodeError, InvalidRequestError
+from retrieval.imaging.volumes import (
+    check_slice_spacing,
+    load_nifti,
+    load_volume,
+    scan_volumes,
+)
 from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.model.encoder import MedVAEEncoder, build_medvae_model
 from retrieval.query.previews import preview_png
 from retrieval.query.search import run_search
-from retrieval.service import RetrievalService
-from retrieval.config import Settings
-from retrieval.imaging.volumes import check_slice_spacing, load_nifti, load_volume, scan_volumes
-
-from conftest import make_archive, tiny_settings
-from volume_factory import phantom_hu, write_ct_series, write_nifti
+from retrieval.service import SpaceService
 
 CUBE = 32
 
@@ -36,7 +39,7 @@ def volume_settings(tmp_path: Path, **overrides: object) -> Settings:
 
 
 def test_3d_encoder_is_medvae_3d_with_fused_attention_and_posterior_mode(tmp_path: Path) -> None:
-    encoder = MedVAEEncoder(volume_settings(tmp_path, volume_size=16, volume_roi=16))
+    encoder = MedVAEEncoder(volume_settings(tmp_path, volume_size=16, volume_roi=16, weights="random"))
     torch.manual_seed(0)
     reference = build_medvae_model(encoder.architecture, encoder.architecture.ddconfig, 1).eval()
     reference.load_state_dict(encoder.model.state_dict())
@@ -51,7 +54,7 @@ def test_3d_encoder_is_medvae_3d_with_fused_attention_and_posterior_mode(tmp_pat
 
 
 def test_sliding_window_covers_cubes_larger_than_the_window(tmp_path: Path) -> None:
-    encoder = MedVAEEncoder(volume_settings(tmp_path, volume_size=40, volume_roi=24))
+    encoder = MedVAEEncoder(volume_settings(tmp_path, volume_size=40, volume_roi=24, weights="random"))
     cube = np.random.default_rng(2).random((1, 40, 40, 40), dtype=np.float32)
     z = encoder.encode(cube)
     assert z.shape == (1, 1, 10, 10, 10) and torch.isfinite(z).all()
@@ -98,7 +101,7 @@ def test_volumes_ingest_retrieve_themselves_and_preview_three_planes(tmp_path: P
                         PatientID=f"P{seed}", BodyPartExamined="CHEST", StudyDate="20240301")
     write_ct_series(archive / "broken", phantom_hu(30, (32, 32, 6)), slice_positions=[0, 2, 4, 9, 11, 13])
 
-    service = RetrievalService(volume_settings(tmp_path))
+    service = SpaceService(volume_settings(tmp_path))
     report = IngestPipeline(service).run(archive)
     assert (report.total, report.ingested, report.failed) == (5, 4, 1), report.failures
     assert "slice spacing is not uniform" in report.failures[0].reason and "broken" in report.failures[0].source
@@ -129,7 +132,7 @@ def test_volumes_ingest_retrieve_themselves_and_preview_three_planes(tmp_path: P
 def test_a_query_folder_with_two_series_is_refused(tmp_path: Path) -> None:
     write_ct_series(tmp_path / "pair" / "a", phantom_hu(1, (16, 16, 4)))
     write_ct_series(tmp_path / "pair" / "b", phantom_hu(2, (16, 16, 4)))
-    service = RetrievalService(volume_settings(tmp_path))
+    service = SpaceService(volume_settings(tmp_path))
     with pytest.raises(InvalidRequestError, match=r"exactly one DICOM series \(found 2\)"):
         run_search(service, path=tmp_path / "pair", k=1)
     service.close()
@@ -138,11 +141,11 @@ def test_a_query_folder_with_two_series_is_refused(tmp_path: Path) -> None:
 def test_2d_and_3d_spaces_coexist_and_the_api_searches_either(tmp_path: Path) -> None:
     images_2d = make_archive(tmp_path / "xrays", studies=2, per_study=1)
     settings_2d = tiny_settings(tmp_path / "data")
-    service_2d = RetrievalService(settings_2d)
+    service_2d = SpaceService(settings_2d)
     assert IngestPipeline(service_2d).run(tmp_path / "xrays").ingested == 2
     for seed in range(2):
         write_nifti(tmp_path / "volumes" / f"subject{seed}.nii.gz", phantom_hu(40 + seed).transpose(1, 0, 2))
-    service_3d = RetrievalService(volume_settings(tmp_path))
+    service_3d = SpaceService(volume_settings(tmp_path))
     assert IngestPipeline(service_3d).run(tmp_path / "volumes").ingested == 2
     volume_id = next(image.id for chunk in service_3d.store.iter_images() for image in chunk if image.kind == "nifti")
     service_3d.close()

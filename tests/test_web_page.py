@@ -16,15 +16,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
-
-from retrieval.ingest.pipeline import IngestPipeline
-from retrieval.service import RetrievalService
-
 from conftest import make_archive, synthetic_image, tiny_settings
 from dicom_factory import write_dicom
 from live_server import running_server, tiny_env
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 from volume_factory import phantom_hu, write_nifti
+
+from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.service import SpaceService
 
 CHROMIUM = os.environ.get("RETRIEVAL_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
@@ -39,13 +38,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
     make_archive(root / "archive", studies=5, per_study=3)
     write_dicom(root / "archive" / "dicom_study" / "a.dcm", (synthetic_image(77) * 4000).astype(np.uint16),
                 window=(2000, 4000), BodyPartExamined="CHEST", ViewPosition="PA", Modality="DX")
-    service = RetrievalService(tiny_settings(root / "data"))
+    service = SpaceService(tiny_settings(root / "data"))
     report = IngestPipeline(service).run(root / "archive")
     assert report.failed == 0
     service.close()
     for seed in range(2):  # a 3-D space beside the 2-D one, in the same archive
         write_nifti(root / "volumes" / f"subject{seed}.nii.gz", phantom_hu(50 + seed).transpose(1, 0, 2))
-    volumes = RetrievalService(tiny_settings(root / "data", model="medvae_4_1_3d", volume_size=32))
+    volumes = SpaceService(tiny_settings(root / "data", model="medvae_4_1_3d", volume_size=32))
     assert IngestPipeline(volumes).run(root / "volumes").ingested == 2
     volumes.close()
     env = tiny_env(root / "data", RETRIEVAL_MAX_REQUEST_BYTES=str(MAX_BYTES))
@@ -89,7 +88,7 @@ def test_upload_more_like_this_compare_export_and_errors(site: tuple[str, Path],
     page.goto(base)
     response_headers = page.request.get(base).headers
     assert "default-src 'self'" in response_headers["content-security-policy"]
-    expect(page.locator("#random-banner")).to_contain_text("RANDOM-INITIALISED")
+    expect(page.locator("#random-banner")).to_contain_text("NOT MedVAE")
 
     # upload a query: its own study comes first
     query = root / "archive" / "study_2" / "img_1.png"

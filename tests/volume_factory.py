@@ -6,9 +6,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from pydicom.uid import CTImageStorage, generate_uid
-
 from dicom_factory import write_dicom
+from pydicom.uid import CTImageStorage, generate_uid
 
 
 def phantom_hu(seed: int, shape: tuple[int, int, int] = (32, 32, 24)) -> np.ndarray:

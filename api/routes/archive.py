@@ -6,18 +6,15 @@ import io
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request, Response
-from sqlalchemy import select
-from sqlalchemy.orm import selectinload
+from fastapi import APIRouter, Depends, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import RowId, ServiceDep, require_api_key, service_for_space
+from api.deps import PreviewCacheDep, RowId, ServiceDep, SpacesDep, require_api_key
 from api.errors import error_responses
 from api.schemas import SPACE_KEY_PATTERN, ImageDetail, SpaceInfo, StudyDetail
 from retrieval.errors import NotFoundError
-from retrieval.storage.orm import Study
 from retrieval.query.previews import PREVIEW_NOTE, preview_png
-from retrieval.query.search import image_json, study_json
+from retrieval.query.results import image_json, study_json
 from retrieval.service import space_json
 
 router = APIRouter(prefix="/v1", tags=["archive"], dependencies=[Depends(require_api_key)])
@@ -38,12 +35,11 @@ def _image_or_404(service: Any, image_id: int) -> Any:
 
 @router.get("/studies/{study_id}", response_model=StudyDetail, responses=error_responses(401, 404))
 def get_study(study_id: RowId, service: ServiceDep) -> dict[str, Any]:
-    with service.store.sessions() as session:
-        study = session.scalar(select(Study).options(selectinload(Study.images)).where(Study.id == study_id))
-        if study is None:
-            raise NotFoundError(f"study {study_id} does not exist", detail={"study_id": study_id})
-        images = [dict(image_json(image), preview_url=f"/v1/images/{image.id}/preview.png") for image in study.images]
-        return {"study": study_json(study), "images": images, "weights": service.model_info()["weights"]}
+    study = service.store.study_with_images(study_id)
+    if study is None:
+        raise NotFoundError(f"study {study_id} does not exist", detail={"study_id": study_id})
+    images = [dict(image_json(image), preview_url=f"/v1/images/{image.id}/preview.png") for image in study.images]
+    return {"study": study_json(study), "images": images, "weights": service.model_info()["weights"]}
 
 
 @router.get("/images/{image_id}", response_model=ImageDetail, responses=error_responses(401, 404))
@@ -64,12 +60,11 @@ def get_image(image_id: RowId, service: ServiceDep) -> dict[str, Any]:
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404, 409)},
 )
-async def get_preview(image_id: RowId, request: Request, space: SpaceParam = None) -> Response:
+async def get_preview(image_id: RowId, spaces: SpacesDep, cache: PreviewCacheDep, space: SpaceParam = None) -> Response:
     """The MedVAE reconstruction decoded from the stored latent (cached; not the original pixels).
 
     For a volume (3-D space, ``?space=KEY``): its middle sagittal, coronal and axial slices side by side."""
-    service = await run_in_threadpool(service_for_space, request, space)
-    cache: dict[tuple[str, int], bytes] = request.app.state.preview_cache
+    service = await run_in_threadpool(spaces.get, space)
     key = (service.space.encoder_key, image_id)
     png = cache.get(key)
     if png is None:
@@ -91,9 +86,9 @@ async def get_preview(image_id: RowId, request: Request, space: SpaceParam = Non
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(401, 404, 409)},
 )
-def get_latent(image_id: RowId, request: Request, space: SpaceParam = None) -> Response:
+def get_latent(image_id: RowId, spaces: SpacesDep, space: SpaceParam = None) -> Response:
     """The stored posterior-mode z of the image, ``(C, h, w)`` float16 (``(C, d, h, w)`` for a volume), as ``.npy``."""
-    service = service_for_space(request, space)
+    service = spaces.get(space)
     z = service.store.latent(image_id, service.space.encoder_key)
     if z is None:
         raise NotFoundError(f"image {image_id} has no stored latent for this encoder", detail={"image_id": image_id})

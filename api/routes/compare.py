@@ -14,8 +14,8 @@ from api.errors import error_responses
 from api.queries import parse_query_request, query_image_bytes
 from api.schemas import MAX_ROW_ID, SimilarityParams, SimilarityResponse
 from retrieval.query.previews import PREVIEW_NOTE, to_png
-from retrieval.service import RetrievalService
 from retrieval.query.similarity import query_latent, similarity_map
+from retrieval.service import SpaceService
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_api_key)])
 
@@ -46,7 +46,7 @@ _REQUEST_BODY: dict[str, Any] = {
 }
 
 
-def _compare(service: RetrievalService, data: bytes | None, name: str, params: SimilarityParams) -> dict[str, Any]:
+def _compare(service: SpaceService, data: bytes | None, name: str, params: SimilarityParams) -> dict[str, Any]:
     z = query_latent(service, data=data, name=name, image_id=params.image_id)
     result = similarity_map(service, z, params.target_image_id)
     query_png = to_png(service.encoder.decode(z[None])[0], note=PREVIEW_NOTE)

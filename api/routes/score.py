@@ -18,13 +18,15 @@ from api.errors import error_responses
 from api.queries import image_bytes_from_reference
 from api.schemas import ScoreRequest, ScoreResponse
 from retrieval.errors import InvalidRequestError
-from retrieval.imaging.decode import decode_bytes, fit_to_square
-from retrieval.service import RetrievalService
+from retrieval.imaging.decode import decode_bytes
+from retrieval.service import SpaceService
 
 router = APIRouter(tags=["score"], dependencies=[Depends(require_api_key)])
 
 
-def _score(service: RetrievalService, request: ScoreRequest) -> dict[str, Any]:
+def _score(service: SpaceService, request: ScoreRequest) -> dict[str, Any]:
+    if service.is_volume_space:
+        raise InvalidRequestError("/score encodes 2-D images; this server's space is 3-D", detail={"field": "input_data"})
     columns = request.input_data.columns
     if "image_path" not in columns:
         raise InvalidRequestError("input_data.columns must include `image_path`", detail={"field": "input_data.columns"})
@@ -39,8 +41,7 @@ def _score(service: RetrievalService, request: ScoreRequest) -> dict[str, Any]:
         want_decoded = bool(row[decode_at]) if decode_at is not None and row[decode_at] is not None else False
         data = image_bytes_from_reference(row[path_at], service.settings, field=f"input_data.data[{number}].image_path")
         decoded = decode_bytes(data, name=f"input_data.data[{number}]", max_pixels=service.settings.max_image_pixels)
-        pixels = fit_to_square(decoded.pixels, service.settings.input_size)
-        z = service.embed_query(pixels)[0][None]
+        z = service.embed(decoded)[0][None]
         latent = service.encoder.s2_latent(z)[0].numpy()
         prediction: dict[str, Any] = {"latent": np.round(latent, 5).tolist()}
         if want_decoded:

@@ -9,12 +9,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import require_api_key, service_for_space
+from api.deps import SpacesDep, require_api_key
 from api.errors import error_responses
 from api.queries import parse_query_request, query_image_bytes
 from api.schemas import SearchParams, SearchResponse
 from retrieval.query.previews import preview_png
-from retrieval.query.search import run_search
+from retrieval.query.search import Query, SearchOptions
+from retrieval.query.search import search as run_query
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_api_key)])
 
@@ -51,26 +52,23 @@ _REQUEST_BODY: dict[str, Any] = {
     responses=error_responses(400, 401, 404, 409, 413, 422, 503),
     summary="Find the studies most similar to a query image",
 )
-async def search(request: Request) -> dict[str, Any]:
+async def search(request: Request, spaces: SpacesDep) -> dict[str, Any]:
     """``space`` picks the embedding space (GET /v1/spaces); a 3-D space takes a NIfTI upload or a series id."""
     started = time.perf_counter()
     params, upload, upload_name = await parse_query_request(request, SearchParams)
-    service = await run_in_threadpool(service_for_space, request, params.space)
+    service = await run_in_threadpool(spaces.get, params.space)
     data, name = await query_image_bytes(params, upload, upload_name, service.settings)
-    payload = await run_in_threadpool(
-        run_search,
-        service,
-        data=data,
-        data_name=name,
-        image_id=params.image_id if data is None else None,
+    query = Query(data=data, data_name=name, image_id=params.image_id if data is None else None)
+    options = SearchOptions(
         k=params.k,
         filters=params.filters.to_filters(params.min_score),
         group_by=params.group_by,
         exclude_same_patient=params.exclude_same_patient,
         sort=params.sort,
     )
+    payload = await run_in_threadpool(run_query, service, query, options)
     base = str(request.base_url).rstrip("/")
-    in_space = "" if service is request.app.state.service else f"?space={service.space.key}"
+    in_space = "" if service is spaces.default else f"?space={service.space.key}"
     for result in payload["results"]:
         for image in result["images"]:
             if params.previews != "none":

@@ -14,6 +14,16 @@ from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
+class PreprocessSpec:
+    """How a space turns decoded pixels into model input: 2-D square or 3-D cube of ``input_size``,
+    by the pixel path of ``version`` (``retrieval.imaging.preprocess``)."""
+
+    dims: int
+    input_size: int
+    version: str
+
+
+@dataclass(frozen=True)
 class SpaceIdentity:
     model: str
     weights: str

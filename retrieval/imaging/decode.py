@@ -32,9 +32,6 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from retrieval.errors import ImageDecodeError, ImageTooLargeError
 
-PREPROCESSING_VERSION = "v1"
-"""Bump when the pixel path changes in a way that changes vectors (it is part of a space's identity)."""
-
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2", ".pgm", ".ppm"}
 IMAGE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES
@@ -275,29 +272,3 @@ def minmax_scale(values: np.ndarray) -> np.ndarray:
     if hi <= lo:
         return np.zeros_like(values, dtype=np.float32)
     return (values - lo) / (hi - lo)
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-def fit_to_square(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Aspect-preserving resize so the longer side is ``size``, centred on a zero-padded square.
-
-    Antialiased (Pillow's bilinear filter widens its support when reducing). Returns float32
-    ``(size, size)`` in [0, 1].
-    """
-    height, width = pixels.shape
-    scale = size / max(height, width)
-    new_w = max(1, round(width * scale))
-    new_h = max(1, round(height * scale))
-    if (new_h, new_w) == (height, width):
-        resized = pixels.astype(np.float32, copy=False)
-    else:
-        image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
-        resized = np.asarray(
-            image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.float32
-        )
-    canvas = np.zeros((size, size), dtype=np.float32)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    canvas[top : top + new_h, left : left + new_w] = np.clip(resized, 0.0, 1.0)
-    return canvas

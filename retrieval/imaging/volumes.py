@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.domain.items import SourceItem
+from retrieval.domain.metadata import ImageMetadata, from_dicom
 from retrieval.errors import ImageDecodeError, InvalidRequestError
 from retrieval.imaging.decode import looks_like_dicom
-from retrieval.ingest.sources import SourceItem
 
 logger = logging.getLogger(__name__)
 
-VOLUME_PREPROCESSING_VERSION = "vol-v1"  # RAS, medvae CT window / MR min-max, isotropic fit to a cube
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CT_WINDOW_HU = (-1000.0, 1000.0)
 SPACING_TOLERANCE = 0.05  # relative deviation from the median slice spacing that is still uniform
@@ -251,39 +251,19 @@ def guess_modality(voxels: np.ndarray) -> str:
 # --------------------------------------------------------------------------- model input
 
 
-def normalise(volume: Volume) -> np.ndarray:
-    """[0, 1] voxels as medvae's 3-D loaders scale them (CT window, MR min-max)."""
-    voxels = volume.voxels
-    if volume.modality == "CT":
-        low, high = CT_WINDOW_HU
-        return np.clip((voxels - low) / (high - low), 0.0, 1.0).astype(np.float32)
-    low, high = float(voxels.min()), float(voxels.max())
-    if high - low < 1e-12:
-        return np.zeros_like(voxels, dtype=np.float32)
-    return ((voxels - low) / (high - low)).astype(np.float32)
-
-
-def fit_to_cube(voxels: np.ndarray, spacing: tuple[float, float, float], size: int) -> np.ndarray:
-    """Isotropic trilinear resample with the longest physical side ``size``, centred in a zero cube."""
-    import torch
-    import torch.nn.functional as F
-
-    extent = np.array(voxels.shape, dtype=np.float64) * np.array(spacing, dtype=np.float64)
-    target = tuple(max(1, int(round(n))) for n in extent * (size / extent.max()))
-    tensor = torch.from_numpy(np.ascontiguousarray(voxels, dtype=np.float32))[None, None]
-    if target != voxels.shape:
-        tensor = F.interpolate(tensor, size=target, mode="trilinear", align_corners=False, antialias=False)
-    cube = np.zeros((size, size, size), dtype=np.float32)
-    offsets = [(size - n) // 2 for n in target]
-    cube[offsets[0] : offsets[0] + target[0], offsets[1] : offsets[1] + target[1], offsets[2] : offsets[2] + target[2]] = (
-        np.clip(tensor[0, 0].numpy(), 0.0, 1.0)
-    )
-    return cube
-
-
 def orthogonal_slices(cube: np.ndarray) -> np.ndarray:
     """The three middle slices (sagittal, coronal, axial) of a ``(S, S, S)`` cube side by side, ``(S, 3S)``."""
     x, y, z = (n // 2 for n in cube.shape)
     # display convention: superior up, anterior/right as radiologists view them
     panels = [np.rot90(cube[x, :, :]), np.rot90(cube[:, y, :]), np.rot90(cube[:, :, z])]
     return np.concatenate(panels, axis=1)
+
+
+def volume_metadata(volume: Volume, *, secret: str, date_shift_days: int) -> ImageMetadata:
+    """DICOM header fields for a series (series-level: no SOPInstanceUID); the modality for NIfTI."""
+    if volume.header is None:
+        return ImageMetadata(modality=volume.modality)
+    metadata = from_dicom(volume.header, secret=secret, date_shift_days=date_shift_days)
+    metadata.sop_uid = None  # one vector per series
+    metadata.modality = metadata.modality or volume.modality
+    return metadata

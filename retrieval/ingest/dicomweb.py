@@ -32,10 +32,10 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from retrieval.errors import InvalidRequestError, SourceUnavailableError
-from retrieval.domain.metadata import parse_date
 from retrieval.config import Settings
-from retrieval.ingest.sources import SourceItem
+from retrieval.domain.items import SourceItem
+from retrieval.domain.metadata import parse_date
+from retrieval.errors import InvalidRequestError, SourceUnavailableError
 
 logger = logging.getLogger(__name__)
 

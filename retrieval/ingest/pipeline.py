@@ -21,79 +21,29 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
+from retrieval.domain.items import SourceItem, printable_path
 from retrieval.errors import reason_of
-from retrieval.ingest.prepare import Fingerprint, Prepared, PrepareOptions, fingerprint, prepare
+from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
+from retrieval.ingest.prepare import (
+    Fingerprint,
+    Prepared,
+    PrepareOptions,
+    fingerprint,
+    prepare,
+)
+from retrieval.ingest.report import Failure, IngestReport, ProgressCallback
+from retrieval.ingest.sources import scan
+from retrieval.ingest.volume_pipeline import ingest_volumes
 from retrieval.query.quality import score_latents
-from retrieval.service import RetrievalService
-from retrieval.ingest.sources import SourceItem, printable_path, scan
-from retrieval.storage.store import NewImage
+from retrieval.service import SpaceService
+from retrieval.storage.rows import NewImage
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Failure:
-    """A file that failed; ``source`` is stored and shown, so it is made printable here, once."""
-
-    source: str
-    stage: str
-    reason: str
-
-    def __post_init__(self) -> None:
-        self.source = printable_path(self.source)
-
-
-@dataclass
-class IngestReport:
-    run_id: str
-    total: int = 0
-    ingested: int = 0
-    skipped: int = 0
-    failures: list[Failure] = field(default_factory=list)
-    stopped: bool = False  # should_stop ended the run before every item was seen
-    seconds: dict[str, float] = field(
-        default_factory=lambda: {"decode_cpu": 0.0, "encode": 0.0, "write": 0.0, "wall": 0.0}
-    )
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def failed(self) -> int:
-        return len(self.failures)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.ingested / self.seconds["wall"] if self.seconds["wall"] > 0 else 0.0
-
-    def images_per_second_live(self) -> float:
-        """Rate so far, while the run is still going."""
-        elapsed = time.perf_counter() - self.started
-        return self.ingested / elapsed if elapsed > 0 else 0.0
-
-    def summary(self) -> str:
-        return f"ingested {self.ingested}, skipped {self.skipped}, failed {self.failed}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "total": self.total,
-            "ingested": self.ingested,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "stopped": self.stopped,
-            "images_per_second": round(self.images_per_second, 3),
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-            "failures": [f.__dict__ for f in self.failures],
-        }
-
-
-ProgressCallback = Callable[[IngestReport], None]
 
 
 class _InProcessExecutor:
@@ -129,7 +79,7 @@ class IngestPipeline:
 
     def __init__(
         self,
-        service: RetrievalService,
+        service: SpaceService,
         *,
         progress: ProgressCallback | None = None,
         index_save_seconds: float = 30.0,
@@ -145,7 +95,7 @@ class IngestPipeline:
         self.spool: Path | None = None  # where fetched remote instances wait for decoding
         self.volumes_seen: set[str] = set()  # 3-D: content hashes stored by this run
         self.options = PrepareOptions(
-            input_size=self.settings.input_size,
+            preprocessing=service.preprocessing,
             max_pixels=self.settings.max_image_pixels,
             id_secret=self.settings.id_secret,
             date_shift_days=self.settings.date_shift_days,
@@ -160,7 +110,7 @@ class IngestPipeline:
         self.job_id = job_id
         report = IngestReport(run_id=job_id or uuid.uuid4().hex[:12])
         self.remote = None
-        if self.settings.model_dims == 3:
+        if self.service.is_volume_space:
             return self._run_volumes(source, report)
         if is_dicomweb(source):
             self.remote = DicomwebSource(DicomwebQuery.parse(str(source)), self.settings)
@@ -218,8 +168,6 @@ class IngestPipeline:
 
     def _run_volumes(self, source: str | Path, report: IngestReport) -> IngestReport:
         """3-D models: NIfTI files and DICOM series, one vector each (:mod:`retrieval.ingest.volume_pipeline`)."""
-        from retrieval.ingest.volume_pipeline import ingest_volumes
-
         try:
             ingest_volumes(self, source, report)
         finally:

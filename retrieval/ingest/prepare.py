@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.errors import RetrievalError
-from retrieval.imaging.decode import DICOM_SUFFIXES, decode_path, fit_to_square, looks_like_dicom
+from retrieval.domain.items import SourceItem
 from retrieval.domain.metadata import ImageMetadata, from_dicom, merge_manifest_row
-from retrieval.ingest.sources import SourceItem
+from retrieval.domain.spaces import PreprocessSpec
+from retrieval.errors import RetrievalError
+from retrieval.imaging.decode import DICOM_SUFFIXES, decode_path, looks_like_dicom
+from retrieval.imaging.preprocess import to_model_input
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Prepared:
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    input_size: int
+    preprocessing: PreprocessSpec
     max_pixels: int
     id_secret: str
     date_shift_days: int = 0
@@ -88,7 +90,7 @@ def _read_sop_uid(path: Path) -> str | None:
 
 
 def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
-    """Decode, read metadata, fit to the model's input size. Never raises for a bad file."""
+    """Decode, read metadata, fit to the space's model input. Never raises for a bad file."""
     fp, options = task
     item = fp.item
     started = time.perf_counter()
@@ -99,7 +101,7 @@ def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
         )
         if item.row:
             metadata = merge_manifest_row(metadata, item.row, secret=options.id_secret)
-        pixels = fit_to_square(decoded.pixels, options.input_size)
+        pixels = to_model_input(decoded, options.preprocessing)
     except RetrievalError as exc:  # the failure already names the source: keep the reason alone
         return Prepared(item=item, sha256=fp.sha256, error=exc.message.removeprefix(f"{item.path}: "))
     except MemoryError:

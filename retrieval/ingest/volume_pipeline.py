@@ -18,40 +18,29 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
+from retrieval.domain.items import SourceItem, printable_path
 from retrieval.errors import RetrievalError, reason_of
-from retrieval.domain.metadata import ImageMetadata, from_dicom
+from retrieval.imaging.volumes import (
+    Volume,
+    content_sha256,
+    load_volume,
+    scan_volumes,
+    volume_metadata,
+)
+from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.ingest.prepare import study_of
-from retrieval.ingest.sources import SourceItem, printable_path
-from retrieval.storage.store import NewImage
-from retrieval.imaging.volumes import Volume, content_sha256, fit_to_cube, load_volume, normalise, scan_volumes
+from retrieval.ingest.report import Failure, IngestReport
+from retrieval.storage.rows import NewImage
 
 if TYPE_CHECKING:
-    from retrieval.ingest.pipeline import IngestPipeline, IngestReport
+    from retrieval.ingest.pipeline import IngestPipeline
 
 logger = logging.getLogger(__name__)
-
-
-def volume_model_input(volume: Volume, size: int) -> np.ndarray:
-    """A loaded volume as the 3-D encoder takes it: normalised and fitted into the ``(size,) * 3`` cube."""
-    return fit_to_cube(normalise(volume), volume.spacing, size)
-
-
-def volume_metadata(volume: Volume, *, secret: str, date_shift_days: int) -> ImageMetadata:
-    """DICOM header fields for a series (series-level: no SOPInstanceUID); the modality for NIfTI."""
-    if volume.header is None:
-        return ImageMetadata(modality=volume.modality)
-    metadata = from_dicom(volume.header, secret=secret, date_shift_days=date_shift_days)
-    metadata.sop_uid = None  # one vector per series
-    metadata.modality = metadata.modality or volume.modality
-    return metadata
 
 
 def ingest_volumes(pipeline: IngestPipeline, source: str | Path, report: IngestReport) -> None:
     """Fill ``report`` with the ingest of every volume under ``source`` into the pipeline's 3-D space:
     a folder or NIfTI file, or a DICOMweb source (one volume per series)."""
-    from retrieval.ingest.pipeline import Failure
-
     pipeline.volumes_seen = set()
     if is_dicomweb(source):
         _ingest_remote_series(pipeline, str(source), report)
@@ -76,8 +65,6 @@ def _ingest_remote_series(pipeline: IngestPipeline, source: str, report: IngestR
     Stored series are skipped by SeriesInstanceUID before any fetch (incremental sync); the
     fetched files live in a spool folder only while their series is processed.
     """
-    from retrieval.ingest.pipeline import Failure
-
     service, settings = pipeline.service, pipeline.settings
     remote = DicomwebSource(DicomwebQuery.parse(source), settings)
     series = remote.list_series()
@@ -107,8 +94,6 @@ def _ingest_remote_series(pipeline: IngestPipeline, source: str, report: IngestR
 
 def _load_and_store(pipeline: IngestPipeline, item: SourceItem, report: IngestReport) -> None:
     """Read, fit, encode and store one volume item; failures are recorded, never raised."""
-    from retrieval.ingest.pipeline import Failure
-
     store, space = pipeline.service.store, pipeline.service.space
     try:
         sha256 = content_sha256(item)
@@ -121,7 +106,7 @@ def _load_and_store(pipeline: IngestPipeline, item: SourceItem, report: IngestRe
     tick = time.perf_counter()
     try:
         volume = load_volume(item, max_voxels=pipeline.settings.max_image_pixels)
-        cube = volume_model_input(volume, pipeline.settings.volume_size)
+        cube = pipeline.service.model_input(volume)
     except RetrievalError as exc:
         report.failures.append(Failure(item.display, "decode", exc.message.removeprefix(f"{item.path}: ")))
         return
@@ -137,8 +122,6 @@ def _store_volume(
     pipeline: IngestPipeline, item: SourceItem, volume: Volume, cube: np.ndarray, sha256: str, report: IngestReport
 ) -> None:
     """Encode one fitted volume and store it (row, latent, vector) in one transaction."""
-    from retrieval.ingest.pipeline import Failure
-
     service, settings = pipeline.service, pipeline.settings
     tick = time.perf_counter()
     try:

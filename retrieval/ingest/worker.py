@@ -19,10 +19,11 @@ import socket
 import threading
 import uuid
 
-from retrieval.ingest.pipeline import IngestPipeline, IngestReport
+from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.ingest.report import IngestReport
+from retrieval.service import SpaceService
 from retrieval.storage.jobs import JobQueue, Progress
 from retrieval.storage.orm import IngestJob
-from retrieval.service import RetrievalService
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class JobRun:
 class Worker:
     """Polls the job queue and runs jobs until stopped."""
 
-    def __init__(self, service: RetrievalService, *, poll_seconds: float = 2.0, worker_id: str | None = None) -> None:
+    def __init__(self, service: SpaceService, *, poll_seconds: float = 2.0, worker_id: str | None = None) -> None:
         self.service = service
         self.settings = service.settings
         self.queue = JobQueue(service.store, stale_seconds=self.settings.job_stale_seconds)

@@ -33,10 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.model.architectures import LORA_RANK, LORA_TARGETS, Architecture, ddconfig_from_yaml, get_architecture
-from retrieval.errors import ConfigurationError, WeightsError
-from retrieval.model.openvino_runtime import OpenVinoPosteriorMode, openvino_available
 from retrieval.config import Settings
+from retrieval.errors import ConfigurationError, WeightsError
+from retrieval.model.architectures import (
+    LORA_RANK,
+    LORA_TARGETS,
+    Architecture,
+    ddconfig_from_yaml,
+    get_architecture,
+)
+from retrieval.model.openvino_runtime import OpenVinoPosteriorMode, openvino_available
 from retrieval.model.weights import WeightsSource, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -324,15 +330,18 @@ class MedVAEEncoder:
         if self.compiled and count < self.settings.batch_size:
             padding = x.new_zeros((self.settings.batch_size - count, *x.shape[1:]))
             x = torch.cat([x, padding]).contiguous(memory_format=self._memory_format)
+        return self.encode_core(x)[:count].float().contiguous().cpu()
+
+    def encode_core(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input (:meth:`to_model_input`) -> posterior mean, on the device: the core step,
+        run by OpenVINO or PyTorch, window by window for cubes larger than ``volume_roi``."""
         if self.openvino is not None:
             with self._lock:
-                return self.openvino(x.contiguous())[:count].contiguous()
+                return self.openvino(x.contiguous())
         with self._lock, self._autocast():
             if self._needs_sliding_window(x.shape[2:]):
-                mean = self._sliding_window(x, self._posterior_mode, roi=self.settings.volume_roi)
-            else:
-                mean = self._posterior_mode(x)
-        return mean[:count].float().contiguous().cpu()
+                return self._sliding_window(x, self._posterior_mode, roi=self.settings.volume_roi)
+            return self._posterior_mode(x)
 
     def _posterior_mode(self, x: torch.Tensor) -> torch.Tensor:
         moments = self.model.quant_conv(self.model.encoder(x))

@@ -8,6 +8,8 @@ Three sources, chosen explicitly by ``Settings.weights`` (never a silent fallbac
 * a local checkpoint path (optionally with ``model_config_path``); identity = its sha256.
 * ``random``: seeded random initialisation of the exact architecture; identity
   ``random-init:seed=N``. Anything using it says so (CLI warning, ``"weights": "random-init"``).
+* ``fake``: not MedVAE at all: :class:`retrieval.model.fake.FakeEncoder`, a deterministic stand-in
+  with the encoder's contract for fast tests; identity ``fake-encoder:v1``, as loud as random.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval.model.architectures import Architecture
-from retrieval.errors import WeightsError
 from retrieval.config import Settings
+from retrieval.errors import WeightsError
+from retrieval.model.architectures import Architecture
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +31,33 @@ RANDOM_WEIGHTS_WARNING = (
     "WARNING: MedVAE is running with RANDOM-INITIALISED weights (weights=random): "
     "vectors and previews are pipeline tests, not clinically meaningful similarity."
 )
+FAKE_ENCODER_LABEL = "fake-encoder"
+FAKE_ENCODER_WARNING = (
+    "WARNING: this is NOT MedVAE: the FAKE test encoder is running (weights=fake): "
+    "vectors and previews come from a deterministic stand-in for tests, not from MedVAE."
+)
+#: labels of weights that are not MedVAE's trained weights, and what every output says about them
+PLACEHOLDER_WARNINGS = {RANDOM_WEIGHTS_LABEL: RANDOM_WEIGHTS_WARNING, FAKE_ENCODER_LABEL: FAKE_ENCODER_WARNING}
+
+
+def placeholder_label(identity_or_label: str) -> str | None:
+    """``random-init`` / ``fake-encoder`` for placeholder weights (by identity or label), else ``None``."""
+    for label in PLACEHOLDER_WARNINGS:
+        if identity_or_label.startswith(label):
+            return label
+    return None
+
+
+def weights_warning(choice: str) -> str | None:
+    """The warning every output carries for a ``weights`` setting of ``random`` or ``fake``; else ``None``."""
+    return {"random": RANDOM_WEIGHTS_WARNING, "fake": FAKE_ENCODER_WARNING}.get(choice)
 
 
 @dataclass(frozen=True)
 class WeightsSource:
     """A resolved weights choice: files to load (if any) and the identity string for the space."""
 
-    kind: str  # "hub" | "checkpoint" | "random"
+    kind: str  # "hub" | "checkpoint" | "random" | "fake"
     identity: str
     checkpoint: Path | None = None
     config: Path | None = None
@@ -46,9 +68,14 @@ class WeightsSource:
         return self.kind == "random"
 
     @property
+    def is_placeholder(self) -> bool:
+        """True for weights that are not MedVAE's trained ones (random or the fake encoder)."""
+        return self.kind in ("random", "fake")
+
+    @property
     def public_label(self) -> str:
         """What JSON outputs report under ``weights``."""
-        return RANDOM_WEIGHTS_LABEL if self.is_random else self.identity
+        return placeholder_label(self.identity) or self.identity
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -65,6 +92,8 @@ def resolve_weights(settings: Settings, architecture: Architecture) -> WeightsSo
     choice = settings.weights
     if choice == "random":
         return WeightsSource(kind="random", identity=f"{RANDOM_WEIGHTS_LABEL}:seed={settings.seed}", seed=settings.seed)
+    if choice == "fake":
+        return WeightsSource(kind="fake", identity=f"{FAKE_ENCODER_LABEL}:v1")
     if choice == "hub":
         return _download_from_hub(settings, architecture)
     path = Path(choice).expanduser()

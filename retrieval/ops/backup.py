@@ -27,10 +27,11 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from retrieval.errors import ConfigurationError, InvalidRequestError
-from retrieval.storage.index import file_lock
 from retrieval.config import Settings
-from retrieval.storage.store import Store, current_revision
+from retrieval.errors import ConfigurationError, InvalidRequestError
+from retrieval.storage.database import current_revision
+from retrieval.storage.index import file_lock
+from retrieval.storage.store import Store
 
 MANIFEST = "manifest.json"
 SQLITE_FILE = "database.sqlite"

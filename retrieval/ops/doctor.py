@@ -6,9 +6,9 @@ import importlib.metadata
 import platform
 from typing import Any
 
+from retrieval.config import DEFAULT_ID_SECRET, Settings
 from retrieval.errors import RetrievalError
 from retrieval.storage.index import Sidecar
-from retrieval.config import DEFAULT_ID_SECRET, Settings
 
 PACKAGES = ("medvae-retrieval", "torch", "medvae", "faiss-cpu", "faiss-gpu-cu12", "sqlalchemy", "alembic", "pydicom", "pillow", "fastapi")
 
@@ -46,8 +46,9 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
             "id_secret_is_default": settings.id_secret == DEFAULT_ID_SECRET,
         },
     }
-    from retrieval.service import RetrievalService
-    from retrieval.storage.store import Store, current_revision
+    from retrieval.service import SpaceService
+    from retrieval.storage.database import current_revision
+    from retrieval.storage.store import Store
 
     try:
         store = Store.open(settings)
@@ -63,7 +64,7 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
         store.close()
         return report
     try:
-        service = RetrievalService(settings, store=store)
+        service = SpaceService(settings, store=store)
         encoder = service.encoder
         report["weights"] = {
             "kind": encoder.weights.kind,

@@ -24,18 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrieval.errors import InvalidRequestError
 from retrieval.domain.evaluation import EvalItem, evaluate, rankings, recall_of_exact
-from retrieval.model.pooling import parse_pooling, pool
-from retrieval.service import RetrievalService
+from retrieval.errors import InvalidRequestError
 from retrieval.ingest.sources import scan
+from retrieval.model.pooling import parse_pooling, pool
+from retrieval.service import SpaceService
 
 
 def _labels(value: str) -> frozenset[str]:
     return frozenset(part.strip() for part in value.replace(";", "|").split("|") if part.strip())
 
 
-def labelled_items(service: RetrievalService, manifest: Path, label_column: str) -> tuple[list[EvalItem], int]:
+def labelled_items(service: SpaceService, manifest: Path, label_column: str) -> tuple[list[EvalItem], int]:
     """Stored images named by the manifest, with their labels; returns ``(items, rows not in the archive)``."""
     rows = [item for item in scan(manifest) if not item.error]  # the ingest's own manifest reader
     if rows and label_column not in rows[0].row:
@@ -58,7 +58,7 @@ def labelled_items(service: RetrievalService, manifest: Path, label_column: str)
 
 
 def evaluate_archive(
-    service: RetrievalService, items: list[EvalItem], ks: list[int], *, exclude_same_patient: bool
+    service: SpaceService, items: list[EvalItem], ks: list[int], *, exclude_same_patient: bool
 ) -> dict[str, Any]:
     vectors = service.store.vectors_of(service.space.id, [item.image_id for item in items])
     return {
@@ -68,7 +68,7 @@ def evaluate_archive(
     }
 
 
-def _s2_latents(service: RetrievalService, items: list[EvalItem]) -> torch.Tensor:
+def _s2_latents(service: SpaceService, items: list[EvalItem]) -> torch.Tensor:
     encoder_key = service.space.encoder_key
     z = [service.store.latent(item.image_id, encoder_key) for item in items]
     missing = [item.image_id for item, latent in zip(items, z, strict=True) if latent is None]
@@ -78,7 +78,7 @@ def _s2_latents(service: RetrievalService, items: list[EvalItem]) -> torch.Tenso
 
 
 def pooling_study(
-    service: RetrievalService, items: list[EvalItem], poolings: list[str], ks: list[int], *, exclude_same_patient: bool
+    service: SpaceService, items: list[EvalItem], poolings: list[str], ks: list[int], *, exclude_same_patient: bool
 ) -> list[dict[str, Any]]:
     """One row per pooling: metrics, dimension, exact-search ms/query, fidelity to the full S2 latent."""
     s2 = _s2_latents(service, items)
@@ -149,21 +149,22 @@ TRANSFORMS: dict[str, Transform] = {
 }
 
 
-def near_duplicates(service: RetrievalService, items: list[EvalItem], *, limit: int = 100) -> dict[str, dict[str, float]]:
+def near_duplicates(service: SpaceService, items: list[EvalItem], *, limit: int = 100) -> dict[str, dict[str, float]]:
     """recall@1 and @5 of each original when its transformed copy is the query."""
-    from retrieval.imaging.decode import decode_path, fit_to_square
+    from dataclasses import replace
+
+    from retrieval.imaging.decode import decode_path
 
     images = service.store.images_by_id([item.image_id for item in items[:limit]])
     index = service.searchable_index()
     found: dict[str, list[int]] = {name: [] for name in TRANSFORMS}
     for image_id, image in sorted(images.items()):
         try:
-            pixels = decode_path(image.source_uri, max_pixels=service.settings.max_image_pixels).pixels
+            decoded = decode_path(image.source_uri, max_pixels=service.settings.max_image_pixels)
         except Exception:  # noqa: BLE001 - a moved or unreadable source is skipped, not a failure of the suite
             continue
         for name, transform in TRANSFORMS.items():
-            query = fit_to_square(transform(pixels), service.settings.input_size)
-            vector = service.embed_query(query)[1]
+            vector = service.embed(replace(decoded, pixels=transform(decoded.pixels)))[1]
             ranked = [hit for hit, _ in index.search(vector, 5)[0]]
             found[name].append(ranked.index(image_id) + 1 if image_id in ranked else 0)
     return {

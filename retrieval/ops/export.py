@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from retrieval.errors import InvalidRequestError
+from retrieval.service import SpaceService
 from retrieval.storage.orm import ImageRecord
-from retrieval.service import RetrievalService
 
 METADATA_COLUMNS = [
     "image_id", "study_id", "study_key", "shard", "source", "sha256", "modality", "body_part", "view",
@@ -82,7 +82,7 @@ class _Hdf5Writer:
 
 
 def export_latents(
-    service: RetrievalService,
+    service: SpaceService,
     out: Path,
     *,
     shard_size: int = 1000,

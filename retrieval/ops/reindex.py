@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
+from retrieval.model.pooling import PoolingSpec, pool
+from retrieval.service import SpaceService
 from retrieval.storage.index import SpaceIndex, choose_index_spec
 from retrieval.storage.orm import Vector
-from retrieval.model.pooling import PoolingSpec, pool
-from retrieval.service import RetrievalService
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class ReindexReport:
     index_count: int
 
 
-def reindex(service: RetrievalService, *, pooling: PoolingSpec | None = None, batch: int = 256) -> ReindexReport:
+def reindex(service: SpaceService, *, pooling: PoolingSpec | None = None, batch: int = 256) -> ReindexReport:
     """Rebuild the index of the configured space, or of ``pooling``'s space (filled from stored z)."""
     if pooling is None or pooling.canonical == service.pooling.canonical:
         space = service.space
@@ -45,7 +45,7 @@ def reindex(service: RetrievalService, *, pooling: PoolingSpec | None = None, ba
     return ReindexReport(space_key=space.key, pooling=space.pooling, vectors_added=added, index_count=index.count)
 
 
-def _pool_missing(service: RetrievalService, *, space_id: int, encoder_key: str, spec: PoolingSpec, batch: int) -> int:
+def _pool_missing(service: SpaceService, *, space_id: int, encoder_key: str, spec: PoolingSpec, batch: int) -> int:
     with service.store.sessions() as session:
         done = set(session.scalars(select(Vector.image_id).where(Vector.space_id == space_id)))
     space = service.store.get_space_by_id(space_id)

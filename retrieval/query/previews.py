@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from retrieval.errors import NotFoundError
-from retrieval.service import RetrievalService
 from retrieval.imaging.volumes import orthogonal_slices
+from retrieval.service import SpaceService
 
 PREVIEW_NOTE = "MedVAE reconstruction decoded from the stored latent; not the original pixels."
 VOLUME_PREVIEW_NOTE = (
@@ -32,7 +32,7 @@ def to_png(pixels: np.ndarray, *, note: str = PREVIEW_NOTE) -> bytes:
     return buffer.getvalue()
 
 
-def reconstruct(service: RetrievalService, image_id: int) -> np.ndarray:
+def reconstruct(service: SpaceService, image_id: int) -> np.ndarray:
     """Decode the stored z of ``image_id`` (this space's encoder) to ``(S, S)`` pixels (``(S, S, S)`` for volumes)."""
     z = service.store.latent(image_id, service.space.encoder_key)
     if z is None:
@@ -40,7 +40,7 @@ def reconstruct(service: RetrievalService, image_id: int) -> np.ndarray:
     return service.encoder.decode(z[None])[0]
 
 
-def preview_png(service: RetrievalService, image_id: int) -> bytes:
+def preview_png(service: SpaceService, image_id: int) -> bytes:
     """The decoded image; for a volume, its three orthogonal middle slices side by side."""
     pixels = reconstruct(service, image_id)
     if pixels.ndim == 3:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from retrieval.service import RetrievalService
+    from retrieval.service import SpaceService
 
 
 def psnr(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
@@ -59,19 +59,19 @@ def reconstruction_quality(decoded: np.ndarray | torch.Tensor, pixels: np.ndarra
     return psnr(a, b).numpy(), ssim(a, b).numpy()
 
 
-def score_latents(service: RetrievalService, z: np.ndarray | torch.Tensor, pixels: np.ndarray) -> list[tuple[float, float]]:
+def score_latents(service: SpaceService, z: np.ndarray | torch.Tensor, pixels: np.ndarray) -> list[tuple[float, float]]:
     """Decode a batch of z and score it against its ``(B, S, S)`` inputs: ``[(PSNR dB, SSIM), ...]``."""
     psnr_db, ssim_value = reconstruction_quality(service.encoder.decode(z), pixels)
     return [(float(p), float(s)) for p, s in zip(psnr_db, ssim_value, strict=True)]
 
 
-def score_stored(service: RetrievalService, *, limit: int, batch: int = 16) -> tuple[int, int]:
+def score_stored(service: SpaceService, *, limit: int, batch: int = 16) -> tuple[int, int]:
     """Score stored images that have no quality yet, re-reading their source files.
 
     Returns ``(scored, unreadable sources)``; images whose source is gone keep no score.
     """
     from retrieval.errors import RetrievalError
-    from retrieval.imaging.decode import decode_path, fit_to_square
+    from retrieval.imaging.decode import decode_path
 
     images = service.store.images_without_quality(limit)
     scored, unreadable = 0, 0
@@ -87,7 +87,7 @@ def score_stored(service: RetrievalService, *, limit: int, batch: int = 16) -> t
             if z is None:
                 continue
             ids.append(image.id)
-            pixels.append(fit_to_square(decoded.pixels, service.settings.input_size))
+            pixels.append(service.model_input(decoded))
             latents.append(z)
         if ids:
             scores = score_latents(service, np.stack(latents), np.stack(pixels))

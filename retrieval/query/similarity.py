@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from retrieval.errors import NotFoundError
-from retrieval.service import RetrievalService
+from retrieval.service import SpaceService
 
 
 @dataclass
@@ -31,14 +31,14 @@ def cell_cosine(query: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.cosine_similarity(query, target, dim=0, eps=1e-8).numpy()
 
 
-def stored_z(service: RetrievalService, image_id: int) -> torch.Tensor:
+def stored_z(service: SpaceService, image_id: int) -> torch.Tensor:
     z = service.store.latent(image_id, service.space.encoder_key)
     if z is None:
         raise NotFoundError(f"image {image_id} has no stored latent for this encoder", detail={"image_id": image_id})
     return torch.from_numpy(z)
 
 
-def similarity_map(service: RetrievalService, query_z: torch.Tensor, target_id: int) -> SimilarityMap:
+def similarity_map(service: SpaceService, query_z: torch.Tensor, target_id: int) -> SimilarityMap:
     """Cell-wise similarity between a query latent and a stored image, plus their search score."""
     target_z = stored_z(service, target_id)
     s2 = service.encoder.s2_latent(torch.stack([query_z, target_z]))
@@ -50,13 +50,13 @@ def similarity_map(service: RetrievalService, query_z: torch.Tensor, target_id: 
     )
 
 
-def query_latent(service: RetrievalService, *, data: bytes | None, name: str, image_id: int | None) -> torch.Tensor:
+def query_latent(service: SpaceService, *, data: bytes | None, name: str, image_id: int | None) -> torch.Tensor:
     """z of a query: encoded from file bytes, or the stored z of an archived image."""
     if data is None:
         if image_id is None:
             raise ValueError("a query needs bytes or an image id")
         return stored_z(service, image_id)
-    from retrieval.imaging.decode import decode_bytes, fit_to_square
+    from retrieval.imaging.decode import decode_bytes
 
     decoded = decode_bytes(data, name=name, max_pixels=service.settings.max_image_pixels)
-    return service.embed_query(fit_to_square(decoded.pixels, service.settings.input_size))[0]
+    return service.embed(decoded)[0]

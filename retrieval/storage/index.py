@@ -32,8 +32,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.storage.orm import Space
 from retrieval.config import Settings
+from retrieval.storage.orm import Space
 from retrieval.storage.store import Store, StoredVector
 
 logger = logging.getLogger(__name__)

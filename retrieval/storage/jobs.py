@@ -22,11 +22,16 @@ from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 
-from retrieval.errors import ConflictError, ForbiddenError, InvalidRequestError, NotFoundError
-from retrieval.storage.orm import IngestError, IngestJob
 from retrieval.config import Settings
-from retrieval.storage.store import Store
+from retrieval.errors import (
+    ConflictError,
+    ForbiddenError,
+    InvalidRequestError,
+    NotFoundError,
+)
 from retrieval.imaging.volumes import is_nifti
+from retrieval.storage.orm import IngestError, IngestJob
+from retrieval.storage.store import Store
 
 FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
 MAX_LISTED_FAILURES = 200

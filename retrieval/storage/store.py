@@ -1,4 +1,4 @@
-"""Database access: engine, migrations, and the few queries the service needs.
+"""The store: the few queries and the one batch write the service needs (the database is the source of truth).
 
 All writes of one ingest batch happen in one transaction (:meth:`Store.write_batch`): an image
 row, its latent and its vector land together or not at all, so a crash never leaves an orphan
@@ -10,80 +10,29 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from retrieval.domain.metadata import ImageMetadata
-from retrieval.storage.orm import ImageRecord, IngestError, IngestJob, Latent, Space, Study, Vector
 from retrieval.config import Settings
 from retrieval.domain.spaces import SpaceIdentity
+from retrieval.storage.database import make_engine, upgrade_database
+from retrieval.storage.orm import (
+    ImageRecord,
+    IngestError,
+    IngestJob,
+    Latent,
+    Space,
+    Study,
+    Vector,
+)
+from retrieval.storage.rows import NewImage, check_arrays, image_row
 
 logger = logging.getLogger(__name__)
-
-
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True)
-
-
-def alembic_config(url: str) -> Config:
-    """Alembic config pointing at the installed ``migrations`` package."""
-    config = Config()
-    config.set_main_option("script_location", str(resources.files("migrations")))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return config
-
-
-def upgrade_database(engine: Engine) -> None:
-    """Apply every pending Alembic migration (idempotent)."""
-    config = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
-
-
-def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
-
-
-@dataclass
-class NewImage:
-    """Everything one encoded image contributes to one batch write."""
-
-    source_uri: str
-    sha256: str
-    study_key: str
-    study_label: str
-    kind: str
-    width: int
-    height: int
-    frames: int
-    metadata: ImageMetadata
-    z: np.ndarray  # (C, h, w) float32; stored as float16
-    vector: np.ndarray  # (D,) float32, L2-normalised
-    quality: tuple[float, float] | None = None  # (PSNR dB, SSIM) of decode(z), when scored at ingest
 
 
 @dataclass
@@ -185,7 +134,7 @@ class Store:
         job's ``ingested`` count grows in the same transaction, so it stays exact across crashes.
         """
         for new in images:
-            _check_arrays(new, space.dim)
+            check_arrays(new, space.dim)
         written: list[StoredVector] = []
         with self.sessions.begin() as session:
             _serialize_vector_writes(session, space.id)
@@ -193,7 +142,7 @@ class Store:
                 image = self._find_image(session, new)
                 if image is None:
                     study = self._get_or_create_study(session, new)
-                    image = _image_row(new, study.id)
+                    image = image_row(new, study.id)
                     session.add(image)
                     session.flush()
                 elif new.quality is not None and image.recon_psnr is None:
@@ -338,6 +287,16 @@ class Store:
                 out.update({row.id: row for row in rows})
         return out
 
+    def study_with_images(self, study_id: int) -> Study | None:
+        """A study with its images loaded (usable after the session closes), or ``None``."""
+        with self.sessions() as session:
+            return session.scalar(select(Study).options(selectinload(Study.images)).where(Study.id == study_id))
+
+    def ping(self) -> None:
+        """Raise when the database does not answer a trivial query (readiness)."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
     def images_by_sha256(self, sha256s: Sequence[str]) -> list[ImageRecord]:
         """Stored images with these content hashes."""
         out: list[ImageRecord] = []
@@ -423,44 +382,6 @@ def _serialize_vector_writes(session: Session, space_id: int) -> None:
 
 
 _ADVISORY_NAMESPACE = 0x6D76  # "mv": keeps our advisory locks apart from other applications'
-
-
-def _check_arrays(new: NewImage, dim: int) -> None:
-    """Refuse a vector or latent that would store garbage (wrong shape, NaN, infinity)."""
-    vector = np.asarray(new.vector) if new.vector is not None else None
-    if vector is None or vector.shape != (dim,) or not np.all(np.isfinite(vector)):
-        raise ValueError(f"{new.source_uri}: vector must be {dim} finite values, got {getattr(vector, 'shape', None)}")
-    z = np.asarray(new.z) if new.z is not None else None
-    if z is None or z.ndim not in (3, 4) or not np.all(np.isfinite(z)) or np.abs(z).max(initial=0.0) > 65000:
-        raise ValueError(f"{new.source_uri}: latent must be a finite (C, h, w) or (C, d, h, w) array within float16 range")
-
-
-def _image_row(new: NewImage, study_id: int) -> ImageRecord:
-    meta = new.metadata
-    return ImageRecord(
-        study_id=study_id,
-        source_uri=new.source_uri,
-        sha256=new.sha256,
-        sop_uid=meta.sop_uid,
-        series_uid=meta.series_uid,
-        kind=new.kind,
-        modality=meta.modality,
-        body_part=meta.body_part,
-        view=meta.view,
-        laterality=meta.laterality,
-        study_date=meta.study_date,
-        patient_sex=meta.patient_sex,
-        patient_age=meta.patient_age,
-        patient_hash=meta.patient_hash,
-        accession_hash=meta.accession_hash,
-        width=new.width,
-        height=new.height,
-        frames=new.frames,
-        labels=list(meta.labels),
-        extra=dict(meta.extra),
-        recon_psnr=new.quality[0] if new.quality else None,
-        recon_ssim=new.quality[1] if new.quality else None,
-    )
 
 
 def _decode_latent(shape: str, data: bytes) -> np.ndarray:

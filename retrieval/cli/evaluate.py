@@ -1,0 +1,122 @@
+"""Retrieval quality on labelled archives: ``eval`` and ``classify``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from retrieval.cli.common import (  # noqa: F401 - the shared CLI vocabulary
+    DEMO_INPUT_SIZE,
+    State,
+    app,
+    db_app,
+    err,
+    fail,
+    model_settings,
+    out,
+    reported_errors,
+    service_for,
+    settings,
+    warn_if_random,
+)
+from retrieval.errors import RetrievalError
+
+
+@app.command("eval")
+def eval_command(
+    manifest: Annotated[Path, typer.Argument(help="CSV with a `path` column and a label column (labels `|`-separated).")],
+    label_column: Annotated[str, typer.Option(help="Column holding the labels.")] = "labels",
+    k: Annotated[str, typer.Option("--k", help="Comma-separated cut-offs.")] = "1,5,10",
+    exclude_same_patient: Annotated[bool, typer.Option(help="Never count an image of the query's patient.")] = False,
+    poolings: Annotated[Optional[str], typer.Option(help="Pooling study: e.g. mean,spp:1,2,4,grid:4,gem:3 (from stored z).")] = None,
+    near_duplicates: Annotated[bool, typer.Option("--near-duplicates", help="Robustness: transformed copies find their originals?")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write report.md and PNG plots into this folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Leave-one-out retrieval quality on labelled images already in the archive (image and study level)."""
+    from retrieval.ops import eval_archive
+
+    with reported_errors(as_json=as_json):
+        service = service_for(model_settings())
+        ks = sorted({int(value) for value in k.split(",") if value.strip()})
+        if not ks or ks[0] < 1:
+            raise RetrievalError("--k needs positive integers, e.g. 1,5,10")
+        items, not_in_archive = eval_archive.labelled_items(service, manifest, label_column)
+        if len(items) < 2:
+            raise RetrievalError(
+                f"{manifest}: {len(items)} of its images are in the archive ({not_in_archive} rows are not in the "
+                f"archive); run `retrieval ingest {manifest}` first"
+            )
+        payload: dict[str, Any] = {
+            "space": service.space_info(),
+            "items": len(items),
+            "not_in_archive": not_in_archive,
+            "exclude_same_patient": exclude_same_patient,
+            "results": eval_archive.evaluate_archive(service, items, ks, exclude_same_patient=exclude_same_patient),
+        }
+        if poolings:
+            specs = [spec.strip() for spec in _split_poolings(poolings)]
+            payload["pooling_study"] = eval_archive.pooling_study(
+                service, items, specs, ks, exclude_same_patient=exclude_same_patient
+            )
+        if near_duplicates:
+            payload["near_duplicates"] = eval_archive.near_duplicates(service, items)
+        if report is not None:
+            payload["report"] = str(eval_archive.write_report(report, payload))
+    if as_json:
+        out.print_json(json.dumps(payload))
+        return
+    for level, result in payload["results"].items():
+        out.print(f"{level:5} level, {result['queries']} queries: "
+                  + "  ".join(f"P@{k_}={v}" for k_, v in result["precision_at_k"].items())
+                  + "  " + "  ".join(f"mAP@{k_}={v}" for k_, v in result["map_at_k"].items()), highlight=False)
+    if report is not None:
+        out.print(f"report: {payload['report']}", highlight=False)
+
+
+@app.command()
+def classify(
+    manifest: Annotated[Path, typer.Argument(help="CSV with a `path` column and a label column.")],
+    label_column: Annotated[str, typer.Option(help="Column holding the labels.")] = "labels",
+    k: Annotated[int, typer.Option("-k", help="Neighbours that vote.")] = 10,
+    test_fraction: Annotated[float, typer.Option(help="Share of studies (patients when known) held out.")] = 0.3,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """kNN label voting on stored vectors: accuracy and AUROC per label on a held-out split by study/patient."""
+    from retrieval.domain.evaluation import knn_classification
+    from retrieval.ops import eval_archive
+
+    with reported_errors(as_json=as_json):
+        service = service_for(model_settings())
+        items, not_in_archive = eval_archive.labelled_items(service, manifest, label_column)
+        if len(items) < 4:
+            raise RetrievalError(f"{manifest}: only {len(items)} of its images are in the archive; ingest it first")
+        vectors = service.store.vectors_of(service.space.id, [item.image_id for item in items])
+        try:
+            result = knn_classification(items, vectors, k=k, test_fraction=test_fraction, seed=seed)
+        except ValueError as exc:
+            raise RetrievalError(str(exc)) from None
+        result.update(space=service.space_info(), not_in_archive=not_in_archive)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    out.print(f"kNN (k={k}) on {result['train']} train / {result['test']} held-out images", highlight=False)
+    for label, row in result["per_label"].items():
+        out.print(f"{label:24} accuracy {row['accuracy']:.3f}  AUROC {row['auroc'] if row['auroc'] is not None else 'n/a'}"
+                  f"  ({row['positives']} positive, {row['negatives']} negative)", highlight=False)
+
+
+def _split_poolings(text: str) -> list[str]:
+    """``mean,spp:1,2,4,grid:4`` -> ``["mean", "spp:1,2,4", "grid:4"]`` (numbers belong to the spec before them)."""
+    specs: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.isdigit() and specs:
+            specs[-1] += f",{part}"
+        elif part:
+            specs.append(part)
+    return specs

@@ -1,0 +1,89 @@
+"""Commands that read the archive: ``search`` and ``preview``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from retrieval.cli.common import (  # noqa: F401 - the shared CLI vocabulary
+    DEMO_INPUT_SIZE,
+    State,
+    app,
+    db_app,
+    err,
+    fail,
+    model_settings,
+    out,
+    reported_errors,
+    service_for,
+    settings,
+    warn_if_random,
+)
+from retrieval.errors import RetrievalError
+
+
+@app.command()
+def search(
+    image: Annotated[Optional[Path], typer.Argument(help="Query image file (PNG, JPEG, DICOM, ...).")] = None,
+    image_id: Annotated[Optional[int], typer.Option(help="Query with an image already in the archive.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Number of studies (or images).")] = 10,
+    filters: Annotated[Optional[list[str]], typer.Option("--filter", help="key=value: modality, body_part, view, laterality, patient_sex, label, date_from, date_to, age_from, age_to, study_uid, series_uid, sop_uid, min_score, min_psnr, max_psnr, min_ssim, max_ssim.")] = None,
+    group_by: Annotated[str, typer.Option(help="study | image")] = "study",
+    exclude_same_patient: Annotated[bool, typer.Option(help="Drop images of the query's patient (needs --image-id or a DICOM query).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    sort: Annotated[str, typer.Option(help="score | psnr | ssim (reconstruction quality, worst first).")] = "score",
+) -> None:
+    """Find the studies most similar to IMAGE (or to --image-id)."""
+    from retrieval.query.search import run_search
+
+    current = settings()
+    warn_if_random(current)
+    try:
+        if (image is None) == (image_id is None):
+            from retrieval.errors import InvalidRequestError
+
+            raise InvalidRequestError("give exactly one of IMAGE or --image-id", detail={"field": "image"})
+        if group_by not in ("study", "image"):
+            from retrieval.errors import InvalidRequestError
+
+            raise InvalidRequestError("--group-by must be `study` or `image`", detail={"field": "group_by"})
+        service = service_for(current)
+        payload = run_search(
+            service, path=image, image_id=image_id, k=k, filter_pairs=filters or [], group_by=group_by,
+            exclude_same_patient=exclude_same_patient, sort=sort,
+        )
+    except RetrievalError as exc:
+        raise fail(exc, as_json=as_json) from None
+    if as_json:
+        out.print_json(json.dumps(payload))
+        return
+    print_results(payload)
+
+
+def print_results(payload: dict[str, Any]) -> None:
+    for warning in payload.get("warnings", []):
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if not payload["results"]:
+        out.print("no results")
+    for rank, result in enumerate(payload["results"], start=1):
+        study = result["study"]
+        out.print(f"{rank:>3}. score {result['score']:.4f}  study {study['study_id']} ({study['label']})", highlight=False)
+        for image in result["images"]:
+            out.print(f"       image {image['image_id']:>6}  {image['score']:.4f}  {image['source']}", highlight=False, markup=False)
+
+
+@app.command()
+def preview(
+    image_id: Annotated[int, typer.Argument(help="Stored image id.")],
+    output: Annotated[Path, typer.Argument(help="PNG file to write.")],
+) -> None:
+    """Write the MedVAE reconstruction of a stored image (decoded from its stored z) as PNG."""
+    from retrieval.query.previews import preview_png
+
+    with reported_errors():
+        data = preview_png(service_for(model_settings()), image_id)
+    output.write_bytes(data)
+    out.print(f"wrote {output} (MedVAE reconstruction from the stored latent, not the original pixels)", highlight=False)

@@ -1,0 +1,68 @@
+"""What an ingest run reports: counts, per-file failures with their stage, and timings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from retrieval.domain.items import printable_path
+
+
+@dataclass
+class Failure:
+    """A file that failed; ``source`` is stored and shown, so it is made printable here, once."""
+
+    source: str
+    stage: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        self.source = printable_path(self.source)
+
+
+@dataclass
+class IngestReport:
+    run_id: str
+    total: int = 0
+    ingested: int = 0
+    skipped: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    stopped: bool = False  # should_stop ended the run before every item was seen
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"decode_cpu": 0.0, "encode": 0.0, "write": 0.0, "wall": 0.0}
+    )
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.ingested / self.seconds["wall"] if self.seconds["wall"] > 0 else 0.0
+
+    def images_per_second_live(self) -> float:
+        """Rate so far, while the run is still going."""
+        elapsed = time.perf_counter() - self.started
+        return self.ingested / elapsed if elapsed > 0 else 0.0
+
+    def summary(self) -> str:
+        return f"ingested {self.ingested}, skipped {self.skipped}, failed {self.failed}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "total": self.total,
+            "ingested": self.ingested,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "stopped": self.stopped,
+            "images_per_second": round(self.images_per_second, 3),
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "failures": [f.__dict__ for f in self.failures],
+        }
+
+
+ProgressCallback = Callable[[IngestReport], None]

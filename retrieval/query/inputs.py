@@ -1,0 +1,65 @@
+"""Decode a query (a file, a folder holding one DICOM series, or uploaded bytes) for the space it searches.
+
+2-D spaces take any image file :mod:`retrieval.imaging.decode` reads; 3-D spaces take a NIfTI
+file or a folder holding exactly one DICOM series (uploads: NIfTI only, a series is many files).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from retrieval.domain.metadata import from_dicom
+from retrieval.errors import InvalidRequestError
+from retrieval.imaging.decode import DecodedImage, decode_bytes, decode_path
+from retrieval.imaging.volumes import (
+    Volume,
+    is_nifti,
+    load_volume,
+    scan_volumes,
+    volume_metadata,
+)
+from retrieval.service import SpaceService
+
+
+def decode_query_file(service: SpaceService, path: str | Path) -> DecodedImage | Volume:
+    """An image file (2-D space), or a NIfTI file / one-series folder (3-D space)."""
+    if service.is_volume_space:
+        return _query_volume(service, path)
+    return decode_path(path, max_pixels=service.settings.max_image_pixels)
+
+
+def decode_query_bytes(service: SpaceService, data: bytes, name: str) -> DecodedImage | Volume:
+    """Uploaded bytes: an image (2-D space) or a NIfTI volume (3-D space)."""
+    if not service.is_volume_space:
+        return decode_bytes(data, name=name, max_pixels=service.settings.max_image_pixels)
+    suffix = ".nii.gz" if name.lower().endswith(".gz") or data[:2] == b"\x1f\x8b" else ".nii"
+    if name and not is_nifti(name) and not name.lower().endswith(".gz"):
+        raise InvalidRequestError(
+            f"{name}: a 3-D space takes a NIfTI volume (.nii / .nii.gz) as the query, or a series id",
+            detail={"field": "file"},
+        )
+    with tempfile.NamedTemporaryFile(suffix=suffix) as handle:
+        handle.write(data)
+        handle.flush()
+        return _query_volume(service, handle.name)
+
+
+def query_patient_hash(decoded: DecodedImage | Volume, secret: str) -> str | None:
+    """The keyed PatientID hash of a DICOM query (image or series); ``None`` when it carries none."""
+    if isinstance(decoded, Volume):
+        return volume_metadata(decoded, secret=secret, date_shift_days=0).patient_hash
+    if decoded.dicom is None:
+        return None
+    return from_dicom(decoded.dicom, secret=secret).patient_hash
+
+
+def _query_volume(service: SpaceService, path: str | Path) -> Volume:
+    """A query volume: a NIfTI file, or a folder holding exactly one DICOM series."""
+    items = [item for item in scan_volumes(path) if not item.error]
+    if len(items) != 1:
+        raise InvalidRequestError(
+            f"{path}: a volume query is one NIfTI file or a folder with exactly one DICOM series (found {len(items)})",
+            detail={"field": "image"},
+        )
+    return load_volume(items[0], max_voxels=service.settings.max_image_pixels)
