@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from retrieval.domain.architectures import ARCHITECTURES
 from retrieval.domain.filters import UID_KEYS, Filters
 from retrieval.errors import InvalidRequestError
-from retrieval.model.architectures import ARCHITECTURES
 from retrieval.query.results import ImageResult, StudyResult, StudySummary
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from retrieval.model.architectures import model_dims
+from retrieval.domain.architectures import model_dims
 
 DEFAULT_ID_SECRET = "change-me-medvae-retrieval"
 

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from retrieval.config import Settings
+from retrieval.domain.architectures import model_dims
 from retrieval.domain.spaces import PreprocessSpec, SpaceIdentity
 from retrieval.errors import ConflictError, InvalidRequestError, NotFoundError
 from retrieval.imaging.decode import DecodedImage
 from retrieval.imaging.preprocess import preprocess_spec, to_model_input
 from retrieval.imaging.volumes import Volume
-from retrieval.model.architectures import model_dims
 from retrieval.model.batching import MicroBatcher
 from retrieval.model.contract import Encoder
 from retrieval.model.loader import load_encoder

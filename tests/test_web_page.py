@@ -1,6 +1,7 @@
 """The web page in Debian's Chromium (Playwright) against a real `retrieval serve` on loopback.
 
-Screenshots of the main views are written to ``docs/screenshots/`` (shown in the README).
+Screenshots of the main views go to a temporary folder, never into the checkout; to refresh the
+README's, run ``RETRIEVAL_SCREENSHOTS_DIR=docs/screenshots python -m pytest tests/test_web_page.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import io
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from retrieval.ingest.pipeline import IngestPipeline
 from retrieval.service import SpaceService
 
 CHROMIUM = os.environ.get("RETRIEVAL_TEST_CHROMIUM", "/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+SCREENSHOTS = Path(os.environ.get("RETRIEVAL_SCREENSHOTS_DIR") or tempfile.mkdtemp(prefix="medvae-screenshots-"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 MAX_BYTES = 300_000

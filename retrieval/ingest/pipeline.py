@@ -106,6 +106,10 @@ class IngestPipeline:
 
         A job passes its ``job_id``: it names the run in the ingest-errors table, and every batch
         write adds to the job's ``ingested`` count in its own transaction.
+
+        Over 60 lines on purpose: the chunk loop, the batch flush, the periodic index save, the stop
+        checks and the ``finally`` that always saves the index and records failures are one piece
+        of crash-safety logic that reads best in one place.
         """
         self.job_id = job_id
         report = IngestReport(run_id=job_id or uuid.uuid4().hex[:12])

@@ -14,10 +14,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
+from retrieval.config import Settings
 from retrieval.domain.items import SourceItem, printable_path
 from retrieval.errors import RetrievalError, reason_of
 from retrieval.imaging.volumes import (
@@ -30,15 +31,27 @@ from retrieval.imaging.volumes import (
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.ingest.prepare import study_of
 from retrieval.ingest.report import Failure, IngestReport
+from retrieval.service import SpaceService
 from retrieval.storage.rows import NewImage
 
-if TYPE_CHECKING:
-    from retrieval.ingest.pipeline import IngestPipeline
+
+class PipelineContext(Protocol):
+    """What the volume path uses of :class:`retrieval.ingest.pipeline.IngestPipeline` (no import: no cycle)."""
+
+    service: SpaceService
+    settings: Settings
+    job_id: str | None
+    volumes_seen: set[str]
+
+    def should_stop(self) -> bool: ...
+
+    def notify(self, report: IngestReport) -> None: ...
+
 
 logger = logging.getLogger(__name__)
 
 
-def ingest_volumes(pipeline: IngestPipeline, source: str | Path, report: IngestReport) -> None:
+def ingest_volumes(pipeline: PipelineContext, source: str | Path, report: IngestReport) -> None:
     """Fill ``report`` with the ingest of every volume under ``source`` into the pipeline's 3-D space:
     a folder or NIfTI file, or a DICOMweb source (one volume per series)."""
     pipeline.volumes_seen = set()
@@ -59,7 +72,7 @@ def ingest_volumes(pipeline: IngestPipeline, source: str | Path, report: IngestR
     pipeline.service.index.save()
 
 
-def _ingest_remote_series(pipeline: IngestPipeline, source: str, report: IngestReport) -> None:
+def _ingest_remote_series(pipeline: PipelineContext, source: str, report: IngestReport) -> None:
     """DICOMweb into a 3-D space: each series not yet stored is fetched whole, assembled and encoded.
 
     Stored series are skipped by SeriesInstanceUID before any fetch (incremental sync); the
@@ -92,7 +105,7 @@ def _ingest_remote_series(pipeline: IngestPipeline, source: str, report: IngestR
     service.index.save()
 
 
-def _load_and_store(pipeline: IngestPipeline, item: SourceItem, report: IngestReport) -> None:
+def _load_and_store(pipeline: PipelineContext, item: SourceItem, report: IngestReport) -> None:
     """Read, fit, encode and store one volume item; failures are recorded, never raised."""
     store, space = pipeline.service.store, pipeline.service.space
     try:
@@ -119,7 +132,7 @@ def _load_and_store(pipeline: IngestPipeline, item: SourceItem, report: IngestRe
 
 
 def _store_volume(
-    pipeline: IngestPipeline, item: SourceItem, volume: Volume, cube: np.ndarray, sha256: str, report: IngestReport
+    pipeline: PipelineContext, item: SourceItem, volume: Volume, cube: np.ndarray, sha256: str, report: IngestReport
 ) -> None:
     """Encode one fitted volume and store it (row, latent, vector) in one transaction."""
     service, settings = pipeline.service, pipeline.settings

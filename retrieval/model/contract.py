@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from retrieval.model.architectures import Architecture
+from retrieval.domain.architectures import Architecture
 from retrieval.model.weights import WeightsSource
 
 

@@ -34,14 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.config import Settings
-from retrieval.errors import ConfigurationError, WeightsError
-from retrieval.model.architectures import (
+from retrieval.domain.architectures import (
     LORA_RANK,
     LORA_TARGETS,
     Architecture,
     ddconfig_from_yaml,
     get_architecture,
 )
+from retrieval.errors import ConfigurationError, WeightsError
 from retrieval.model.openvino_runtime import OpenVinoPosteriorMode, openvino_available
 from retrieval.model.weights import WeightsSource, resolve_weights
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.config import Settings
-from retrieval.model.architectures import Architecture, get_architecture
+from retrieval.domain.architectures import Architecture, get_architecture
 from retrieval.model.weights import WeightsSource, resolve_weights
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.config import Settings
+from retrieval.domain.architectures import Architecture
 from retrieval.errors import WeightsError
-from retrieval.model.architectures import Architecture
 
 logger = logging.getLogger(__name__)
 

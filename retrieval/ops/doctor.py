@@ -21,7 +21,10 @@ def _version(name: str) -> str | None:
 
 
 def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
-    """Collect the report; never raises: each failing part reports its error instead."""
+    """Collect the report; never raises: each failing part reports its error instead.
+
+    Long but flat (over 60 lines): one guarded block per part of the report, in the order printed.
+    """
     import torch
 
     from retrieval.model.encoder import cpu_has_bf16

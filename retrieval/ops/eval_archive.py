@@ -178,7 +178,10 @@ def near_duplicates(service: SpaceService, items: list[EvalItem], *, limit: int 
 
 
 def write_report(out: Path, payload: dict[str, Any]) -> Path:
-    """``report.md`` + ``precision_at_k.png`` + ``per_label.png`` under ``out``."""
+    """``report.md`` + ``precision_at_k.png`` + ``per_label.png`` under ``out``.
+
+    Over 60 lines: the report's sections and the two plots are written top to bottom, as they appear.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
