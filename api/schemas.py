@@ -106,7 +106,7 @@ class ServiceInfo(BaseModel):
     version: str
     model: str
     weights: str
-    random_weights: bool
+    random_weights: bool = Field(..., description="True when the weights are not MedVAE's trained ones (random, or the fake test encoder).")
     warning: str | None = None
     space: dict[str, Any]
     max_request_bytes: int

@@ -85,9 +85,8 @@ async function loadInfo() {
   $("#model-info").textContent = `${info.model} · weights: ${info.weights} · pooling ${info.space.pooling}`;
   const banner = $("#random-banner");
   banner.hidden = !info.random_weights;
-  banner.textContent = info.random_weights
-    ? "This server runs MedVAE with RANDOM-INITIALISED weights: results and previews test the pipeline; they are not meaningful similarity."
-    : "";
+  // the server's own warning: random MedVAE weights or the fake test encoder, each said as it is
+  banner.textContent = info.random_weights ? info.warning : "";
 }
 
 async function loadSpaces(wanted) {

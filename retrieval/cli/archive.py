@@ -8,19 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from retrieval.cli.common import (  # noqa: F401 - the shared CLI vocabulary
-    DEMO_INPUT_SIZE,
-    State,
+from retrieval.cli.common import (
     app,
     db_app,
-    err,
-    fail,
     model_settings,
     out,
     reported_errors,
     service_for,
     settings,
-    warn_if_random,
 )
 
 

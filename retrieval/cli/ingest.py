@@ -14,11 +14,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from retrieval.cli.common import (  # noqa: F401 - the shared CLI vocabulary
-    DEMO_INPUT_SIZE,
+from retrieval.cli.common import (
     State,
     app,
-    db_app,
     err,
     fail,
     model_settings,

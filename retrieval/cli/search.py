@@ -8,11 +8,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from retrieval.cli.common import (  # noqa: F401 - the shared CLI vocabulary
-    DEMO_INPUT_SIZE,
-    State,
+from retrieval.cli.common import (
     app,
-    db_app,
     err,
     fail,
     model_settings,

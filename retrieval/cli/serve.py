@@ -7,16 +7,14 @@ from typing import Annotated
 
 import typer
 
-from retrieval.cli.common import (  # noqa: F401 - the shared CLI vocabulary
+from retrieval.cli.common import (
     DEMO_INPUT_SIZE,
     State,
     app,
-    db_app,
     err,
     fail,
     model_settings,
     out,
-    reported_errors,
     service_for,
     settings,
     warn_if_random,

@@ -73,6 +73,7 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
             "kind": encoder.weights.kind,
             "identity": encoder.weights.identity,
             "random": encoder.weights.is_random,
+            "not_medvae_weights": encoder.weights.is_placeholder,  # random or the fake test encoder
             "precision": encoder.precision_label,
             "device": str(encoder.device),
         }
