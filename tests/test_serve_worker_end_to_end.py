@@ -123,7 +123,8 @@ def test_cancel_a_running_job(server: tuple[httpx.Client, dict[str, str], Path],
     client, env, roots = server
     files = make_archive(roots / "archive", studies=8, per_study=5)
     job_id = client.post("/v1/ingest-jobs", json={"source": str(roots / "archive")}).json()["job_id"]
-    worker = start(env, "worker", "--poll", "0.2", log=tmp_path / "worker.log")
+    # real MedVAE (random weights) in the worker: the fake encoder would finish the job before the cancel lands
+    worker = start({**env, "RETRIEVAL_WEIGHTS": "random"}, "worker", "--poll", "0.2", log=tmp_path / "worker.log")
     try:
         wait_until(lambda: db_counts(env)["vectors"] >= 2, timeout=180, what="the worker to start storing")
         cancel = client.delete(f"/v1/ingest-jobs/{job_id}")
