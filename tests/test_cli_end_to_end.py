@@ -112,7 +112,7 @@ def test_preview_export_reindex_doctor(cli_env: dict[str, str], tmp_path: Path) 
 def test_sigkill_mid_ingest_then_rerun_stores_each_image_once(cli_env: dict[str, str], tmp_path: Path) -> None:
     archive = tmp_path / "archive"
     files = make_archive(archive, studies=8, per_study=5)
-    env = dict(cli_env, RETRIEVAL_BATCH_SIZE="1")
+    env = dict(cli_env, RETRIEVAL_BATCH_SIZE="1", RETRIEVAL_WEIGHTS="random")  # real MedVAE: slow enough to be killed mid-ingest
     process = subprocess.Popen(
         [sys.executable, "-m", "retrieval", "ingest", str(archive), "--no-progress"], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -88,7 +88,8 @@ def _assert_archive_intact(env: dict[str, str], expected_images: int) -> None:
 @pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # PG under SIGKILL is covered by test_cli_end_to_end's kill test
 def test_ingest_killed_ten_times_then_finished(cli_env: dict[str, str], tmp_path: Path) -> None:
     files = make_archive(tmp_path / "archive", studies=10, per_study=4)
-    env = dict(cli_env, RETRIEVAL_BATCH_SIZE="1")
+    # real MedVAE (random weights): the fake encoder stores 40 images before a kill can land mid-ingest
+    env = dict(cli_env, RETRIEVAL_BATCH_SIZE="1", RETRIEVAL_WEIGHTS="random")
     rng = random.Random(20261122)
     args = ["ingest", str(tmp_path / "archive"), "--no-progress"]
     stored_after_kills = []
