@@ -175,8 +175,3 @@ class Settings(BaseSettings):
     def index_dir(self) -> Path:
         """Directory where FAISS indexes and their sidecars live."""
         return self.data_dir / "index"
-
-    @property
-    def uses_random_weights(self) -> bool:
-        """True when the weights are not MedVAE's trained ones (``random`` or the ``fake`` test encoder)."""
-        return self.weights in ("random", "fake")

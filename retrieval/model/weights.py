@@ -50,7 +50,8 @@ def placeholder_label(identity_or_label: str) -> str | None:
 
 def weights_warning(choice: str) -> str | None:
     """The warning every output carries for a ``weights`` setting of ``random`` or ``fake``; else ``None``."""
-    return {"random": RANDOM_WEIGHTS_WARNING, "fake": FAKE_ENCODER_WARNING}.get(choice)
+    label = {"random": RANDOM_WEIGHTS_LABEL, "fake": FAKE_ENCODER_LABEL}.get(choice)
+    return PLACEHOLDER_WARNINGS[label] if label else None
 
 
 @dataclass(frozen=True)
