@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from conftest import db_counts, make_archive, uuid_suffix
-from test_cli_end_to_end import run_cli
+from cli_runner import run_cli
 
 
 def _searches(env: dict[str, str], queries: list[Path]) -> list[list[tuple[int, float]]]:

@@ -11,7 +11,7 @@ from bad_inputs import build_corpus, manifest_cases
 from conftest import database_url, tiny_settings
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
-from test_cli_end_to_end import run_cli
+from cli_runner import run_cli
 
 from api.main import create_app
 from retrieval.domain.items import printable_path

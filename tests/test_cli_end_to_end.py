@@ -1,4 +1,4 @@
-"""The CLI as a user runs it: real `python -m retrieval` processes on SQLite and PostgreSQL."""
+"""The CLI as a user runs it, on SQLite and PostgreSQL: in this process, and as real processes where that matters."""
 
 from __future__ import annotations
 
@@ -12,19 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_cli, run_cli_process
 from conftest import database_url, db_counts, make_archive, synthetic_image, write_png
 from dicom_factory import write_dicom
 from PIL import Image
 from sqlalchemy import create_engine, text
-
-
-def run_cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "retrieval", *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"retrieval {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def index_count(env: dict[str, str]) -> int:
@@ -40,7 +32,7 @@ def test_ingest_search_reingest(cli_env: dict[str, str], tmp_path: Path) -> None
     files = make_archive(archive, studies=4, per_study=3)
     write_dicom(archive / "dicom_study" / "a.dcm", (synthetic_image(77) * 4000).astype(np.uint16), window=(2000, 4000),
                 PatientID="PAT-SECRET-1", PatientName="Doe^Jane", BodyPartExamined="CHEST", ViewPosition="PA")
-    result = run_cli(cli_env, "ingest", str(archive), "--json", "--no-progress")
+    result = run_cli_process(cli_env, "ingest", str(archive), "--json", "--no-progress")  # `python -m retrieval` as typed
     report = json.loads(result.stdout)
     assert report["ingested"] == len(files) + 1 and report["failed"] == 0
     assert report["model"]["weights"] == "random-init"
@@ -105,7 +97,7 @@ def test_preview_export_reindex_doctor(cli_env: dict[str, str], tmp_path: Path) 
     assert found["space"]["pooling"] == "grid:2" and found["space"]["dim"] == 16
     assert found["results"][0]["images"][0]["image_id"] == 2
     doctor = json.loads(run_cli(cli_env, "doctor", "--json").stdout)
-    assert doctor["weights"]["random"] is True and doctor["index"]["consistent"] is True
+    assert doctor["weights"]["not_medvae_weights"] is True and doctor["index"]["consistent"] is True
     assert doctor["database"]["counts"]["images"] == 4
 
 

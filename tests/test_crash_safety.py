@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import database_url, db_counts, make_archive
 from sqlalchemy import create_engine, text
-from test_cli_end_to_end import run_cli
+from cli_runner import run_cli
 
 KILLS = 10
 

@@ -17,7 +17,7 @@ from dicom_factory import write_dicom
 from fastapi.testclient import TestClient
 from orthanc_server import PASSWORD, USER, OrthancServer
 from pydicom.data import get_testdata_file
-from test_cli_end_to_end import run_cli
+from cli_runner import run_cli
 from volume_factory import phantom_hu, write_ct_series
 
 from api.main import create_app
@@ -40,7 +40,7 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
     try:
         yield server
     finally:
-        server.stop()
+        server.discard()
 
 
 def _settings(tmp_path: Path, **overrides: object) -> Settings:

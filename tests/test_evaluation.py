@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_archive
-from test_cli_end_to_end import run_cli
+from cli_runner import run_cli
 
 from retrieval.domain.evaluation import EvalItem, evaluate, rankings, recall_of_exact
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import database_url
 from pydicom.data import get_testdata_file
 from sqlalchemy import create_engine, text
-from test_cli_end_to_end import run_cli
+from cli_runner import run_cli
 
 from retrieval.config import Settings
 from retrieval.domain.metadata import keyed_hash

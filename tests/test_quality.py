@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_archive, synthetic_image, tiny_settings
-from test_cli_end_to_end import run_cli
+from cli_runner import run_cli
 
 from retrieval.ingest.pipeline import IngestPipeline
 from retrieval.query.quality import psnr, reconstruction_quality, ssim
