@@ -52,7 +52,7 @@ def get_settings(request: Request) -> Settings:
 
 def require_api_key(request: Request) -> None:
     """When API keys are configured, demand ``Authorization: Bearer <key>`` (constant-time compare)."""
-    keys: list[str] = request.app.state.settings.api_key_list
+    keys: list[str] = request.app.state.settings.api.key_list
     if not keys:
         return
     header = request.headers.get("authorization", "")

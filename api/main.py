@@ -27,7 +27,7 @@ def _warm_up(service: SpaceService) -> None:
     """Load the model and open the index in the background; requests needing them wait on its lock."""
     try:
         service.index  # noqa: B018 - loads encoder, space and index
-        warning = weights_warning(service.settings.weights)
+        warning = weights_warning(service.settings.model.weights)
         if warning:
             logger.warning(warning)
     except Exception:  # noqa: BLE001 - /readyz reports it; requests will raise the typed error
@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None, *, service: SpaceService | None
 
     metrics = Metrics()
     app.state.metrics = metrics
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api.max_request_bytes)
     app.add_middleware(RequestTimingMiddleware, metrics=metrics)
     app.add_middleware(SecurityHeadersMiddleware)
 

@@ -35,9 +35,9 @@ def decode_base64_image(text: str, *, field: str = "image_base64") -> bytes:
 def image_bytes_from_reference(reference: str, settings: Settings, *, field: str) -> bytes:
     """An ``http(s)://`` URL (fetched under the SSRF guards) or base64 text; nothing else."""
     if reference.startswith(("http://", "https://")):
-        allow = {host.strip() for host in settings.url_allow_hosts.split(",") if host.strip()}
+        allow = {host.strip() for host in settings.api.url_allow_hosts.split(",") if host.strip()}
         return fetch_image_url(
-            reference, max_bytes=settings.max_request_bytes, timeout=settings.url_fetch_timeout, allow_hosts=allow
+            reference, max_bytes=settings.api.max_request_bytes, timeout=settings.api.url_fetch_timeout, allow_hosts=allow
         )
     if "://" in reference[:16] or reference.startswith(("/", "./", "~")):
         raise InvalidRequestError(

@@ -1,46 +1,77 @@
-"""One settings object for the whole service (pydantic-settings, ``RETRIEVAL_`` prefix, ``.env``).
+"""One settings object for the whole service, in groups (pydantic-settings, ``RETRIEVAL_`` prefix, ``.env``).
 
 Library code never reads the environment itself: a :class:`Settings` instance is built once
-(by the CLI or the API factory) and passed down.
+(by the CLI or the API factory) and passed down; each part reads its own group
+(``settings.model.weights``, ``settings.dicomweb.retries``, …).
+
+Every setting has one environment name, ``RETRIEVAL_<FLAT NAME>``: the group's prefix plus the
+field name (``RETRIEVAL_DICOMWEB_RETRIES``), or the field's alias where the group's name would
+only repeat it (``RETRIEVAL_MODEL`` is ``model.name``). Those names are the ones the service
+has always had; :data:`FLAT_NAMES` lists them. ``Settings(...)`` and :meth:`Settings.replaced`
+take the same flat names (``Settings(weights="fake", input_size=64)``) or whole groups.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from retrieval.domain.architectures import model_dims
 
 DEFAULT_ID_SECRET = "change-me-medvae-retrieval"
+ENV_PREFIX = "RETRIEVAL_"
 
 
-class Settings(BaseSettings):
-    """Runtime configuration. Every field is also ``RETRIEVAL_<NAME>`` in the environment."""
+class SettingsGroup(BaseModel):
+    """A group of settings; ``env_prefix`` + field name (or the field's alias) is its flat name."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="RETRIEVAL_",
-        env_file=".env",
-        env_file_encoding="utf-8",
-        env_nested_delimiter="__",
-        extra="ignore",
-        protected_namespaces=(),
-    )
+    model_config = ConfigDict(frozen=True, validate_by_name=True, validate_by_alias=True, protected_namespaces=())
+    env_prefix: ClassVar[str] = ""
+
+
+class StorageSettings(SettingsGroup):
+    """Where the archive lives: the SQL database, the FAISS indexes, the spool."""
 
     data_dir: Path = Field(Path("./data"), description="Directory holding the SQLite file and the indexes.")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: SQLite file `retrieval.db` in data_dir."
     )
-    model: str = Field("medvae_8_4_2d", description="MedVAE model name.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file inside ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'retrieval.db').resolve()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where files fetched from remote sources wait, per run, until they are decoded."""
+        return self.data_dir / "spool"
+
+    @property
+    def index_dir(self) -> Path:
+        """Directory where FAISS indexes and their sidecars live."""
+        return self.data_dir / "index"
+
+
+class ModelSettings(SettingsGroup):
+    """Which MedVAE, with which weights, run how, and the head that turns its latent into a vector."""
+
+    name: str = Field("medvae_8_4_2d", alias="model", description="MedVAE model name.")
     weights: str = Field(
         "hub",
         description="`hub` (Hugging Face; a commit sha as hub_revision pins it), a local checkpoint path, `random` "
         "(seeded random MedVAE weights), or `fake` (a deterministic stand-in encoder for tests; not MedVAE).",
     )
-    model_config_path: Path | None = Field(
-        None, description="Optional YAML architecture config to go with a local checkpoint."
+    config_path: Path | None = Field(
+        None, alias="model_config_path", description="Optional YAML architecture config to go with a local checkpoint."
     )
     hub_repo: str = "stanfordmimi/MedVAE"
     hub_revision: str = Field(
@@ -66,69 +97,7 @@ class Settings(BaseSettings):
         "auto", description="torch.compile the encoder; auto = on for CUDA (3.4x there), off on CPU."
     )
     batch_size: int = Field(8, ge=1, le=4096)
-    decode_workers: int = Field(
-        -1, ge=-1, le=64, description="Decode processes; -1 = one per spare core, 0 = in-process."
-    )
     pooling: str = Field("spp:1,2,4", description="Pooling name with parameters, e.g. `spp:1,2,4`, `mean`.")
-    id_secret: str = Field(DEFAULT_ID_SECRET, description="HMAC key for PatientID/AccessionNumber hashes.")
-    max_image_pixels: int = Field(
-        80_000_000, ge=1, description="Largest decoded pixel count (rows x cols x frames x samples)."
-    )
-    date_shift_days: int = Field(
-        0, ge=0, le=3650,
-        description="Shift DICOM StudyDate by a per-patient keyed offset within +-N days (0 = store dates as they are).",
-    )
-    overfetch: int = Field(4, ge=1, le=100, description="Search fetches k * overfetch images before grouping.")
-    api_keys: str = Field("", description="Comma-separated API keys; when set, every route but /healthz needs one.")
-    max_request_bytes: int = Field(64 * 2**20, ge=1024, description="Largest accepted request body (413 above).")
-    url_fetch_timeout: float = Field(10.0, gt=0, le=120, description="Seconds allowed to fetch an image_url.")
-    url_allow_hosts: str = Field(
-        "", description="Comma-separated hosts an image_url may use even when they resolve to non-global addresses."
-    )
-
-    index_type: Literal["auto", "flat", "hnsw"] = Field(
-        "auto", description="FAISS index: exact flat, HNSW, or auto (flat below hnsw_min_vectors)."
-    )
-    hnsw_min_vectors: int = Field(50_000, ge=1, description="auto: spaces with at least this many vectors use HNSW.")
-    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree.")
-    hnsw_ef_search: int = Field(128, ge=8, le=4096, description="HNSW efSearch per query (recall vs speed).")
-    ingest_quality: bool = Field(
-        False, description="Score each ingested image's reconstruction (PSNR/SSIM); costs a decoder pass (~2.3x encode)."
-    )
-    ingest_roots: str = Field(
-        "", description="Comma-separated server folders that API ingest jobs may read; empty = API ingest disabled."
-    )
-    job_heartbeat_seconds: float = Field(5.0, gt=0, le=600, description="How often a worker reports job progress.")
-    job_stale_seconds: float = Field(
-        60.0, gt=0, le=86400, description="A running job without a heartbeat this long is resumed by another worker."
-    )
-    query_batching: Literal["auto", "on", "off"] = Field(
-        "auto", description="Micro-batch concurrent query encodes; auto = on for CUDA."
-    )
-    query_batch_wait_ms: float = Field(
-        4.0, ge=0, le=1000, description="How long a query waits for others to share its encoder batch."
-    )
-
-    dicomweb_username: str = Field("", description="DICOMweb basic-auth user (with dicomweb_password).")
-    dicomweb_password: SecretStr = Field(SecretStr(""), description="DICOMweb basic-auth password; never logged.")
-    dicomweb_token: SecretStr = Field(SecretStr(""), description="DICOMweb bearer token; never logged.")
-    dicomweb_retries: int = Field(3, ge=0, le=20, description="Retries per DICOMweb request (connection errors, 408, 429, 502-504).")
-    dicomweb_backoff: float = Field(0.5, ge=0, le=60, description="Retry n waits backoff * 2^n seconds.")
-    dicomweb_timeout: float = Field(30.0, gt=0, le=600, description="Seconds allowed per DICOMweb request.")
-    dicomweb_fetch_workers: int = Field(4, ge=1, le=32, description="Concurrent WADO-RS instance fetches.")
-    dicomweb_allowed_urls: str = Field(
-        "", description="Comma-separated DICOMweb base URLs that API ingest jobs may sync from; empty = none."
-    )
-
-    @model_validator(mode="after")
-    def _own_secret_on_shared_databases(self) -> Settings:
-        """A shared (PostgreSQL) archive must not hash identifiers with the public placeholder key."""
-        if (self.database_url or "").startswith("postgresql") and self.id_secret == DEFAULT_ID_SECRET:
-            raise ValueError(
-                "RETRIEVAL_ID_SECRET is the built-in placeholder: set your own secret before using PostgreSQL "
-                "(PatientID hashes keyed with a public value can be reversed by trying IDs)"
-            )
-        return self
 
     @field_validator("weights")
     @classmethod
@@ -138,40 +107,258 @@ class Settings(BaseSettings):
         return value.strip()
 
     @property
-    def resolved_database_url(self) -> str:
-        """The database URL, defaulting to a SQLite file inside ``data_dir``."""
-        if self.database_url:
-            return self.database_url
-        return f"sqlite:///{(self.data_dir / 'retrieval.db').resolve()}"
-
-    @property
-    def model_dims(self) -> int:
+    def dims(self) -> int:
         """2 for the image models, 3 for the volume models (``medvae_*_3d``)."""
-        return model_dims(self.model)
+        return model_dims(self.name)
 
     @property
-    def model_input_size(self) -> int:
+    def input_edge(self) -> int:
         """Edge of the model's input: ``input_size`` (square images) or ``volume_size`` (cubes)."""
-        return self.volume_size if self.model_dims == 3 else self.input_size
+        return self.volume_size if self.dims == 3 else self.input_size
+
+
+class IndexSettings(SettingsGroup):
+    """The FAISS index of each space."""
+
+    env_prefix: ClassVar[str] = "index_"
+    type: Literal["auto", "flat", "hnsw"] = Field(
+        "auto", description="FAISS index: exact flat, HNSW, or auto (flat below hnsw_min_vectors)."
+    )
+    hnsw_min_vectors: int = Field(
+        50_000, ge=1, alias="hnsw_min_vectors", description="auto: spaces with at least this many vectors use HNSW."
+    )
+    hnsw_m: int = Field(32, ge=4, le=128, alias="hnsw_m", description="HNSW graph degree.")
+    hnsw_ef_search: int = Field(
+        128, ge=8, le=4096, alias="hnsw_ef_search", description="HNSW efSearch per query (recall vs speed)."
+    )
+
+
+class IngestSettings(SettingsGroup):
+    """Reading and decoding sources."""
+
+    decode_workers: int = Field(
+        -1, ge=-1, le=64, description="Decode processes; -1 = one per spare core, 0 = in-process."
+    )
+    max_image_pixels: int = Field(
+        80_000_000, ge=1, description="Largest decoded pixel count (rows x cols x frames x samples)."
+    )
+    quality: bool = Field(
+        False, alias="ingest_quality",
+        description="Score each ingested image's reconstruction (PSNR/SSIM); costs a decoder pass (~2.3x encode).",
+    )
+    roots: str = Field(
+        "", alias="ingest_roots",
+        description="Comma-separated server folders that API ingest jobs may read; empty = API ingest disabled.",
+    )
 
     @property
-    def ingest_root_list(self) -> list[Path]:
-        return [Path(root.strip()).expanduser().resolve() for root in self.ingest_roots.split(",") if root.strip()]
+    def root_list(self) -> list[Path]:
+        return [Path(root.strip()).expanduser().resolve() for root in self.roots.split(",") if root.strip()]
+
+
+class PrivacySettings(SettingsGroup):
+    """How identifiers and dates are kept out of the archive."""
+
+    id_secret: str = Field(DEFAULT_ID_SECRET, description="HMAC key for PatientID/AccessionNumber hashes.")
+    date_shift_days: int = Field(
+        0, ge=0, le=3650,
+        description="Shift DICOM StudyDate by a per-patient keyed offset within +-N days (0 = store dates as they are).",
+    )
+
+
+class QuerySettings(SettingsGroup):
+    """How searches run."""
+
+    overfetch: int = Field(4, ge=1, le=100, description="Search fetches k * overfetch images before grouping.")
+    batching: Literal["auto", "on", "off"] = Field(
+        "auto", alias="query_batching", description="Micro-batch concurrent query encodes; auto = on for CUDA."
+    )
+    batch_wait_ms: float = Field(
+        4.0, ge=0, le=1000, alias="query_batch_wait_ms",
+        description="How long a query waits for others to share its encoder batch.",
+    )
+
+
+class ApiSettings(SettingsGroup):
+    """The HTTP API's limits and keys."""
+
+    keys: str = Field(
+        "", alias="api_keys", description="Comma-separated API keys; when set, every route but /healthz needs one."
+    )
+    max_request_bytes: int = Field(64 * 2**20, ge=1024, description="Largest accepted request body (413 above).")
+    url_fetch_timeout: float = Field(10.0, gt=0, le=120, description="Seconds allowed to fetch an image_url.")
+    url_allow_hosts: str = Field(
+        "", description="Comma-separated hosts an image_url may use even when they resolve to non-global addresses."
+    )
 
     @property
-    def dicomweb_allowed_url_list(self) -> list[str]:
-        return [url.strip().rstrip("/") for url in self.dicomweb_allowed_urls.split(",") if url.strip()]
+    def key_list(self) -> list[str]:
+        return [key.strip() for key in self.keys.split(",") if key.strip()]
+
+
+class JobSettings(SettingsGroup):
+    """Ingest jobs submitted through the API and run by workers."""
+
+    env_prefix: ClassVar[str] = "job_"
+    heartbeat_seconds: float = Field(5.0, gt=0, le=600, description="How often a worker reports job progress.")
+    stale_seconds: float = Field(
+        60.0, gt=0, le=86400, description="A running job without a heartbeat this long is resumed by another worker."
+    )
+
+
+class DicomwebSettings(SettingsGroup):
+    """Syncing from a PACS over DICOMweb."""
+
+    env_prefix: ClassVar[str] = "dicomweb_"
+    username: str = Field("", description="DICOMweb basic-auth user (with dicomweb_password).")
+    password: SecretStr = Field(SecretStr(""), description="DICOMweb basic-auth password; never logged.")
+    token: SecretStr = Field(SecretStr(""), description="DICOMweb bearer token; never logged.")
+    retries: int = Field(3, ge=0, le=20, description="Retries per DICOMweb request (connection errors, 408, 429, 502-504).")
+    backoff: float = Field(0.5, ge=0, le=60, description="Retry n waits backoff * 2^n seconds.")
+    timeout: float = Field(30.0, gt=0, le=600, description="Seconds allowed per DICOMweb request.")
+    fetch_workers: int = Field(4, ge=1, le=32, description="Concurrent WADO-RS instance fetches.")
+    allowed_urls: str = Field(
+        "", description="Comma-separated DICOMweb base URLs that API ingest jobs may sync from; empty = none."
+    )
 
     @property
-    def api_key_list(self) -> list[str]:
-        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+    def allowed_url_list(self) -> list[str]:
+        return [url.strip().rstrip("/") for url in self.allowed_urls.split(",") if url.strip()]
 
-    @property
-    def spool_dir(self) -> Path:
-        """Where files fetched from remote sources wait, per run, until they are decoded."""
-        return self.data_dir / "spool"
 
-    @property
-    def index_dir(self) -> Path:
-        """Directory where FAISS indexes and their sidecars live."""
-        return self.data_dir / "index"
+GROUPS: dict[str, type[SettingsGroup]] = {
+    "storage": StorageSettings,
+    "model": ModelSettings,
+    "index": IndexSettings,
+    "ingest": IngestSettings,
+    "privacy": PrivacySettings,
+    "query": QuerySettings,
+    "api": ApiSettings,
+    "jobs": JobSettings,
+    "dicomweb": DicomwebSettings,
+}
+
+
+def _flat_name(group: type[SettingsGroup], field: str, info: FieldInfo) -> str:
+    return info.alias or f"{group.env_prefix}{field}"
+
+
+FLAT_NAMES: dict[str, tuple[str, str]] = {
+    _flat_name(group, field, info): (group_name, field)
+    for group_name, group in GROUPS.items()
+    for field, info in group.model_fields.items()
+}
+"""Flat name (the environment name without ``RETRIEVAL_``, lower case) -> (group, field)."""
+
+
+def nest_flat_names(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"dicomweb_retries": 5, "model": {...}}`` -> ``{"dicomweb": {"retries": 5}, "model": {...}}``.
+
+    A key that is neither a flat name nor a group is refused (a typo is an error, never ignored).
+    """
+    nested: dict[str, dict[str, Any]] = {}
+    groups = {key: value for key, value in values.items() if key in GROUPS and isinstance(value, dict | SettingsGroup)}
+    for key, value in values.items():
+        if key in groups:
+            continue
+        if key not in FLAT_NAMES:
+            raise ValueError(f"unknown setting `{key}` (settings: {', '.join(sorted(FLAT_NAMES))})")
+        group, field = FLAT_NAMES[key]
+        nested.setdefault(group, {})[field] = value
+    for key, value in groups.items():  # a whole group is only ever given as an argument: it wins over the environment
+        nested.setdefault(key, {}).update(value.model_dump() if isinstance(value, SettingsGroup) else value)
+    return nested
+
+
+class _FlatEnvironment(PydanticBaseSettingsSource):
+    """Reads each setting under its one name, ``RETRIEVAL_<FLAT NAME>``: the environment first, then ``.env``.
+
+    Names are matched without regard to case; other ``RETRIEVAL_*`` variables are ignored, as
+    pydantic-settings ignores them.
+    """
+
+    def __call__(self) -> dict[str, Any]:
+        env_file = self.config.get("env_file")
+        from_file = dotenv_values(env_file) if env_file and Path(env_file).is_file() else {}
+        sources = [{k.upper(): v for k, v in os.environ.items()}, {k.upper(): v for k, v in from_file.items()}]
+        found: dict[str, Any] = {}
+        for flat in FLAT_NAMES:
+            name = f"{ENV_PREFIX}{flat}".upper()
+            value = next((source[name] for source in sources if source.get(name) is not None), None)
+            if value is not None:
+                found[flat] = value
+        return found
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        """Unused: :meth:`__call__` reads every flat name at once."""
+        return None, field_name, False
+
+
+class Settings(BaseSettings):
+    """Runtime configuration in groups; every setting is also ``RETRIEVAL_<FLAT NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", frozen=True, protected_namespaces=())
+
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    query: QuerySettings = Field(default_factory=QuerySettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    dicomweb: DicomwebSettings = Field(default_factory=DicomwebSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments first, then ``RETRIEVAL_<FLAT NAME>`` from the environment and ``.env``."""
+        return init_settings, _FlatEnvironment(settings_cls)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:
+        return nest_flat_names(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _own_secret_on_shared_databases(self) -> Settings:
+        """A shared (PostgreSQL) archive must not hash identifiers with the public placeholder key."""
+        if (self.storage.database_url or "").startswith("postgresql") and self.privacy.id_secret == DEFAULT_ID_SECRET:
+            raise ValueError(
+                "RETRIEVAL_ID_SECRET is the built-in placeholder: set your own secret before using PostgreSQL "
+                "(PatientID hashes keyed with a public value can be reversed by trying IDs)"
+            )
+        return self
+
+    def replaced(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` (flat names or groups) applied and validated; the environment is not read again."""
+        data: dict[str, Any] = {name: getattr(self, name).model_dump() for name in GROUPS}
+        for group, fields in nest_flat_names(changes).items():
+            data[group] = {**data[group], **fields}
+        return type(self).model_validate(data)
+
+
+ENV_NAMES: dict[tuple[str, str], str] = {place: f"{ENV_PREFIX}{flat.upper()}" for flat, place in FLAT_NAMES.items()}
+"""(group, field) -> its environment name, for messages."""
+
+
+def settings_error_message(exc: ValidationError) -> str:
+    """One line per bad setting, named as the user set it: ``RETRIEVAL_INPUT_SIZE (model.input_size): …``."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        place = tuple(str(part) for part in error["loc"][:2])
+        name = ENV_NAMES.get(place) if len(place) == 2 else None  # type: ignore[call-overload]
+        message = error["msg"].removeprefix("Value error, ")
+        if not place:  # a rule across settings: its message names them
+            lines.append(message)
+            continue
+        where = f"{name} ({'.'.join(place)})" if name else ".".join(place)
+        given = f" (got {error['input']!r})" if name and not isinstance(error["input"], dict | SecretStr) else ""
+        lines.append(f"{where}: {message}{given}")
+    return "; ".join(lines)

@@ -45,8 +45,8 @@ class SpaceService:
 
     def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
         self.settings = settings
-        self.pooling: PoolingSpec = parse_pooling(settings.pooling)
-        self.preprocessing: PreprocessSpec = preprocess_spec(settings.model_dims, settings.model_input_size)
+        self.pooling: PoolingSpec = parse_pooling(settings.model.pooling)
+        self.preprocessing: PreprocessSpec = preprocess_spec(settings.model.dims, settings.model.input_edge)
         self.store = store or Store.open(settings)
         self._encoder: Encoder | None = None
         self._space: Space | None = None
@@ -80,7 +80,7 @@ class SpaceService:
         spec = pooling or self.pooling
         encoder = self.encoder
         return SpaceIdentity(
-            model=self.settings.model,
+            model=self.settings.model.name,
             weights=encoder.weights.identity,
             input_size=self.preprocessing.input_size,
             preprocessing=self.preprocessing.version,
@@ -103,7 +103,7 @@ class SpaceService:
                 self._index, self.index_report = SpaceIndex.open(
                     store=self.store,
                     space=self.space,
-                    directory=self.settings.index_dir,
+                    directory=self.settings.storage.index_dir,
                     spec=choose_index_spec(count, self.settings),
                 )
                 logger.info("index %s: %s %s", self.space.key[:12], self.index_report.action, self.index_report.reason)
@@ -149,7 +149,7 @@ class SpaceService:
         return z[0], vectors[0]
 
     def _query_batching(self) -> bool:
-        mode = self.settings.query_batching
+        mode = self.settings.query.batching
         return mode == "on" or (mode == "auto" and self.encoder.device.type == "cuda")
 
     def _query_batcher(self) -> MicroBatcher:
@@ -157,8 +157,8 @@ class SpaceService:
             if self._batcher is None:
                 self._batcher = MicroBatcher(
                     self.embed_pixels,
-                    max_batch=self.settings.batch_size,
-                    wait_seconds=self.settings.query_batch_wait_ms / 1000.0,
+                    max_batch=self.settings.model.batch_size,
+                    wait_seconds=self.settings.query.batch_wait_ms / 1000.0,
                     on_batch=lambda size: self.observe("query_batch_size", float(size)),
                 )
             return self._batcher
@@ -186,7 +186,7 @@ class SpaceService:
 
     def model_info(self) -> dict[str, Any]:
         weights = self.encoder.weights
-        return {"name": self.settings.model, "weights": weights.public_label, "weights_identity": weights.identity}
+        return {"name": self.settings.model.name, "weights": weights.public_label, "weights_identity": weights.identity}
 
     def space_info(self) -> dict[str, Any]:
         return space_json(self.space)
@@ -256,9 +256,7 @@ class SpaceServices:
 
     def _build(self, space: Space) -> SpaceService:
         size_field = "volume_size" if model_dims(space.model) == 3 else "input_size"
-        settings = self.default.settings.model_copy(
-            update={"model": space.model, "pooling": space.pooling, size_field: space.input_size}
-        )
+        settings = self.default.settings.replaced(model=space.model, pooling=space.pooling, **{size_field: space.input_size})
         service = SpaceService(settings, store=self.default.store)
         service.observe = self.default.observe
         identity = service.identity()

@@ -89,7 +89,7 @@ def test_sync_search_then_resync_fetches_only_new_instances(
         assert image.source_uri.endswith(f"/instances/{image.sop_uid}")
         top = run_search(service, image_id=image.id, k=1, group_by="image")["results"][0]
         assert top["images"][0]["image_id"] == image.id  # every instance retrieves itself first
-    assert not list(service.settings.spool_dir.glob("*/*")), "fetched files are removed"
+    assert not list(service.settings.storage.spool_dir.glob("*/*")), "fetched files are removed"
 
     women = run_search(service, image_id=images[0].id, k=10, filter_pairs=["patient_sex=F", "age_from=40"])
     hits = [img for result in women["results"] for img in result["images"]]

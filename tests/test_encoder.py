@@ -149,7 +149,7 @@ def test_openvino_runtime_equals_torch_and_caches_its_conversion(encoder: MedVAE
     assert torch.allclose(z, expected, rtol=0, atol=1e-4 * float(expected.abs().max())), (z - expected).abs().max()
     assert torch.equal(z, openvino.encode(pixels))  # deterministic
     assert torch.equal(openvino.encode(pixels[1:2])[0], z[1])  # any batch size, same answer per image
-    cached = sorted(p.name for p in (settings.data_dir / "openvino").iterdir())
+    cached = sorted(p.name for p in (settings.storage.data_dir / "openvino").iterdir())
     assert len(cached) == 2 and cached[0].endswith(".bin") and cached[1].endswith(".xml")
     again = MedVAEEncoder(settings)  # reads the converted model instead of converting again
     assert torch.equal(again.encode(pixels), z)

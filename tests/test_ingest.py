@@ -39,7 +39,7 @@ def test_manifest_ingest_groups_labels_and_hashes(settings: Settings, tmp_path: 
     assert images["f0.png"].labels == ["cardiomegaly", "effusion"]
     assert images["f0.png"].study_id == images["f1.png"].study_id != images["f2.png"].study_id
     assert images["f0.png"].study.label == "S1" and images["f2.png"].modality == "CR"
-    assert images["f0.png"].patient_hash == keyed_hash("PAT-1", settings.id_secret)
+    assert images["f0.png"].patient_hash == keyed_hash("PAT-1", settings.privacy.id_secret)
     assert images["f0.png"].extra == {"site": "north"}  # patient_name is never kept
     assert "Doe" not in repr([(i.extra, i.labels, i.study.label) for i in images.values()])
 

@@ -150,7 +150,7 @@ def test_2d_and_3d_spaces_coexist_and_the_api_searches_either(tmp_path: Path) ->
     volume_id = next(image.id for chunk in service_3d.store.iter_images() for image in chunk if image.kind == "nifti")
     service_3d.close()
 
-    with TestClient(create_app(settings_2d.model_copy(update={"volume_size": CUBE, "volume_roi": CUBE}),
+    with TestClient(create_app(settings_2d.replaced(volume_size=CUBE, volume_roi=CUBE),
                                service=service_2d)) as client:
         spaces = client.get("/v1/spaces").json()
         assert sorted((s["dims"], s["images"], s["active"]) for s in spaces) == [(2, 2, True), (3, 2, False)]

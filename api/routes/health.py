@@ -46,15 +46,15 @@ def metrics(collector: MetricsDep) -> Response:
 @router.get("/v1/info", dependencies=[Depends(require_api_key)], response_model=ServiceInfo)
 def info(request: Request, service: ServiceDep, settings: SettingsDep) -> dict[str, Any]:
     """What the web page needs at start: model, whether the weights are MedVAE's, the active space, limits."""
-    warning = weights_warning(settings.weights)
+    warning = weights_warning(settings.model.weights)
     return {
         "version": request.app.version,
-        "model": settings.model,
+        "model": settings.model.name,
         "weights": service.model_info()["weights"],
         "random_weights": warning is not None,
         "warning": warning,
         "space": service.space_info(),
-        "max_request_bytes": settings.max_request_bytes,
-        "ingest_enabled": bool(settings.ingest_root_list or settings.dicomweb_allowed_url_list),
-        "dicomweb_sources": settings.dicomweb_allowed_url_list,
+        "max_request_bytes": settings.api.max_request_bytes,
+        "ingest_enabled": bool(settings.ingest.root_list or settings.dicomweb.allowed_url_list),
+        "dicomweb_sources": settings.dicomweb.allowed_url_list,
     }

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/ingest-jobs", tags=["ingest jobs"], dependencies=
 
 
 def _queue(service: ServiceDep, settings: SettingsDep) -> JobQueue:
-    return JobQueue(service.store, stale_seconds=settings.job_stale_seconds)
+    return JobQueue(service.store, stale_seconds=settings.jobs.stale_seconds)
 
 
 def _with_weights(body: dict[str, Any], service: ServiceDep) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def submit_job(body: IngestJobRequest, service: ServiceDep, settings: SettingsDe
     ``dicomweb+http(s)://`` source must name a base URL in ``RETRIEVAL_DICOMWEB_ALLOWED_URLS``. A worker runs it."""
     source = allowed_job_source(body.source, settings)
     return _with_weights(
-        job_json(_queue(service, settings).submit(source, model=body.model or settings.model), failures=[]), service
+        job_json(_queue(service, settings).submit(source, model=body.model or settings.model.name), failures=[]), service
     )
 
 

@@ -40,7 +40,7 @@ def _score(service: SpaceService, request: ScoreRequest) -> dict[str, Any]:
             )
         want_decoded = bool(row[decode_at]) if decode_at is not None and row[decode_at] is not None else False
         data = image_bytes_from_reference(row[path_at], service.settings, field=f"input_data.data[{number}].image_path")
-        decoded = decode_bytes(data, name=f"input_data.data[{number}]", max_pixels=service.settings.max_image_pixels)
+        decoded = decode_bytes(data, name=f"input_data.data[{number}]", max_pixels=service.settings.ingest.max_image_pixels)
         z = service.embed(decoded)[0][None]
         latent = service.encoder.s2_latent(z)[0].numpy()
         prediction: dict[str, Any] = {"latent": np.round(latent, 5).tolist()}

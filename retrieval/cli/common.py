@@ -17,7 +17,9 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from retrieval.config import Settings
+from pydantic import ValidationError
+
+from retrieval.config import Settings, settings_error_message
 from retrieval.errors import RetrievalError
 from retrieval.model.weights import weights_warning
 
@@ -40,12 +42,12 @@ def settings() -> Settings:
     """Settings from the environment / .env, with the global CLI options applied."""
     try:
         return Settings(**State.settings_overrides)
-    except Exception as exc:  # pydantic's ValidationError names the field; every command exits 2 with it
-        raise fail(RetrievalError(f"invalid settings: {exc}"), as_json=False) from None
+    except ValidationError as exc:  # every command exits 2 naming the environment variable (or option) at fault
+        raise fail(RetrievalError(f"invalid settings: {settings_error_message(exc)}"), as_json=False) from None
 
 
 def warn_if_random(current: Settings) -> None:
-    warning = weights_warning(current.weights)
+    warning = weights_warning(current.model.weights)
     if warning:
         err.print(f"[bold yellow]{warning}[/]")
 

@@ -74,7 +74,7 @@ def demo(
         )
     current = settings()
     warn_if_random(current)
-    sample_dir = current.data_dir / "sample"
+    sample_dir = current.storage.data_dir / "sample"
     write_sample_set(sample_dir, studies=4, images_per_study=2)
     out.print(f"sample archive: {sample_dir} (synthetic chest X-ray look-alikes + pydicom's bundled DICOM files)")
     try:

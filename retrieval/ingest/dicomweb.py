@@ -139,22 +139,22 @@ class DicomwebSource:
 
         self.query = query
         session = requests.Session()
-        adapter = HTTPAdapter(pool_maxsize=max(10, settings.dicomweb_fetch_workers))
+        adapter = HTTPAdapter(pool_maxsize=max(10, settings.dicomweb.fetch_workers))
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         headers = {}
-        if settings.dicomweb_token.get_secret_value():
-            headers["Authorization"] = f"Bearer {settings.dicomweb_token.get_secret_value()}"
-        elif settings.dicomweb_username:
-            session.auth = (settings.dicomweb_username, settings.dicomweb_password.get_secret_value())
+        if settings.dicomweb.token.get_secret_value():
+            headers["Authorization"] = f"Bearer {settings.dicomweb.token.get_secret_value()}"
+        elif settings.dicomweb.username:
+            session.auth = (settings.dicomweb.username, settings.dicomweb.password.get_secret_value())
         self.client = DICOMwebClient(
-            url=query.base_url, session=session, headers=headers or None, timeout=settings.dicomweb_timeout
+            url=query.base_url, session=session, headers=headers or None, timeout=settings.dicomweb.timeout
         )
         # the client retries connection errors and these statuses, waiting backoff * 2^attempt seconds
         self.client.set_http_retry_params(
-            retry=settings.dicomweb_retries > 0,
-            max_attempts=settings.dicomweb_retries + 1,
-            wait_exponential_multiplier=int(settings.dicomweb_backoff * 1000),
+            retry=settings.dicomweb.retries > 0,
+            max_attempts=settings.dicomweb.retries + 1,
+            wait_exponential_multiplier=int(settings.dicomweb.backoff * 1000),
             retriable_error_codes=RETRY_STATUSES,
         )
 

@@ -96,9 +96,9 @@ class IngestPipeline:
         self.volumes_seen: set[str] = set()  # 3-D: content hashes stored by this run
         self.options = PrepareOptions(
             preprocessing=service.preprocessing,
-            max_pixels=self.settings.max_image_pixels,
-            id_secret=self.settings.id_secret,
-            date_shift_days=self.settings.date_shift_days,
+            max_pixels=self.settings.ingest.max_image_pixels,
+            id_secret=self.settings.privacy.id_secret,
+            date_shift_days=self.settings.privacy.date_shift_days,
         )
 
     def run(self, source: str | Path, *, job_id: str | None = None) -> IngestReport:
@@ -127,11 +127,11 @@ class IngestPipeline:
         report.seconds["load"] = time.perf_counter() - report.started
         report.started = time.perf_counter()
         logger.info("ingest %s: %d candidate files into space %s", source, len(items), space.key[:12])
-        executor = make_executor(decode_worker_count(self.settings.decode_workers))
+        executor = make_executor(decode_worker_count(self.settings.ingest.decode_workers))
         last_save = time.monotonic()
         seen: set[str] = set()
         batch: list[Prepared] = []
-        chunk_size = max(4 * self.settings.batch_size, 32)
+        chunk_size = max(4 * self.settings.model.batch_size, 32)
         try:
             for start in range(0, len(items), chunk_size):
                 if self.should_stop():
@@ -146,7 +146,7 @@ class IngestPipeline:
                         report.failures.append(Failure(prepared.item.display, "decode", prepared.error))
                         continue
                     batch.append(prepared)
-                    if len(batch) >= self.settings.batch_size:
+                    if len(batch) >= self.settings.model.batch_size:
                         self._flush(batch, report)
                         batch = []
                         if time.monotonic() - last_save > self.index_save_seconds:
@@ -241,8 +241,8 @@ class IngestPipeline:
         if not remote or self.remote is None:
             return chunk
         if self.spool is None:
-            self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
-            self.spool = Path(tempfile.mkdtemp(prefix="dicomweb-", dir=self.settings.spool_dir))
+            self.settings.storage.spool_dir.mkdir(parents=True, exist_ok=True)
+            self.spool = Path(tempfile.mkdtemp(prefix="dicomweb-", dir=self.settings.storage.spool_dir))
         source, spool = self.remote, self.spool
 
         def fetch(item: SourceItem) -> SourceItem | None:
@@ -253,7 +253,7 @@ class IngestPipeline:
                 report.failures.append(Failure(item.display, "fetch", reason_of(exc)))
                 return None
 
-        with ThreadPoolExecutor(max_workers=self.settings.dicomweb_fetch_workers) as pool:
+        with ThreadPoolExecutor(max_workers=self.settings.dicomweb.fetch_workers) as pool:
             fetched = {id(item): item for item in pool.map(fetch, remote) if item is not None}
         return [item for item in chunk if item.remote is None or id(item) in fetched]
 
@@ -270,7 +270,7 @@ class IngestPipeline:
             return
         report.seconds["encode"] += time.perf_counter() - tick
         quality: list[tuple[float, float] | None] = [None] * len(batch)
-        if self.settings.ingest_quality:
+        if self.settings.ingest.quality:
             tick = time.perf_counter()
             quality = [*score_latents(self.service, z, pixels)]
             report.seconds["quality"] = report.seconds.get("quality", 0.0) + time.perf_counter() - tick

@@ -84,7 +84,7 @@ def _ingest_remote_series(pipeline: PipelineContext, source: str, report: Ingest
     report.total = len(series)
     stored = service.store.series_in_space(service.space.id, [item.remote[1] for item, _ in series if item.remote])
     logger.info("ingest %s: %d series listed, %d already stored", remote.query.source_string(), len(series), len(stored))
-    settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    settings.storage.spool_dir.mkdir(parents=True, exist_ok=True)
     for item, instances in series:
         if pipeline.should_stop():
             report.stopped = True
@@ -93,9 +93,9 @@ def _ingest_remote_series(pipeline: PipelineContext, source: str, report: Ingest
         if item.remote[1] in stored:
             report.skipped += 1
             continue
-        with tempfile.TemporaryDirectory(prefix="series-", dir=settings.spool_dir) as folder:
+        with tempfile.TemporaryDirectory(prefix="series-", dir=settings.storage.spool_dir) as folder:
             try:
-                with ThreadPoolExecutor(max_workers=settings.dicomweb_fetch_workers) as pool:
+                with ThreadPoolExecutor(max_workers=settings.dicomweb.fetch_workers) as pool:
                     files = list(pool.map(lambda instance: str(remote.fetch(instance, Path(folder))), instances))
             except Exception as exc:  # noqa: BLE001 - a series that cannot be fetched whole is one failure
                 report.failures.append(Failure(item.display, "fetch", reason_of(exc)))
@@ -118,7 +118,7 @@ def _load_and_store(pipeline: PipelineContext, item: SourceItem, report: IngestR
         return
     tick = time.perf_counter()
     try:
-        volume = load_volume(item, max_voxels=pipeline.settings.max_image_pixels)
+        volume = load_volume(item, max_voxels=pipeline.settings.ingest.max_image_pixels)
         cube = pipeline.service.model_input(volume)
     except RetrievalError as exc:
         report.failures.append(Failure(item.display, "decode", exc.message.removeprefix(f"{item.path}: ")))
@@ -145,7 +145,7 @@ def _store_volume(
         return
     report.seconds["encode"] += time.perf_counter() - tick
     tick = time.perf_counter()
-    metadata = volume_metadata(volume, secret=settings.id_secret, date_shift_days=settings.date_shift_days)
+    metadata = volume_metadata(volume, secret=settings.privacy.id_secret, date_shift_days=settings.privacy.date_shift_days)
     location, _, series_uid = item.path.partition("#")
     resolved = Path(location).resolve()
     source_uri = item.uri or printable_path(resolved) + (f"#{series_uid}" if series_uid else "")

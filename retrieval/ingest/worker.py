@@ -60,7 +60,7 @@ class Worker:
     def __init__(self, service: SpaceService, *, poll_seconds: float = 2.0, worker_id: str | None = None) -> None:
         self.service = service
         self.settings = service.settings
-        self.queue = JobQueue(service.store, stale_seconds=self.settings.job_stale_seconds)
+        self.queue = JobQueue(service.store, stale_seconds=self.settings.jobs.stale_seconds)
         self.poll_seconds = poll_seconds
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._stopping = threading.Event()
@@ -74,7 +74,7 @@ class Worker:
         logger.info("worker %s: waiting for ingest jobs", self.worker_id)
         ran = 0
         while not self._stopping.is_set():
-            job = self.queue.claim(self.worker_id, model=self.settings.model)
+            job = self.queue.claim(self.worker_id, model=self.settings.model.name)
             if job is None:
                 if once:
                     break
@@ -124,7 +124,7 @@ class Worker:
             logger.info("job %s: %s", job.id, report.summary())
 
     def _heartbeat(self, run: JobRun) -> None:
-        interval = self.settings.job_heartbeat_seconds
+        interval = self.settings.jobs.heartbeat_seconds
         while not run.stop.wait(interval):
             try:
                 owner, cancel = self.queue.heartbeat(run.job.id, self.worker_id, run.progress())

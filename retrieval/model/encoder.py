@@ -190,16 +190,16 @@ class MedVAEEncoder:
 
     def __init__(self, settings: Settings, *, fold: bool = True, fused_attention: bool = True) -> None:
         self.settings = settings
-        self.architecture = get_architecture(settings.model)
+        self.architecture = get_architecture(settings.model.name)
         self.weights: WeightsSource = resolve_weights(settings, self.architecture)
-        self.device = self._pick_device(settings.device)
-        self.autocast_dtype = self._pick_precision(settings.precision)
+        self.device = self._pick_device(settings.model.device)
+        self.autocast_dtype = self._pick_precision(settings.model.precision)
         self._lock = threading.Lock()
-        self.compiled = settings.compile == "on" or (settings.compile == "auto" and self.device.type == "cuda")
+        self.compiled = settings.model.compile == "on" or (settings.model.compile == "auto" and self.device.type == "cuda")
         self.model = self._build(fold=fold, fused_attention=fused_attention)
-        self.openvino = self._openvino(settings.runtime)
+        self.openvino = self._openvino(settings.model.runtime)
         if self.compiled:
-            self.encode(np.zeros((settings.batch_size, *([settings.model_input_size] * self.dims)), np.float32))
+            self.encode(np.zeros((settings.model.batch_size, *([settings.model.input_edge] * self.dims)), np.float32))
         logger.info(
             "MedVAE %s loaded (%s) on %s, precision %s",
             self.architecture.name,
@@ -240,9 +240,9 @@ class MedVAEEncoder:
         if not openvino_available():
             raise ConfigurationError("runtime=openvino needs the `openvino` package", detail={"field": "runtime"})
         return OpenVinoPosteriorMode(
-            self.model, in_channels=self.architecture.in_channels, input_size=self.settings.input_size,
+            self.model, in_channels=self.architecture.in_channels, input_size=self.settings.model.input_size,
             identity=f"{self.architecture.name}:{self.weights.identity}", bf16=self.autocast_dtype is not None,
-            threads=torch.get_num_threads(), cache_dir=self.settings.data_dir / "openvino",
+            threads=torch.get_num_threads(), cache_dir=self.settings.storage.data_dir / "openvino",
         )
 
     def _build(self, *, fold: bool, fused_attention: bool) -> nn.Module:
@@ -318,8 +318,8 @@ class MedVAEEncoder:
         a long one split), so it is compiled once, at load, and never again for a new shape.
         """
         count = len(pixels)
-        if self.compiled and count != self.settings.batch_size:
-            step = self.settings.batch_size
+        if self.compiled and count != self.settings.model.batch_size:
+            step = self.settings.model.batch_size
             parts = [self._encode_full(pixels[i : i + step]) for i in range(0, count, step)]
             return torch.cat(parts)[:count]
         return self._encode_full(pixels)
@@ -327,8 +327,8 @@ class MedVAEEncoder:
     def _encode_full(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = self.to_model_input(pixels)
         count = x.shape[0]
-        if self.compiled and count < self.settings.batch_size:
-            padding = x.new_zeros((self.settings.batch_size - count, *x.shape[1:]))
+        if self.compiled and count < self.settings.model.batch_size:
+            padding = x.new_zeros((self.settings.model.batch_size - count, *x.shape[1:]))
             x = torch.cat([x, padding]).contiguous(memory_format=self._memory_format)
         return self.encode_core(x)[:count].float().contiguous().cpu()
 
@@ -340,7 +340,7 @@ class MedVAEEncoder:
                 return self.openvino(x.contiguous())
         with self._lock, self._autocast():
             if self._needs_sliding_window(x.shape[2:]):
-                return self._sliding_window(x, self._posterior_mode, roi=self.settings.volume_roi)
+                return self._sliding_window(x, self._posterior_mode, roi=self.settings.model.volume_roi)
             return self._posterior_mode(x)
 
     def _posterior_mode(self, x: torch.Tensor) -> torch.Tensor:
@@ -349,7 +349,7 @@ class MedVAEEncoder:
         return mean
 
     def _needs_sliding_window(self, spatial: torch.Size | tuple[int, ...]) -> bool:
-        return self.dims == 3 and max(spatial) > self.settings.volume_roi
+        return self.dims == 3 and max(spatial) > self.settings.model.volume_roi
 
     @staticmethod
     def _sliding_window(x: torch.Tensor, predictor: Any, *, roi: int) -> torch.Tensor:
@@ -375,7 +375,7 @@ class MedVAEEncoder:
         z = torch.as_tensor(z, dtype=torch.float32).to(self.device)
         with self._lock, self._autocast():
             if self._needs_sliding_window(tuple(d * self.downsample for d in z.shape[2:])):
-                out = self._sliding_window(z, self.model.decode, roi=self.settings.volume_roi // self.downsample)
+                out = self._sliding_window(z, self.model.decode, roi=self.settings.model.volume_roi // self.downsample)
             else:
                 out = self.model.decode(z)
         image = out.float().mean(dim=1).add(1.0).div(2.0).clamp(0.0, 1.0)

@@ -38,7 +38,7 @@ class FakeEncoder:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.architecture: Architecture = get_architecture(settings.model)
+        self.architecture: Architecture = get_architecture(settings.model.name)
         self.weights: WeightsSource = resolve_weights(settings, self.architecture)
         self.device = torch.device("cpu")
 

@@ -8,7 +8,7 @@ from retrieval.model.contract import Encoder
 
 def load_encoder(settings: Settings) -> Encoder:
     """The configured encoder; ``weights=fake`` (explicit, never a fallback) gives the test stand-in."""
-    if settings.weights == "fake":
+    if settings.model.weights == "fake":
         from retrieval.model.fake import FakeEncoder
 
         return FakeEncoder(settings)

@@ -89,10 +89,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def resolve_weights(settings: Settings, architecture: Architecture) -> WeightsSource:
-    """Turn ``settings.weights`` into a :class:`WeightsSource`; raises :class:`WeightsError`."""
-    choice = settings.weights
+    """Turn ``settings.model.weights`` into a :class:`WeightsSource`; raises :class:`WeightsError`."""
+    choice = settings.model.weights
     if choice == "random":
-        return WeightsSource(kind="random", identity=f"{RANDOM_WEIGHTS_LABEL}:seed={settings.seed}", seed=settings.seed)
+        return WeightsSource(kind="random", identity=f"{RANDOM_WEIGHTS_LABEL}:seed={settings.model.seed}", seed=settings.model.seed)
     if choice == "fake":
         return WeightsSource(kind="fake", identity=f"{FAKE_ENCODER_LABEL}:v1")
     if choice == "hub":
@@ -103,7 +103,7 @@ def resolve_weights(settings: Settings, architecture: Architecture) -> WeightsSo
             f"weights: {path} is not a file; use `hub`, `random` or a checkpoint path",
             detail={"field": "weights", "value": choice},
         )
-    config = settings.model_config_path
+    config = settings.model.config_path
     if config is not None and not Path(config).is_file():
         raise WeightsError(f"model_config_path: {config} is not a file", detail={"field": "model_config_path"})
     return WeightsSource(
@@ -118,27 +118,27 @@ def _download_from_hub(settings: Settings, architecture: Architecture) -> Weight
         raise WeightsError("huggingface_hub is not installed") from exc
     try:
         config = Path(
-            hf_hub_download(repo_id=settings.hub_repo, filename=architecture.hub_config, revision=settings.hub_revision)
+            hf_hub_download(repo_id=settings.model.hub_repo, filename=architecture.hub_config, revision=settings.model.hub_revision)
         )
         checkpoint = Path(
             hf_hub_download(
-                repo_id=settings.hub_repo, filename=architecture.hub_checkpoint, revision=settings.hub_revision
+                repo_id=settings.model.hub_repo, filename=architecture.hub_checkpoint, revision=settings.model.hub_revision
             )
         )
     except Exception as exc:  # network, auth, missing revision: all end the same way for the user
         raise WeightsError(
             f"could not download {architecture.name} weights from the Hugging Face hub "
-            f"({settings.hub_repo}@{settings.hub_revision}): {type(exc).__name__}: {exc}. "
+            f"({settings.model.hub_repo}@{settings.model.hub_revision}): {type(exc).__name__}: {exc}. "
             "Set RETRIEVAL_WEIGHTS to a local checkpoint path, or to `random` for a pipeline test.",
-            detail={"field": "weights", "repo": settings.hub_repo, "revision": settings.hub_revision},
+            detail={"field": "weights", "repo": settings.model.hub_repo, "revision": settings.model.hub_revision},
         ) from exc
     match = re.search(r"snapshots/([0-9a-f]{40})/", checkpoint.as_posix())
-    commit = match.group(1) if match else settings.hub_revision
+    commit = match.group(1) if match else settings.model.hub_revision
     digest = sha256_file(checkpoint)
-    logger.info("hub weights %s@%s sha256=%s", settings.hub_repo, commit, digest)
+    logger.info("hub weights %s@%s sha256=%s", settings.model.hub_repo, commit, digest)
     return WeightsSource(
         kind="hub",
-        identity=f"hub:{settings.hub_repo}@{commit}:sha256:{digest}",
+        identity=f"hub:{settings.model.hub_repo}@{commit}:sha256:{digest}",
         checkpoint=checkpoint,
         config=config,
     )

@@ -68,7 +68,7 @@ def backup(settings: Settings, target: Path) -> dict[str, Any]:
     if target.exists() and any(target.iterdir()):
         raise InvalidRequestError(f"{target}: backup folder must be new or empty", detail={"field": "target"})
     target.mkdir(parents=True, exist_ok=True)
-    url = settings.resolved_database_url
+    url = settings.storage.resolved_database_url
     store = Store.open(settings)
     try:
         counts = store.counts()
@@ -86,7 +86,7 @@ def backup(settings: Settings, target: Path) -> dict[str, Any]:
     else:
         _run(["pg_dump", "--format=custom", "--no-owner", f"--file={target / PG_FILE}", _pg_dsn(url)], "back up")
         kind = "postgresql"
-    _copy_index(settings.index_dir, target / "index")
+    _copy_index(settings.storage.index_dir, target / "index")
     files = {str(p.relative_to(target)): _sha256(p) for p in sorted(target.rglob("*")) if p.is_file()}
     manifest = {
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -121,7 +121,7 @@ def restore(settings: Settings, source: Path, *, force: bool = False) -> dict[st
     for name, digest in manifest["files"].items():
         if not (source / name).is_file() or _sha256(source / name) != digest:
             raise InvalidRequestError(f"{source / name}: missing or altered since the backup", detail={"file": name})
-    url = settings.resolved_database_url
+    url = settings.storage.resolved_database_url
     kind = "sqlite" if url.startswith("sqlite") else "postgresql"
     if kind != manifest["database"]:
         raise InvalidRequestError(
@@ -148,7 +148,7 @@ def restore(settings: Settings, source: Path, *, force: bool = False) -> dict[st
     else:
         _run(["pg_restore", "--clean", "--if-exists", "--no-owner", f"--dbname={_pg_dsn(url)}", str(source / PG_FILE)],
              "restore")
-    index_dir = settings.index_dir
+    index_dir = settings.storage.index_dir
     index_dir.mkdir(parents=True, exist_ok=True)
     for stale in list(index_dir.glob("*.faiss")) + list(index_dir.glob("*.json")):
         stale.unlink()

@@ -33,20 +33,20 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in PACKAGES if _version(name)},
         "device": {
-            "setting": settings.device,
+            "setting": settings.model.device,
             "cuda_available": torch.cuda.is_available(),
             "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "cpu_bf16": cpu_has_bf16(),
             "torch_threads": torch.get_num_threads(),
         },
         "settings": {
-            "data_dir": str(settings.data_dir.resolve()),
-            "model": settings.model,
-            "weights": settings.weights,
-            "input_size": settings.input_size,
-            "pooling": settings.pooling,
-            "batch_size": settings.batch_size,
-            "id_secret_is_default": settings.id_secret == DEFAULT_ID_SECRET,
+            "data_dir": str(settings.storage.data_dir.resolve()),
+            "model": settings.model.name,
+            "weights": settings.model.weights,
+            "input_size": settings.model.input_size,
+            "pooling": settings.model.pooling,
+            "batch_size": settings.model.batch_size,
+            "id_secret_is_default": settings.privacy.id_secret == DEFAULT_ID_SECRET,
         },
     }
     from retrieval.service import SpaceService
@@ -79,7 +79,7 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
         }
         space = service.space
         count, top = store.vector_stats(space.id)
-        sidecar = Sidecar.read(settings.index_dir / f"{space.key}.json")
+        sidecar = Sidecar.read(settings.storage.index_dir / f"{space.key}.json")
         report["index"] = {
             "space": service.space_info(),
             "database_vectors": count,

@@ -160,7 +160,7 @@ def near_duplicates(service: SpaceService, items: list[EvalItem], *, limit: int 
     found: dict[str, list[int]] = {name: [] for name in TRANSFORMS}
     for image_id, image in sorted(images.items()):
         try:
-            decoded = decode_path(image.source_uri, max_pixels=service.settings.max_image_pixels)
+            decoded = decode_path(image.source_uri, max_pixels=service.settings.ingest.max_image_pixels)
         except Exception:  # noqa: BLE001 - a moved or unreadable source is skipped, not a failure of the suite
             continue
         for name, transform in TRANSFORMS.items():

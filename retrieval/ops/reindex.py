@@ -39,7 +39,7 @@ def reindex(service: SpaceService, *, pooling: PoolingSpec | None = None, batch:
         space = service.store.ensure_space(service.identity(pooling))
         added = _pool_missing(service, space_id=space.id, encoder_key=space.encoder_key, spec=pooling, batch=batch)
     count, _ = service.store.vector_stats(space.id)
-    index = SpaceIndex(space=space, directory=service.settings.index_dir, spec=choose_index_spec(count, service.settings))
+    index = SpaceIndex(space=space, directory=service.settings.storage.index_dir, spec=choose_index_spec(count, service.settings))
     index.rebuild(service.store)
     logger.info("reindex %s (%s): %d vectors added, index holds %d", space.key[:12], space.pooling, added, index.count)
     return ReindexReport(space_key=space.key, pooling=space.pooling, vectors_added=added, index_count=index.count)

@@ -26,13 +26,13 @@ def decode_query_file(service: SpaceService, path: str | Path) -> DecodedImage |
     """An image file (2-D space), or a NIfTI file / one-series folder (3-D space)."""
     if service.is_volume_space:
         return _query_volume(service, path)
-    return decode_path(path, max_pixels=service.settings.max_image_pixels)
+    return decode_path(path, max_pixels=service.settings.ingest.max_image_pixels)
 
 
 def decode_query_bytes(service: SpaceService, data: bytes, name: str) -> DecodedImage | Volume:
     """Uploaded bytes: an image (2-D space) or a NIfTI volume (3-D space)."""
     if not service.is_volume_space:
-        return decode_bytes(data, name=name, max_pixels=service.settings.max_image_pixels)
+        return decode_bytes(data, name=name, max_pixels=service.settings.ingest.max_image_pixels)
     suffix = ".nii.gz" if name.lower().endswith(".gz") or data[:2] == b"\x1f\x8b" else ".nii"
     if name and not is_nifti(name) and not name.lower().endswith(".gz"):
         raise InvalidRequestError(
@@ -62,4 +62,4 @@ def _query_volume(service: SpaceService, path: str | Path) -> Volume:
             f"{path}: a volume query is one NIfTI file or a folder with exactly one DICOM series (found {len(items)})",
             detail={"field": "image"},
         )
-    return load_volume(items[0], max_voxels=service.settings.max_image_pixels)
+    return load_volume(items[0], max_voxels=service.settings.ingest.max_image_pixels)

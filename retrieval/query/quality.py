@@ -80,7 +80,7 @@ def score_stored(service: SpaceService, *, limit: int, batch: int = 16) -> tuple
         for image in images[start : start + batch]:
             z = service.store.latent(image.id, service.space.encoder_key)
             try:
-                decoded = decode_path(image.source_uri, max_pixels=service.settings.max_image_pixels)
+                decoded = decode_path(image.source_uri, max_pixels=service.settings.ingest.max_image_pixels)
             except (RetrievalError, OSError):
                 unreadable += 1
                 continue

@@ -129,7 +129,7 @@ def _query_vector(service: SpaceService, query: Query) -> tuple[np.ndarray, str 
         return query.vector, None
     else:
         raise InvalidRequestError("a query needs an image file, an image id or a vector", detail={"field": "image"})
-    return service.embed(decoded)[1], query_patient_hash(decoded, service.settings.id_secret)
+    return service.embed(decoded)[1], query_patient_hash(decoded, service.settings.privacy.id_secret)
 
 
 def search_vector(
@@ -146,7 +146,7 @@ def search_vector(
     filters = filters or Filters()
     index = service.searchable_index()
     total = index.count
-    fetch = min(total, k * service.settings.overfetch)
+    fetch = min(total, k * service.settings.query.overfetch)
     while True:
         tick = time.perf_counter()
         hits = index.search(vector, fetch)[0] if fetch else []

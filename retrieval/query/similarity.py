@@ -58,5 +58,5 @@ def query_latent(service: SpaceService, *, data: bytes | None, name: str, image_
         return stored_z(service, image_id)
     from retrieval.imaging.decode import decode_bytes
 
-    decoded = decode_bytes(data, name=name, max_pixels=service.settings.max_image_pixels)
+    decoded = decode_bytes(data, name=name, max_pixels=service.settings.ingest.max_image_pixels)
     return service.embed(decoded)[0]

@@ -89,10 +89,10 @@ def choose_index_spec(vector_count: int, settings: Settings) -> IndexSpec:
     one core here); HNSW answers 1M vectors in well under 10 ms at recall@10 >= 0.95
     (bench/search.py, docs/benchmarks.md).
     """
-    kind = settings.index_type
+    kind = settings.index.type
     if kind == "auto":
-        kind = "hnsw" if vector_count >= settings.hnsw_min_vectors else "flat"
-    return IndexSpec.hnsw(m=settings.hnsw_m, ef_search=settings.hnsw_ef_search) if kind == "hnsw" else IndexSpec.flat()
+        kind = "hnsw" if vector_count >= settings.index.hnsw_min_vectors else "flat"
+    return IndexSpec.hnsw(m=settings.index.hnsw_m, ef_search=settings.index.hnsw_ef_search) if kind == "hnsw" else IndexSpec.flat()
 
 
 @dataclass

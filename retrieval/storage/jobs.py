@@ -60,9 +60,9 @@ def allowed_job_source(source: str, settings: Settings) -> str:
     from retrieval.ingest.dicomweb import DicomwebQuery, is_dicomweb
 
     if not is_dicomweb(source):
-        return allowed_source(source, settings.ingest_root_list)
+        return allowed_source(source, settings.ingest.root_list)
     query = DicomwebQuery.parse(source)
-    allowed = settings.dicomweb_allowed_url_list
+    allowed = settings.dicomweb.allowed_url_list
     if query.base_url not in allowed:
         raise ForbiddenError(
             f"{query.base_url}: not a DICOMweb server jobs may sync from (RETRIEVAL_DICOMWEB_ALLOWED_URLS)",

@@ -52,7 +52,7 @@ class Store:
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True) -> Store:
         """Open the configured database, creating the data dir and applying migrations."""
-        url = settings.resolved_database_url
+        url = settings.storage.resolved_database_url
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         store = cls(make_engine(url))
