@@ -40,7 +40,8 @@ def run_cli(env: dict[str, str], *args: str, check: bool = True) -> CliResult:
 
 def run_cli_process(env: dict[str, str], *args: str, check: bool = True) -> CliResult:
     """Run `python -m retrieval ARGS` as a child process, exactly as a user would."""
-    done = subprocess.run([sys.executable, "-m", "retrieval", *args], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "retrieval", *args], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     return _checked(CliResult(done.returncode, done.stdout, done.stderr), args, check)
 
 
