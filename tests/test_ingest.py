@@ -63,3 +63,23 @@ def test_same_bytes_twice_in_one_run_is_stored_once(settings: Settings, tmp_path
     assert (report.ingested, report.skipped) == (1, 1)
     assert service.store.counts()["images"] == 1
     assert np.isclose(run_search(service, path=tmp_path / "a" / "x.png", k=1)["results"][0]["score"], 1.0, atol=1e-4)
+
+
+def test_a_file_that_fails_to_decode_never_hides_a_good_one_with_its_sop_uid(settings: Settings, tmp_path: Path) -> None:
+    """Issue 17.1: `a_bad.dcm` (truncated pixels) and `b_good.dcm` share a SOPInstanceUID; the good one is stored."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    good = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    good.save_as(folder / "b_good.dcm")
+    good.PixelData = good.PixelData[:100]
+    good.save_as(folder / "a_bad.dcm")
+    service = SpaceService(settings)
+    report = IngestPipeline(service).run(folder)
+    assert [Path(f.source).name for f in report.failures] == ["a_bad.dcm"] and report.ingested == 1
+    again = IngestPipeline(service).run(folder)  # the instance is stored now: both files name it
+    assert (again.ingested, again.skipped, again.failed) == (0, 2, 0)
+    stored = [Path(img.source_uri).name for chunk in service.store.iter_images() for img in chunk]
+    assert stored == ["b_good.dcm"]

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,23 @@ def make_executor(workers: int) -> Executor | _InProcessExecutor:
     if "forkserver" in methods:
         context.set_forkserver_preload(["retrieval.ingest.prepare"])
     return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+@dataclass
+class SeenInRun:
+    """What one run has already taken: file contents queued for decoding, SOP instances decoded."""
+
+    content: set[str] = field(default_factory=set)
+    decoded_sop_uids: set[str] = field(default_factory=set)
+
+    def first_decode(self, sop_uid: str | None) -> bool:
+        """Record a decoded SOP instance; False when this run already decoded it from another file."""
+        if sop_uid is None:
+            return True
+        if sop_uid in self.decoded_sop_uids:
+            return False
+        self.decoded_sop_uids.add(sop_uid)
+        return True
 
 
 class IngestPipeline:
@@ -129,7 +147,7 @@ class IngestPipeline:
         logger.info("ingest %s: %d candidate files into space %s", source, len(items), space.key[:12])
         executor = make_executor(decode_worker_count(self.settings.ingest.decode_workers))
         last_save = time.monotonic()
-        seen: set[str] = set()
+        seen = SeenInRun()
         batch: list[Prepared] = []
         chunk_size = max(4 * self.settings.model.batch_size, 32)
         try:
@@ -144,6 +162,9 @@ class IngestPipeline:
                     report.seconds["decode_cpu"] += prepared.seconds
                     if prepared.error:
                         report.failures.append(Failure(prepared.item.display, "decode", prepared.error))
+                        continue
+                    if not seen.first_decode(prepared.metadata.sop_uid):
+                        report.skipped += 1  # another file of this run already gave this SOP instance
                         continue
                     batch.append(prepared)
                     if len(batch) >= self.settings.model.batch_size:
@@ -195,12 +216,14 @@ class IngestPipeline:
             yield prepared
 
     def _new_items(
-        self, executor: Any, chunk: list[SourceItem], report: IngestReport, seen: set[str]
+        self, executor: Any, chunk: list[SourceItem], report: IngestReport, seen: SeenInRun
     ) -> list[Fingerprint]:
         """Fingerprint a chunk and keep what is neither stored in the space nor seen in this run.
 
         Items whose SOPInstanceUID the source already listed are checked first, so a stored
-        remote instance is skipped without being fetched.
+        remote instance is skipped without being fetched. Within a run, a file is skipped here
+        for content already queued, or for a SOP instance already *decoded*: a file that fails to
+        decode never hides a good file with the same SOPInstanceUID.
         """
         chunk = self._skip_listed_uids(chunk, report, seen)
         chunk = self._fetch_remote(chunk, report)
@@ -215,21 +238,21 @@ class IngestPipeline:
         todo: list[Fingerprint] = []
         for fp in good:
             keys = {fp.sha256} | ({fp.sop_uid} if fp.sop_uid else set())
-            if keys & stored or keys & seen:
+            if keys & stored or fp.sha256 in seen.content or fp.sop_uid in seen.decoded_sop_uids:
                 report.skipped += 1
                 continue
-            seen.update(keys)
+            seen.content.add(fp.sha256)
             todo.append(fp)
         return todo
 
-    def _skip_listed_uids(self, chunk: list[SourceItem], report: IngestReport, seen: set[str]) -> list[SourceItem]:
+    def _skip_listed_uids(self, chunk: list[SourceItem], report: IngestReport, seen: SeenInRun) -> list[SourceItem]:
         listed = [item.sop_uid for item in chunk if item.sop_uid]
         if not listed:
             return chunk
         stored = self.service.store.already_in_space(self.service.space.id, [], listed)
         kept = []
         for item in chunk:
-            if item.sop_uid and (item.sop_uid in stored or item.sop_uid in seen):
+            if item.sop_uid and (item.sop_uid in stored or item.sop_uid in seen.decoded_sop_uids):
                 report.skipped += 1
                 continue
             kept.append(item)
