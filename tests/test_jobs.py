@@ -15,7 +15,7 @@ from sqlalchemy import update
 
 from retrieval.errors import ConflictError
 from retrieval.model.batching import MicroBatcher
-from retrieval.storage.jobs import JobQueue, Progress
+from retrieval.storage.jobs import JobQueue, Progress, utcnow
 from retrieval.storage.orm import IngestJob
 from retrieval.storage.store import Store
 
@@ -98,6 +98,22 @@ def test_released_job_goes_back_to_the_queue(store: Store) -> None:
     queue.release(job.id, "w1", Progress(5, 0, 0, 1.0))
     assert queue.get(job.id).state == "queued"
     assert queue.claim("w2").attempts == 2
+
+
+def test_a_cancel_that_reaches_a_dead_worker_still_ends_the_job(store: Store) -> None:
+    """Issue 17.2: cancel-requested jobs whose worker died, or left, end `cancelled` instead of `running` forever."""
+    queue = JobQueue(store, stale_seconds=5)
+    orphan, silent, leaving = (queue.submit(f"/data/{name}") for name in ("orphan", "silent", "leaving"))
+    assert {queue.claim(worker).id for worker in ("w1", "w2", "w3")} == {orphan.id, silent.id, leaving.id}
+    assert all(queue.cancel(job.id).state == "running" for job in (orphan, leaving))  # live workers: they stop
+    queue.release(leaving.id, queue.get(leaving.id).worker_id, None)  # a worker stopping with a cancel pending
+    with store.sessions.begin() as session:  # then every worker goes silent (SIGKILL)
+        session.execute(update(IngestJob).values(heartbeat_at=utcnow() - _minutes(1)))
+    assert queue.cancel(silent.id).state == "cancelled"  # a stale job is cancelled at once
+    assert queue.claim("new-worker") is None  # the new worker ends the orphan instead of resuming it
+    for job in (orphan, silent, leaving):
+        assert queue.get(job.id).state == "cancelled" and queue.get(job.id).finished_at is not None
+    assert queue.counts_by_state() == {"cancelled": 3}
 
 
 def _minutes(n: int):  # type: ignore[no-untyped-def]

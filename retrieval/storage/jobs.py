@@ -34,6 +34,7 @@ from retrieval.storage.orm import IngestError, IngestJob
 from retrieval.storage.store import Store
 
 FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
+ORPHAN_CANCELLED = "cancelled; its worker had stopped reporting, so no batch was running"
 MAX_LISTED_FAILURES = 200
 
 
@@ -162,10 +163,15 @@ class JobQueue:
                 raise ConflictError(
                     f"ingest job {job_id} already {job.state}", detail={"job_id": job_id, "state": job.state}
                 )
+            now = utcnow()
             if job.state == "queued":
                 job.state = "cancelled"
-                job.finished_at = utcnow()
+                job.finished_at = now
                 job.message = "cancelled before a worker started it"
+            elif _as_utc(job.heartbeat_at) < now - dt.timedelta(seconds=self.stale_seconds):
+                job.state = "cancelled"  # no live worker would ever see the request
+                job.finished_at = now
+                job.message = ORPHAN_CANCELLED
             job.cancel_requested = True
         return job
 
@@ -197,6 +203,13 @@ class JobQueue:
         now = utcnow()
         for_model = or_(IngestJob.model.is_(None), IngestJob.model == model) if model else IngestJob.model.is_(None)
         with self.store.sessions.begin() as session:
+            # a cancel that reached a job whose worker then died (or left) ends here: nobody else would end it
+            session.execute(
+                update(IngestJob)
+                .where(self._claimable(now), IngestJob.cancel_requested.is_(True))
+                .values(state="cancelled", finished_at=now, message=ORPHAN_CANCELLED)
+                .execution_options(synchronize_session=False)
+            )
             candidate = session.scalar(
                 select(IngestJob.id)
                 .where(self._claimable(now), IngestJob.cancel_requested.is_(False), for_model)
@@ -240,11 +253,17 @@ class JobQueue:
         )
 
     def release(self, job_id: str, worker_id: str, progress: Progress | None) -> None:
-        """Give an owned job back to the queue (worker shutting down); another worker resumes it."""
-        self._update_owned(
-            job_id, worker_id, {"state": "queued", "worker_id": None, "message": "released by a stopping worker"},
-            progress,
-        )
+        """Give an owned job back to the queue (worker shutting down); another worker resumes it.
+
+        A job whose cancel was requested is not given back: it ends ``cancelled``.
+        """
+        with self.store.sessions() as session:
+            cancel = session.scalar(select(IngestJob.cancel_requested).where(IngestJob.id == job_id))
+        if cancel:
+            values = {"state": "cancelled", "finished_at": utcnow(), "message": "cancelled while its worker was stopping"}
+        else:
+            values = {"state": "queued", "worker_id": None, "message": "released by a stopping worker"}
+        self._update_owned(job_id, worker_id, values, progress)
 
     def _update_owned(self, job_id: str, worker_id: str, values: dict[str, Any], progress: Progress | None) -> bool:
         """Update a running job only if ``worker_id`` still owns it; returns whether it did."""
@@ -288,3 +307,10 @@ def _iso(value: dt.datetime | None) -> str | None:
     if value.tzinfo is None:  # SQLite hands back naive datetimes; we only ever store UTC
         value = value.replace(tzinfo=dt.timezone.utc)
     return value.isoformat()
+
+
+def _as_utc(value: dt.datetime | None) -> dt.datetime:
+    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones."""
+    if value is None:
+        return dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
