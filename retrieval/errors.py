@@ -94,6 +94,13 @@ class PayloadTooLargeError(RetrievalError):
     http_status = 413
 
 
+class BusyError(RetrievalError):
+    """The server is already doing as much of this as it allows at once; retry shortly."""
+
+    code = "busy"
+    http_status = 503
+
+
 class SourceUnavailableError(RetrievalError):
     """A remote source (a DICOMweb server) refused us or could not be reached; nothing was stored."""
 

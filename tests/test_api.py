@@ -6,8 +6,9 @@ import base64
 import io
 import re
 import threading
+import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,63 @@ def test_redirect_to_private_address_is_refused(archive: tuple[Path, list[Path]]
             assert response.status_code == 400 and "10.0.0.1" in response.json()["error"]["message"]
     finally:
         server.shutdown()
+
+
+class _Drip(BaseHTTPRequestHandler):
+    """Answers 200 and then one byte every 0.2 s for 30 s: a server that never quite times out a read."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+        try:
+            for _ in range(150):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:  # the client gave up: what the test wants
+            return
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+def test_slow_urls_have_a_total_deadline_and_cannot_starve_the_server(archive: tuple[Path, list[Path]]) -> None:
+    """Issue 17.3: a dripping image_url ends at the fetch deadline; at most 8 fetches run; /healthz answers meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retrieval.query.fetch import MAX_CONCURRENT_FETCHES
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/slow.png"
+    try:
+        for client in _client(archive[0], url_allow_hosts="127.0.0.1", url_fetch_timeout=2.0):
+            with ThreadPoolExecutor(MAX_CONCURRENT_FETCHES + 1) as pool:
+                started = time.monotonic()
+                pending = [pool.submit(client.post, "/v1/search", json={"image_url": url})
+                           for _ in range(MAX_CONCURRENT_FETCHES + 1)]
+                time.sleep(0.5)
+                assert client.get("/healthz").status_code == 200  # while every fetch slot is taken
+                answers = [future.result() for future in pending]
+                elapsed = time.monotonic() - started
+            codes = sorted(answer.status_code for answer in answers)
+            assert codes == [400] * MAX_CONCURRENT_FETCHES + [503], codes
+            busy = next(answer for answer in answers if answer.status_code == 503)
+            assert busy.json()["error"]["code"] == "busy"
+            timed_out = next(answer for answer in answers if answer.status_code == 400)
+            assert "did not finish within 2 s" in timed_out.json()["error"]["message"]
+            assert elapsed < 10, elapsed  # the drip lasts 30 s; a per-read timeout would wait for all of it
+    finally:
+        server.shutdown()
+
+
+def test_a_lone_surrogate_in_a_url_is_a_clear_400(client: TestClient) -> None:
+    """Issue 17.5: the refusal echoes the URL without failing to encode it."""
+    body = rb'{"image_url": "http://127.0.0.1/\ud800"}'  # JSON text may carry a lone surrogate escape
+    response = client.post("/v1/search", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["detail"]["url"] == "http://127.0.0.1/\\ud800"
 
 
 def test_study_image_preview_latent_spaces(client: TestClient) -> None:

@@ -16,8 +16,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process answers (no authentication)."""
+async def healthz() -> dict[str, str]:
+    """The process answers (no authentication); on the event loop, so busy worker threads never delay it."""
     return {"status": "ok"}
 
 
