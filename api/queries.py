@@ -47,6 +47,15 @@ def image_bytes_from_reference(reference: str, settings: Settings, *, field: str
     return decode_base64_image(reference, field=field)
 
 
+def parse_json(text: str | bytes, *, field: str) -> Any:
+    """Parse JSON from a request; invalid or too deeply nested JSON is a 400 naming ``field``."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        reason = "nests too deeply" if isinstance(exc, RecursionError) else "is not valid JSON"
+        raise InvalidRequestError(f"{field} {reason}", detail={"field": field}) from None
+
+
 def _validated(model: type[Params], values: dict[str, Any]) -> Params:
     try:
         return model.model_validate(values)
@@ -68,10 +77,7 @@ async def parse_query_request(request: Request, model: type[Params]) -> tuple[Pa
             name: form[name] for name in model.model_fields if name != "filters" and name in form and form[name] != ""
         }
         if "filters" in model.model_fields and form.get("filters"):
-            try:
-                values["filters"] = json.loads(str(form["filters"]))
-            except ValueError:
-                raise InvalidRequestError("filters: not a JSON object", detail={"field": "filters"}) from None
+            values["filters"] = parse_json(str(form["filters"]), field="filters")
         params = _validated(model, values)
         if upload is None or isinstance(upload, str):
             if params.image_id is None and not params.image_url and not params.image_base64:
@@ -79,10 +85,7 @@ async def parse_query_request(request: Request, model: type[Params]) -> tuple[Pa
             return params, None, ""
         return params, await upload.read(), upload.filename or "upload"
     if content_type.startswith("application/json"):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise InvalidRequestError("request body is not valid JSON") from None
+        body = parse_json(await request.body(), field="body")
         if not isinstance(body, dict):
             raise InvalidRequestError("request body must be a JSON object")
         return _validated(model, body), None, ""

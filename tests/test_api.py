@@ -174,6 +174,18 @@ def test_a_lone_surrogate_in_a_url_is_a_clear_400(client: TestClient) -> None:
     assert response.json()["error"]["detail"]["url"] == "http://127.0.0.1/\\ud800"
 
 
+def test_deeply_nested_json_is_a_400_with_the_error_shape(client: TestClient) -> None:
+    """Issue 17.4: 1000 nested lists in a 2 KB body (JSON or a multipart `filters` field) never make a 500."""
+    nested = "[" * 1000 + "]" * 1000
+    body = '{"image_id": 1, "filters": {"modality": ' + nested + "}}"
+    for route in ("/v1/search", "/v1/similarity-map", "/score"):
+        response = client.post(route, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400 and "error" in response.json(), (route, response.text)
+    form = client.post("/v1/search", data={"image_id": "1", "filters": '{"modality": ' + nested + "}"},
+                       files={"file": ("q.png", b"", "image/png")})
+    assert form.status_code == 400 and form.json()["error"]["detail"]["field"] == "filters"
+
+
 def test_study_image_preview_latent_spaces(client: TestClient) -> None:
     image = client.get("/v1/images/1").json()
     assert image["image_id"] == 1 and image["weights"] == "fake-encoder"
