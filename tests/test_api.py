@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_archive, tiny_settings
+from conftest import make_archive, synthetic_image, tiny_settings, write_png
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -336,6 +336,35 @@ def test_ingest_job_routes(archive: tuple[Path, list[Path]], tmp_path: Path) -> 
         assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
         assert client.get("/v1/ingest-jobs/0123").status_code == 404
         assert client.delete("/v1/ingest-jobs/0123").status_code == 404
+
+
+def test_ingest_jobs_read_nothing_outside_the_roots(archive: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """Issue 17.6: links out of a root and manifest rows with `../` or absolute paths are per-file failures."""
+    from retrieval.ingest.worker import Worker
+
+    root, files = archive
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    write_png(outside / "secret.png", synthetic_image(901))
+    write_png(allowed / "cxr" / "inside.png", synthetic_image(902))
+    (allowed / "cxr" / "link.png").symlink_to(outside / "secret.png")
+    (allowed / "jobs2").mkdir()
+    (allowed / "jobs2" / "manifest.csv").write_text(
+        f"path\n../../outside/secret.png\n{files[0]}\n../cxr/inside.png\n"
+    )
+    for client in _client(root, data="roots-data", ingest_roots=str(allowed)):
+        service = client.app.state.spaces.default
+        ids = [client.post("/v1/ingest-jobs", json={"source": str(allowed / name)}).json()["job_id"]
+               for name in ("cxr", "jobs2/manifest.csv")]
+        assert Worker(service, poll_seconds=0.1).run(once=True) == 2
+        folder, manifest = (client.get(f"/v1/ingest-jobs/{job_id}").json() for job_id in ids)
+        assert folder["state"] == manifest["state"] == "succeeded"
+        assert folder["counts"]["failed"] == 1 and "outside the allowed ingest roots" in folder["failures"][0]["reason"]
+        assert folder["failures"][0]["source"].endswith("link.png")
+        assert manifest["counts"]["failed"] == 2 and all(
+            "outside the allowed ingest roots" in failure["reason"] for failure in manifest["failures"]
+        )
+        stored = {Path(image.source_uri).name for chunk in service.store.iter_images() for image in chunk}
+        assert "secret.png" not in stored and "inside.png" in stored
 
 
 def test_metrics_report_routes_timings_and_archive(client: TestClient, archive: tuple[Path, list[Path]]) -> None:

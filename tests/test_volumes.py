@@ -174,3 +174,17 @@ def test_2d_and_3d_spaces_coexist_and_the_api_searches_either(tmp_path: Path) ->
         assert client.post("/v1/search", json={"image_id": volume_id}).status_code == 404  # not in the 2-D space
         assert client.post("/v1/search", json={"image_id": volume_id, "space": "ffffffffffff"}).status_code == 404
         assert client.post("/v1/search", json={"image_id": volume_id, "space": "ab"}).status_code == 422
+
+
+def test_volume_scan_confined_to_roots_never_opens_a_file_outside(tmp_path: Path) -> None:
+    """Issue 17.6 for 3-D jobs: a NIfTI or DICOM link leading out of the roots is a failed item."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    write_nifti(root / "inside.nii.gz", phantom_hu(1))
+    write_ct_series(outside / "series", phantom_hu(2))
+    (root / "scan.nii.gz").symlink_to(write_nifti(outside / "secret.nii.gz", phantom_hu(3)))
+    (root / "slice.dcm").symlink_to(sorted((outside / "series").iterdir())[0])
+    items = scan_volumes(root, roots=[root.resolve()])
+    failed = sorted(Path(item.path).name for item in items if item.error)
+    assert failed == ["scan.nii.gz", "slice.dcm"] and all("outside the allowed" in i.error for i in items if i.error)
+    assert [Path(item.path).name for item in items if not item.error] == ["inside.nii.gz"]
+    assert len(scan_volumes(root)) == 3  # a CLI ingest (no roots) follows the links as before

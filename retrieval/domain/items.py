@@ -32,3 +32,18 @@ def printable_path(path: str | Path) -> str:
     name on a Linux share, kept by Python as surrogate escapes) become ``\\xNN``. Use it for what
     is stored or shown, never for opening the file."""
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+OUTSIDE_ROOTS = "outside the allowed ingest roots (after following links); not read"
+
+
+def resolved_under(path: str | Path, roots: list[Path]) -> Path | None:
+    """``path`` with links resolved when that lies in one of ``roots`` (themselves resolved), else None.
+
+    A path that cannot be resolved (a link loop, a bad name) is outside too.
+    """
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (RuntimeError, OSError, ValueError):
+        return None
+    return resolved if any(resolved == root or resolved.is_relative_to(root) for root in roots) else None

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.domain.items import SourceItem
+from retrieval.domain.items import OUTSIDE_ROOTS, SourceItem, resolved_under
 from retrieval.domain.metadata import ImageMetadata, from_dicom
 from retrieval.errors import ImageDecodeError, InvalidRequestError
 from retrieval.imaging.decode import looks_like_dicom
@@ -60,15 +60,17 @@ def is_nifti(path: str | Path) -> bool:
 # --------------------------------------------------------------------------- scanning
 
 
-def scan_volumes(source: str | Path) -> list[SourceItem]:
+def scan_volumes(source: str | Path, *, roots: list[Path] | None = None) -> list[SourceItem]:
     """NIfTI files and DICOM series under ``source`` (sorted; hidden entries skipped).
 
     A series item's ``path`` is its folder plus ``#SeriesInstanceUID``; its files travel in
-    ``row["files"]`` (``os.pathsep``-joined) so the item stays a plain value.
+    ``row["files"]`` (``os.pathsep``-joined) so the item stays a plain value. With ``roots`` (API
+    jobs) a file that resolves outside them is a failed item and is never opened.
     """
     root = Path(source).expanduser()
     if root.is_file() and is_nifti(root):
-        return [SourceItem(path=str(root))]
+        inside = resolved_under(root, roots) if roots is not None else root
+        return [SourceItem(path=str(inside)) if inside else SourceItem(path=str(root), error=OUTSIDE_ROOTS)]
     if not root.is_dir():
         raise InvalidRequestError(f"{root}: not a folder or a NIfTI file", detail={"field": "source", "value": str(root)})
     import pydicom
@@ -82,6 +84,12 @@ def scan_volumes(source: str | Path) -> list[SourceItem]:
             if name.startswith("."):
                 continue
             path = os.path.join(directory, name)
+            if roots is not None:
+                inside = resolved_under(path, roots)
+                if inside is None:
+                    items.append(SourceItem(path=path, error=OUTSIDE_ROOTS))
+                    continue
+                path = str(inside)
             if is_nifti(name):
                 items.append(SourceItem(path=path))
                 continue

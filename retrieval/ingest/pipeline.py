@@ -102,8 +102,10 @@ class IngestPipeline:
         progress: ProgressCallback | None = None,
         index_save_seconds: float = 30.0,
         should_stop: Callable[[], bool] | None = None,
+        roots: list[Path] | None = None,
     ) -> None:
         self.service = service
+        self.roots = roots  # API jobs: every local file read must resolve under one of these
         self.settings = service.settings
         self.progress = progress
         self.index_save_seconds = index_save_seconds
@@ -139,7 +141,7 @@ class IngestPipeline:
             source = self.remote.query.source_string()
             items = self.remote.list_items()
         else:
-            items = list(scan(source))
+            items = list(scan(source, roots=self.roots))
         report.total = len(items)
         space, index = self.service.space, self.service.index  # load model + index before timing work
         report.seconds["load"] = time.perf_counter() - report.started

@@ -10,33 +10,51 @@ pipeline records them as failures. A source that cannot be read at all raises
   hidden files and folders are skipped. Sorted, so runs are reproducible.
 * Manifest (``.csv``): column ``path`` (relative paths are relative to the manifest's folder),
   optional ``study`` and ``labels`` (``|`` or ``;`` separated), any other columns kept as metadata.
+* With ``roots`` (API ingest jobs): every item must resolve, links followed, to a path under one
+  of the roots (a folder entry linking elsewhere, a manifest row with ``../`` or an absolute
+  path); one that does not comes back with ``error`` set and is never read. Items that pass carry
+  their resolved path, so a link swapped after the check is not followed.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from retrieval.domain.items import SourceItem
+from retrieval.domain.items import OUTSIDE_ROOTS, SourceItem, resolved_under
 from retrieval.errors import InvalidRequestError
 from retrieval.imaging.decode import IMAGE_SUFFIXES
 
 
-def scan(source: str | Path) -> Iterator[SourceItem]:
-    """Items of a folder or a ``.csv`` manifest."""
+def scan(source: str | Path, *, roots: list[Path] | None = None) -> Iterator[SourceItem]:
+    """Items of a folder or a ``.csv`` manifest; with ``roots``, confined to them (see above)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        yield from _scan_folder(path)
+        yield from confined(_scan_folder(path), roots)
     elif path.is_file() and path.suffix.lower() == ".csv":
-        yield from _scan_manifest(path)
+        yield from confined(_scan_manifest(path), roots)
     elif path.exists():
         raise InvalidRequestError(
             f"{path}: not a folder or a .csv manifest", detail={"field": "source", "value": str(path)}
         )
     else:
         raise InvalidRequestError(f"{path}: no such file or folder", detail={"field": "source", "value": str(path)})
+
+
+def confined(items: Iterable[SourceItem], roots: list[Path] | None) -> Iterator[SourceItem]:
+    """``items`` as they are without ``roots``; else each resolved under a root, or failed with the reason."""
+    for item in items:
+        if roots is None or item.error:
+            yield item
+            continue
+        inside = resolved_under(item.path, roots)
+        if inside is None:
+            item.error = OUTSIDE_ROOTS
+        else:
+            item.path = str(inside)
+        yield item
 
 
 def _scan_folder(root: Path) -> Iterator[SourceItem]:

@@ -42,6 +42,7 @@ class PipelineContext(Protocol):
     settings: Settings
     job_id: str | None
     volumes_seen: set[str]
+    roots: list[Path] | None
 
     def should_stop(self) -> bool: ...
 
@@ -58,7 +59,7 @@ def ingest_volumes(pipeline: PipelineContext, source: str | Path, report: Ingest
     if is_dicomweb(source):
         _ingest_remote_series(pipeline, str(source), report)
         return
-    items = scan_volumes(source)
+    items = scan_volumes(source, roots=pipeline.roots)
     report.total = len(items)
     logger.info("ingest %s: %d candidate volumes into space %s", source, len(items), pipeline.service.space.key[:12])
     for item in items:

@@ -93,6 +93,7 @@ class Worker:
             self.service,
             progress=run.observe,
             should_stop=lambda: run.stop.is_set() or self._stopping.is_set(),
+            roots=self.service.settings.ingest.root_list,  # a job reads nothing outside them, links and manifests included
         )
         failure: str | None = None
         try:

@@ -29,6 +29,7 @@ from retrieval.errors import (
     InvalidRequestError,
     NotFoundError,
 )
+from retrieval.domain.items import resolved_under
 from retrieval.imaging.volumes import is_nifti
 from retrieval.storage.orm import IngestError, IngestJob
 from retrieval.storage.store import Store
@@ -85,11 +86,8 @@ def allowed_source(source: str, roots: list[Path]) -> str:
         )
     if not source or "\x00" in source:
         raise InvalidRequestError("source must be a non-empty path", detail={"field": "source"})
-    try:
-        resolved = Path(source).expanduser().resolve()
-    except (RuntimeError, OSError, ValueError) as exc:  # "~nosuchuser", a symlink loop, ...
-        raise InvalidRequestError(f"{source}: not a usable path ({exc})", detail={"field": "source"}) from None
-    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+    resolved = resolved_under(source, roots)
+    if resolved is None:
         raise ForbiddenError(
             f"{source}: outside the allowed ingest roots",
             detail={"field": "source", "allowed_roots": [str(root) for root in roots]},
