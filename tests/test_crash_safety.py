@@ -119,3 +119,39 @@ def test_reindex_killed_keeps_a_serving_index(cli_env: dict[str, str], tmp_path:
     after = json.loads(run_cli(cli_env, "search", str(query), "-k", "3", "--json").stdout)["results"]
     assert [r["study"]["study_id"] for r in after] == [r["study"]["study_id"] for r in before]
     assert np.allclose([r["score"] for r in after], [r["score"] for r in before], atol=1e-6)
+
+
+def _session_members(session_id: int) -> dict[int, str]:
+    """Live processes of a session (Linux /proc): pid -> command line."""
+    members = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == session_id and fields[0] != "Z":
+                members[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):  # the process ended while we looked
+            continue
+    return members
+
+
+@pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # process clean-up does not touch the database
+def test_sigkill_of_ingest_alone_leaves_no_decode_helper_behind(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """Issue 17.7: only the ingest process is killed (not its group); its forkserver, decode workers and
+    resource tracker must end by themselves."""
+    make_archive(tmp_path / "archive", studies=10, per_study=4)
+    env = dict(cli_env, RETRIEVAL_DECODE_WORKERS="2", RETRIEVAL_BATCH_SIZE="1", RETRIEVAL_WEIGHTS="random")
+    process = _start(env, ["ingest", str(tmp_path / "archive"), "--no-progress"])
+    deadline = time.monotonic() + 120
+    while len(_session_members(process.pid)) < 5 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)  # main + resource tracker + forkserver + two decode workers
+    helpers = len(_session_members(process.pid)) - 1
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert helpers >= 4, f"the decode helpers never started: {_session_members(process.pid)}"
+    deadline = time.monotonic() + 15
+    while _session_members(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _session_members(process.pid)
+    for pid in left:  # never leave them behind for the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"helpers outlived the killed ingest: {left}"

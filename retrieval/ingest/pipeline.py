@@ -30,6 +30,7 @@ import numpy as np
 from retrieval.domain.items import SourceItem, printable_path
 from retrieval.errors import reason_of
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
+from retrieval.ingest.lifeline import exit_with
 from retrieval.ingest.prepare import (
     Fingerprint,
     Prepared,
@@ -65,14 +66,15 @@ def decode_worker_count(setting: int) -> int:
 
 
 def make_executor(workers: int) -> Executor | _InProcessExecutor:
-    """A process pool whose workers import only the torch-free ``retrieval.ingest.prepare``."""
+    """A process pool whose workers import only the torch-free ``retrieval.ingest.prepare`` and end with this process."""
     if workers == 0:
         return _InProcessExecutor()
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
         context.set_forkserver_preload(["retrieval.ingest.prepare"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    # each worker ends with this process, so a SIGKILL leaves no worker, forkserver or tracker behind
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=exit_with, initargs=(os.getpid(),))
 
 
 @dataclass
