@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.limits import BodyTooLarge
 from retrieval.errors import RetrievalError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ def install_error_handlers(app: FastAPI) -> None:
             _payload("internal_error", f"internal error ({type(exc).__name__}); the server log has the details"),
             status_code=500,
         )
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return JSONResponse(exc.error.to_dict(), status_code=exc.error.http_status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from retrieval.errors import PayloadTooLargeError
 
 
-class BodyTooLarge(Exception):
-    """Raised inside ``receive`` when a streamed body passes the cap."""
+class BodyTooLarge(StarletteHTTPException):
+    """Raised inside ``receive`` when a streamed body passes the cap.
+
+    An HTTP exception, because FastAPI re-raises those from its body parsing (any other exception
+    there becomes a 400); the app's handler (:mod:`api.errors`) answers it with the 413 error shape.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body is larger than {max_bytes} bytes")
+        self.error = too_large(max_bytes)
+
+
+def too_large(max_bytes: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"request body is larger than {max_bytes} bytes", detail={"max_request_bytes": max_bytes})
 
 
 class BodySizeLimitMiddleware:
@@ -26,9 +39,7 @@ class BodySizeLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def _send_413(self, send: Send) -> None:
-        error = PayloadTooLargeError(
-            f"request body is larger than {self.max_bytes} bytes", detail={"max_request_bytes": self.max_bytes}
-        )
+        error = too_large(self.max_bytes)
         body = json.dumps(error.to_dict()).encode()
         await send({"type": "http.response.start", "status": error.http_status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -52,7 +63,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:

@@ -292,9 +292,12 @@ def test_streamed_body_without_length_is_capped(archive: tuple[Path, list[Path]]
         def chunks() -> Iterator[bytes]:
             for _ in range(10):
                 yield b"{" + b" " * 1000
-        response = client.post("/v1/search", content=chunks(), headers={"content-type": "application/json"})
-        assert "content-length" not in response.request.headers
-        assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+        for route in ("/v1/search", "/score", "/v1/ingest-jobs", "/v1/similarity-map"):  # issue 17.8: every route
+            response = client.post(route, content=chunks(), headers={"content-type": "application/json"})
+            assert "content-length" not in response.request.headers
+            assert response.status_code == 413, (route, response.text)
+            assert response.json()["error"] == {"code": "payload_too_large", "detail": {"max_request_bytes": 2048},
+                                                "message": "request body is larger than 2048 bytes"}
 
 
 def test_ingest_job_routes(archive: tuple[Path, list[Path]], tmp_path: Path) -> None:
