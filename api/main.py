@@ -14,7 +14,7 @@ from api import web
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimitMiddleware
 from api.metrics import Metrics, RequestTimingMiddleware
-from api.routes import archive, compare, health, jobs, score, search
+from api.routes import archive, compare, docs, health, jobs, score, search
 from api.web import SecurityHeadersMiddleware
 from retrieval.config import Settings
 from retrieval.model.weights import weights_warning
@@ -57,6 +57,9 @@ def create_app(settings: Settings | None = None, *, service: SpaceService | None
         version="0.1.0",
         description="Similar-case search for radiology archives on MedVAE latents.",
         lifespan=lifespan,
+        docs_url=None,  # served by api/routes/docs.py, behind the API key
+        redoc_url=None,
+        openapi_url=None,
     )
     install_error_handlers(app)
 
@@ -66,7 +69,7 @@ def create_app(settings: Settings | None = None, *, service: SpaceService | None
     app.add_middleware(RequestTimingMiddleware, metrics=metrics)
     app.add_middleware(SecurityHeadersMiddleware)
 
-    for module in (health, search, compare, archive, jobs, score):
+    for module in (health, search, compare, archive, jobs, score, docs):
         app.include_router(module.router)
     app.include_router(web.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")

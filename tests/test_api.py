@@ -272,6 +272,7 @@ def test_api_keys_protect_every_route_but_healthz(archive: tuple[Path, list[Path
             for method in operations
         ]
         assert len(routes) >= 13  # every API route is listed from the app itself, new ones included
+        routes += [("get", path) for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")]  # 17.9
         for method, path in routes:
             for headers in ({}, {"Authorization": "Bearer wrong"}):
                 response = client.request(method, path, headers=headers)
@@ -279,6 +280,7 @@ def test_api_keys_protect_every_route_but_healthz(archive: tuple[Path, list[Path
                 assert response.json()["error"]["code"] == "unauthorized"
         assert client.get("/healthz").status_code == 200
         assert client.get("/v1/images/1", headers={"Authorization": "Bearer k2"}).status_code == 200
+        assert "paths" in client.get("/openapi.json", headers={"Authorization": "Bearer k1"}).json()
 
 
 def test_body_cap_gives_413(archive: tuple[Path, list[Path]]) -> None:
