@@ -146,10 +146,18 @@ class IngestSettings(SettingsGroup):
         False, alias="ingest_quality",
         description="Score each ingested image's reconstruction (PSNR/SSIM); costs a decoder pass (~2.3x encode).",
     )
+    manifest_columns: str = Field(
+        "", description="Comma-separated extra manifest columns to store with each image (e.g. `site,split`); "
+        "other unknown columns are dropped, since they may hold identifiers.",
+    )
     roots: str = Field(
         "", alias="ingest_roots",
         description="Comma-separated server folders that API ingest jobs may read; empty = API ingest disabled.",
     )
+
+    @property
+    def manifest_column_set(self) -> frozenset[str]:
+        return frozenset(column.strip() for column in self.manifest_columns.split(",") if column.strip())
 
     @property
     def root_list(self) -> list[Path]:

@@ -20,17 +20,20 @@ def test_manifest_ingest_groups_labels_and_hashes(settings: Settings, tmp_path: 
         write_png(root / f"f{i}.png", synthetic_image(10 + i))
     manifest = tmp_path / "cohort.csv"
     manifest.write_text(
-        "path,study,labels,modality,patient_id,patient_name,site\n"
-        "files/f0.png,S1,effusion|cardiomegaly,DX,PAT-1,Doe^John,north\n"
-        "files/f1.png,S1,effusion,DX,PAT-1,Doe^John,north\n"
-        "files/f2.png,S2,,CR,PAT-2,Roe^Jane,south\n"
-        f"{root / 'f3.png'},S3,cardiomegaly,DX,PAT-3,,south\n"
-        "files/missing.png,S4,,DX,,,\n"
-        ",S5,,,,,\n"
+        "path,study,labels,modality,patient_id,patient_name,PatientName,mrn,dob,site\n"
+        "files/f0.png,S1,effusion|cardiomegaly,DX,PAT-1,Doe^John,Doe^John,MRN-771,1950-01-02,north\n"
+        "files/f1.png,S1,effusion,DX,PAT-1,Doe^John,Doe^John,MRN-771,1950-01-02,north\n"
+        "files/f2.png,S2,,CR,PAT-2,Roe^Jane,Roe^Jane,MRN-772,1961-03-04,south\n"
+        f"{root / 'f3.png'},S3,cardiomegaly,DX,PAT-3,,,,,south\n"
+        "files/missing.png,S4,,DX,,,,,,\n"
+        ",S5,,,,,,,,\n"
     )
-    service = SpaceService(settings)
+    service = SpaceService(settings.replaced(manifest_columns="site"))  # the one extra column the user keeps
     report = IngestPipeline(service).run(manifest)
     assert (report.ingested, report.skipped, report.failed) == (4, 0, 2)
+    # issue 17: columns that may carry identifiers are dropped and named once (never their values)
+    assert report.dropped_columns == ["PatientName", "dob", "mrn", "patient_name"]
+    assert "manifest columns not stored: PatientName, dob, mrn, patient_name" in report.summary()
     reasons = {Path(f.source).name: f.reason for f in report.failures}
     assert "cannot read file" in reasons["missing.png"]
     assert any("empty `path`" in r for r in reasons.values())
@@ -41,7 +44,8 @@ def test_manifest_ingest_groups_labels_and_hashes(settings: Settings, tmp_path: 
     assert images["f0.png"].study.label == "S1" and images["f2.png"].modality == "CR"
     assert images["f0.png"].patient_hash == keyed_hash("PAT-1", settings.privacy.id_secret)
     assert images["f0.png"].extra == {"site": "north"}  # patient_name is never kept
-    assert "Doe" not in repr([(i.extra, i.labels, i.study.label) for i in images.values()])
+    stored = repr([(i.extra, i.labels, i.study.label) for i in images.values()])
+    assert "Doe" not in stored and "MRN-771" not in stored and "1950" not in stored
 
     query = root / "f0.png"
     effusion = run_search(service, path=query, k=10, filter_pairs=["label=effusion"])

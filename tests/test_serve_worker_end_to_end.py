@@ -94,6 +94,8 @@ def test_job_over_http_survives_a_killed_worker(server: tuple[httpx.Client, dict
     assert done["state"] == "succeeded", done
     assert done["attempts"] == 2 and done["counts"]["ingested"] == len(files) and done["counts"]["failed"] == 0
     assert done["failures"] == [] and done["images_per_second"] > 0
+    counted = done["counts"]  # issue 17: the message tells the counts over both attempts, as the counts do
+    assert done["message"] == f"ingested {counted['ingested']}, skipped {counted['skipped']}, failed 0", done
     counts = db_counts(env)
     assert counts["images"] == counts["distinct_sha"] == counts["vectors"] == counts["latents"] == len(files)
 

@@ -121,11 +121,27 @@ def from_dicom(dataset: Any, *, secret: str, date_shift_days: int = 0) -> ImageM
     )
 
 
-def merge_manifest_row(metadata: ImageMetadata, row: dict[str, str], *, secret: str) -> ImageMetadata:
+MANIFEST_FIELDS = frozenset({
+    "path", "study", "labels", "patient_id", "accession_number", "study_date", "modality", "body_part", "view",
+    "laterality", "patient_sex", "patient_age",
+})
+"""Manifest columns the service knows; any other column is stored only when the user names it."""
+
+
+def dropped_manifest_columns(columns: set[str], keep: frozenset[str]) -> list[str]:
+    """The columns :func:`merge_manifest_row` will not store (names only: their values are never shown)."""
+    return sorted(column for column in columns if column and column not in MANIFEST_FIELDS and column not in keep)
+
+
+def merge_manifest_row(
+    metadata: ImageMetadata, row: dict[str, str], *, secret: str, keep: frozenset[str] = frozenset()
+) -> ImageMetadata:
     """Overlay a manifest row's columns: known fields fill gaps, ``labels`` split on ``|`` or ``;``.
 
-    ``patient_id`` / ``accession_number`` columns are hashed; any other non-empty column is kept
-    in ``extra`` (strings). Header values from DICOM win over manifest values for UIDs.
+    ``patient_id`` / ``accession_number`` columns are hashed. Other columns are stored in ``extra``
+    (strings) only when named in ``keep`` (``RETRIEVAL_MANIFEST_COLUMNS``): a column the service does
+    not know may carry an identifier (``PatientName``, ``mrn``, ``dob``), so none is kept by default.
+    Header values from DICOM win over manifest values for UIDs.
     """
     for column, raw in row.items():
         if column in ("path", "study") or raw is None:
@@ -147,8 +163,6 @@ def merge_manifest_row(metadata: ImageMetadata, row: dict[str, str], *, secret: 
         elif column in ("patient_sex", "patient_age"):
             if getattr(metadata, column) is None:
                 setattr(metadata, column, value)
-        elif column in ("patient_name", "name"):
-            continue  # a direct identifier: never stored
-        else:
+        elif column in keep:
             metadata.extra[column] = value
     return metadata

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.domain.items import SourceItem, printable_path
+from retrieval.domain.metadata import dropped_manifest_columns
 from retrieval.errors import reason_of
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.ingest.lifeline import exit_with
@@ -121,6 +122,7 @@ class IngestPipeline:
             max_pixels=self.settings.ingest.max_image_pixels,
             id_secret=self.settings.privacy.id_secret,
             date_shift_days=self.settings.privacy.date_shift_days,
+            manifest_columns=self.settings.ingest.manifest_column_set,
         )
 
     def run(self, source: str | Path, *, job_id: str | None = None) -> IngestReport:
@@ -145,6 +147,10 @@ class IngestPipeline:
         else:
             items = list(scan(source, roots=self.roots))
         report.total = len(items)
+        report.dropped_columns = dropped_manifest_columns({c for item in items for c in item.row}, self.options.manifest_columns)
+        if report.dropped_columns:
+            logger.warning("manifest columns not stored: %s (name one in RETRIEVAL_MANIFEST_COLUMNS to keep it)",
+                           ", ".join(report.dropped_columns))
         space, index = self.service.space, self.service.index  # load model + index before timing work
         report.seconds["load"] = time.perf_counter() - report.started
         report.started = time.perf_counter()

@@ -54,6 +54,7 @@ class PrepareOptions:
     max_pixels: int
     id_secret: str
     date_shift_days: int = 0
+    manifest_columns: frozenset[str] = frozenset()  # extra manifest columns the user chose to store
 
 
 def fingerprint(item: SourceItem) -> Fingerprint:
@@ -100,7 +101,7 @@ def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
             from_dicom(decoded.dicom, secret=options.id_secret, date_shift_days=options.date_shift_days) if decoded.dicom is not None else ImageMetadata()
         )
         if item.row:
-            metadata = merge_manifest_row(metadata, item.row, secret=options.id_secret)
+            metadata = merge_manifest_row(metadata, item.row, secret=options.id_secret, keep=options.manifest_columns)
         pixels = to_model_input(decoded, options.preprocessing)
     except RetrievalError as exc:  # the failure already names the source: keep the reason alone
         return Prepared(item=item, sha256=fp.sha256, error=exc.message.removeprefix(f"{item.path}: "))

@@ -30,6 +30,7 @@ class IngestReport:
     skipped: int = 0
     failures: list[Failure] = field(default_factory=list)
     stopped: bool = False  # should_stop ended the run before every item was seen
+    dropped_columns: list[str] = field(default_factory=list)  # manifest columns not stored (names only)
     seconds: dict[str, float] = field(
         default_factory=lambda: {"decode_cpu": 0.0, "encode": 0.0, "write": 0.0, "wall": 0.0}
     )
@@ -48,8 +49,14 @@ class IngestReport:
         elapsed = time.perf_counter() - self.started
         return self.ingested / elapsed if elapsed > 0 else 0.0
 
-    def summary(self) -> str:
-        return f"ingested {self.ingested}, skipped {self.skipped}, failed {self.failed}"
+    def summary(self, *, ingested: int | None = None, skipped: int | None = None) -> str:
+        """One line: the counts (a job passes its totals over all attempts) and any manifest columns not stored."""
+        ingested = self.ingested if ingested is None else ingested
+        skipped = self.skipped if skipped is None else skipped
+        line = f"ingested {ingested}, skipped {skipped}, failed {self.failed}"
+        if self.dropped_columns:
+            line += f"; manifest columns not stored: {', '.join(self.dropped_columns)} (RETRIEVAL_MANIFEST_COLUMNS keeps one)"
+        return line
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +69,7 @@ class IngestReport:
             "images_per_second": round(self.images_per_second, 3),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "failures": [f.__dict__ for f in self.failures],
+            "dropped_manifest_columns": self.dropped_columns,
         }
 
 

@@ -9,7 +9,8 @@ pipeline records them as failures. A source that cannot be read at all raises
   PACS export often have none). Symbolic links to directories are not followed (no loops);
   hidden files and folders are skipped. Sorted, so runs are reproducible.
 * Manifest (``.csv``): column ``path`` (relative paths are relative to the manifest's folder),
-  optional ``study`` and ``labels`` (``|`` or ``;`` separated), any other columns kept as metadata.
+  optional ``study`` and ``labels`` (``|`` or ``;`` separated) and the other columns of the row, which
+  :func:`~retrieval.domain.metadata.merge_manifest_row` stores or drops.
 * With ``roots`` (API ingest jobs): every item must resolve, links followed, to a path under one
   of the roots (a folder entry linking elsewhere, a manifest row with ``../`` or an absolute
   path); one that does not comes back with ``error`` set and is never read. Items that pass carry

@@ -42,6 +42,13 @@ class JobRun:
     def observe(self, report: IngestReport) -> None:
         self.report = report
 
+    def summary(self) -> str:
+        """The job's message: its counts over every attempt, as its counts columns hold them."""
+        assert self.report is not None
+        progress = self.progress()
+        skipped = progress.skipped if progress is not None else 0
+        return self.report.summary(ingested=self.ingested_before + self.report.ingested, skipped=skipped)
+
     def progress(self) -> Progress | None:
         report = self.report
         if report is None:
@@ -115,14 +122,14 @@ class Worker:
         if run.lost:
             logger.warning("job %s: taken over by another worker; leaving it", job.id)
         elif report.stopped and run.cancelled:
-            self.queue.finish(job.id, self.worker_id, state="cancelled", message=f"cancelled: {report.summary()}",
+            self.queue.finish(job.id, self.worker_id, state="cancelled", message=f"cancelled: {run.summary()}",
                               progress=progress)
         elif report.stopped:
             self.queue.release(job.id, self.worker_id, progress)
             logger.info("job %s: released to the queue (worker stopping)", job.id)
         else:
-            self.queue.finish(job.id, self.worker_id, state="succeeded", message=report.summary(), progress=progress)
-            logger.info("job %s: %s", job.id, report.summary())
+            self.queue.finish(job.id, self.worker_id, state="succeeded", message=run.summary(), progress=progress)
+            logger.info("job %s: %s", job.id, run.summary())
 
     def _heartbeat(self, run: JobRun) -> None:
         interval = self.settings.jobs.heartbeat_seconds
