@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import synthetic_image, write_png
 from dicom_factory import write_dicom
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -100,6 +101,11 @@ def test_multiframe_uses_first_frame() -> None:
     lo, hi = np.percentile(first, [0.5, 99.5])
     assert decoded.frames == 10
     assert np.allclose(decoded.pixels, np.clip((first - lo) / (hi - lo), 0, 1), atol=1e-6)
+    # issue 17: the cap counts what is decoded (one frame), not every frame: 120 x 480x640 RGB fits a 1 Mpx cap
+    colour = decode_path(get_testdata_file("color3d_jpeg_baseline.dcm"), max_pixels=480 * 640 * 3)
+    assert colour.frames == 120 and colour.pixels.shape == (480, 640)
+    with pytest.raises(ImageTooLargeError, match="per frame"):
+        decode_path(get_testdata_file("color3d_jpeg_baseline.dcm"), max_pixels=480 * 640 * 3 - 1)
 
 
 @pytest.mark.parametrize(
@@ -186,3 +192,23 @@ def test_fit_to_square_preserves_aspect_and_pads() -> None:
     rows = np.where(fitted.max(axis=1) > 0.5)[0]
     assert len(rows) == 32 and rows[0] == 16  # 200x100 -> 64x32, centred
     assert fitted[:16].max() == 0.0 and fitted[48:].max() == 0.0
+
+
+def test_large_decodes_pass_the_gate_one_at_a_time(tmp_path: Path) -> None:
+    """Issue 17: a large declared image waits for the gate; small images never do."""
+    import threading
+
+    from retrieval.imaging.decode_gate import LARGE_DECODE_VALUES, decoding
+
+    big = tmp_path / "big.png"
+    Image.new("L", (4000, 4000), 7).save(big)  # 16 Mpx in a few KB
+    small = write_png(tmp_path / "small.png", synthetic_image(5))
+    results: list[object] = []
+    with decoding(LARGE_DECODE_VALUES):  # another large decode is running
+        waiting = threading.Thread(target=lambda: results.append(decode_path(big, max_pixels=20_000_000)))
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive() and not results  # the large one waits
+        assert decode_path(small, max_pixels=CAP).pixels.shape == (96, 96)  # a small one passes at once
+    waiting.join(60)
+    assert len(results) == 1 and results[0].pixels.shape == (4000, 4000)

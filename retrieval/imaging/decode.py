@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from retrieval.errors import ImageDecodeError, ImageTooLargeError
+from retrieval.imaging.decode_gate import decoding
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2", ".pgm", ".ppm"}
@@ -112,8 +113,9 @@ def _decode_raster(source: Path | io.BytesIO, *, max_pixels: int) -> DecodedImag
                         f"image is {width}x{height} = {width * height} pixels, above the cap of {max_pixels}",
                         detail={"width": width, "height": height, "max_pixels": max_pixels},
                     )
-                image.load()
-                pixels = _raster_to_gray(image)
+                with decoding(width * height):
+                    image.load()
+                    pixels = minmax_scale(_raster_to_gray(image))
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise ImageTooLargeError(f"image exceeds the pixel cap of {max_pixels}: {exc}") from exc
         except UnidentifiedImageError as exc:
@@ -126,7 +128,7 @@ def _decode_raster(source: Path | io.BytesIO, *, max_pixels: int) -> DecodedImag
             Image.MAX_IMAGE_PIXELS = previous_cap
     if pixels.shape[0] < 1 or pixels.shape[1] < 1:
         raise ImageDecodeError("image has no pixels")
-    return DecodedImage(pixels=minmax_scale(pixels), kind="raster", width=width, height=height)
+    return DecodedImage(pixels=pixels, kind="raster", width=width, height=height)
 
 
 def _raster_to_gray(image: Image.Image) -> np.ndarray:
@@ -164,15 +166,22 @@ def _decode_dicom(source: str | io.BytesIO, *, max_pixels: int) -> DecodedImage:
         raise ImageDecodeError(f"unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
     if rows <= 0 or cols <= 0:
         raise ImageDecodeError("DICOM has no image (Rows/Columns missing); not an image object")
-    declared = rows * cols * frames * samples
+    declared = rows * cols * samples  # the cap is on what is decoded: the first frame only
     if declared > max_pixels:
         raise ImageTooLargeError(
-            f"DICOM declares {rows}x{cols}x{frames} frames x{samples} samples = {declared} values, "
+            f"DICOM declares {rows}x{cols} x{samples} samples = {declared} values per frame, "
             f"above the cap of {max_pixels}",
             detail={"rows": rows, "columns": cols, "frames": frames, "samples": samples, "max_pixels": max_pixels},
         )
     if isinstance(source, io.BytesIO):
         source.seek(0)
+    with decoding(declared):
+        return _decode_dicom_pixels(source, rows=rows, cols=cols, frames=frames)
+
+
+def _decode_dicom_pixels(source: str | io.BytesIO, *, rows: int, cols: int, frames: int) -> DecodedImage:
+    import pydicom
+
     try:
         dataset = pydicom.dcmread(source, force=True)
     except Exception as exc:  # pydicom raises a wide range of errors on corrupt files

@@ -31,13 +31,13 @@ from retrieval.domain.items import SourceItem, printable_path
 from retrieval.domain.metadata import dropped_manifest_columns
 from retrieval.errors import reason_of
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
-from retrieval.ingest.lifeline import exit_with
 from retrieval.ingest.prepare import (
     Fingerprint,
     Prepared,
     PrepareOptions,
     fingerprint,
     prepare,
+    start_decode_worker,
 )
 from retrieval.ingest.report import Failure, IngestReport, ProgressCallback
 from retrieval.ingest.sources import scan
@@ -74,8 +74,11 @@ def make_executor(workers: int) -> Executor | _InProcessExecutor:
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
         context.set_forkserver_preload(["retrieval.ingest.prepare"])
-    # each worker ends with this process, so a SIGKILL leaves no worker, forkserver or tracker behind
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=exit_with, initargs=(os.getpid(),))
+    # each worker ends with this process (a SIGKILL leaves no worker, forkserver or tracker behind),
+    # and the workers decode large images one at a time (retrieval.imaging.decode_gate)
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=start_decode_worker, initargs=(os.getpid(), context.Lock())
+    )
 
 
 @dataclass

@@ -11,6 +11,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,9 @@ from retrieval.domain.metadata import ImageMetadata, from_dicom, merge_manifest_
 from retrieval.domain.spaces import PreprocessSpec
 from retrieval.errors import RetrievalError
 from retrieval.imaging.decode import DICOM_SUFFIXES, decode_path, looks_like_dicom
+from retrieval.imaging.decode_gate import share_gate
 from retrieval.imaging.preprocess import to_model_input
+from retrieval.ingest.lifeline import exit_with
 
 
 @dataclass
@@ -55,6 +58,12 @@ class PrepareOptions:
     id_secret: str
     date_shift_days: int = 0
     manifest_columns: frozenset[str] = frozenset()  # extra manifest columns the user chose to store
+
+
+def start_decode_worker(owner_pid: int, large_decode_lock: Any) -> None:
+    """Pool initializer: end with the process that owns the pool, and share its one-large-decode-at-a-time gate."""
+    exit_with(owner_pid)
+    share_gate(large_decode_lock)
 
 
 def fingerprint(item: SourceItem) -> Fingerprint:
