@@ -140,7 +140,7 @@ class IngestSettings(SettingsGroup):
         -1, ge=-1, le=64, description="Decode processes; -1 = one per spare core, 0 = in-process."
     )
     max_image_pixels: int = Field(
-        80_000_000, ge=1, description="Largest decoded pixel count (rows x cols x frames x samples)."
+        80_000_000, ge=1, description="Largest decoded value count of an image: rows x cols x samples of the one frame decoded."
     )
     quality: bool = Field(
         False, alias="ingest_quality",
