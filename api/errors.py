@@ -36,6 +36,14 @@ def _payload(code: str, message: str, detail: dict[str, Any] | None = None) -> d
     return {"error": {"code": code, "message": message, "detail": detail or {}}}
 
 
+def _field(location: tuple[Any, ...] | list[Any]) -> str:
+    """A validation error's place as a dotted path in the JSON body (FastAPI's leading ``body`` dropped)."""
+    parts = list(location)
+    if parts[:1] == ["body"]:
+        parts = parts[1:]
+    return ".".join(str(part) for part in parts)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RetrievalError)
     async def _retrieval_error(_request: Request, exc: RetrievalError) -> JSONResponse:
@@ -44,7 +52,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
-            {"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")} for e in exc.errors()
+            {"field": _field(e.get("loc", ())), "message": e.get("msg", "").removeprefix("Value error, ")}
+            for e in exc.errors()
         ]
         message = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
         return JSONResponse(_payload("invalid_request", message, {"errors": errors}), status_code=422)

@@ -73,10 +73,11 @@ async def parse_query_request(request: Request, model: type[Params]) -> tuple[Pa
     if content_type.startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
+        # every form field but the file is a parameter: an unknown one is refused by the model, as in JSON
         values: dict[str, Any] = {
-            name: form[name] for name in model.model_fields if name != "filters" and name in form and form[name] != ""
+            name: value for name, value in form.items() if name not in ("file", "filters") and value != ""
         }
-        if "filters" in model.model_fields and form.get("filters"):
+        if form.get("filters"):
             values["filters"] = parse_json(str(form["filters"]), field="filters")
         params = _validated(model, values)
         if upload is None or isinstance(upload, str):

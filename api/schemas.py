@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from retrieval.domain.architectures import ARCHITECTURES
 from retrieval.domain.filters import UID_KEYS, Filters
@@ -13,7 +13,29 @@ from retrieval.errors import InvalidRequestError
 from retrieval.query.results import ImageResult, StudyResult, StudySummary
 
 
-class SearchFilters(BaseModel):
+class RequestModel(BaseModel):
+    """A request body (or a part of one): an unknown field is a 422 naming it and the valid ones.
+
+    A typo (``label`` for ``labels``, ``positive``) is never silently ignored: ignoring it would
+    answer a different question than the one asked.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(str(key) for key in data if key not in cls.model_fields)
+            if unknown:
+                raise ValueError(
+                    f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(f'`{name}`' for name in unknown)}; "
+                    f"valid: {', '.join(cls.model_fields)}"
+                )
+        return data
+
+
+class SearchFilters(RequestModel):
     modality: list[str] | str | None = None
     body_part: list[str] | str | None = None
     view: list[str] | str | None = None
@@ -49,7 +71,7 @@ MAX_ROW_ID = 2_147_483_647
 SPACE_KEY_PATTERN = r"^[0-9a-fA-F]{8,64}$"
 
 
-class QueryImage(BaseModel):
+class QueryImage(RequestModel):
     """The query image of a JSON request: at most one of the three (a multipart ``file`` is the fourth)."""
 
     image_base64: str | None = None
@@ -159,12 +181,13 @@ class SpaceInfo(BaseModel):
     active: bool
 
 
-class ScoreInput(BaseModel):
+class ScoreInput(RequestModel):
     columns: list[str]
+    index: list[Any] | None = Field(None, description="Row labels (Azure ML's pandas `split` form); ignored.")
     data: list[list[Any]] = Field(..., max_length=16)
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(RequestModel):
     """The MedVAE endpoint card's request: ``columns = ["image_path", "decode"]``."""
 
     input_data: ScoreInput
@@ -180,7 +203,7 @@ class ScoreResponse(BaseModel):
     weights: str
 
 
-class IngestJobRequest(BaseModel):
+class IngestJobRequest(RequestModel):
     """A server-side folder or CSV manifest under the ingest roots, or an allow-listed DICOMweb source."""
 
     source: str = Field(

@@ -186,6 +186,29 @@ def test_deeply_nested_json_is_a_400_with_the_error_shape(client: TestClient) ->
     assert form.status_code == 400 and form.json()["error"]["detail"]["field"] == "filters"
 
 
+def test_unknown_fields_and_filter_keys_are_422_naming_them(client: TestClient) -> None:
+    """Issue 16.1: a typo never widens a cohort silently; the error names the key and the valid ones."""
+    cases = [
+        ("/v1/search", {"image_id": 1, "filters": {"label": ["nodule"]}}, "filters", "`label`"),
+        ("/v1/search", {"image_id": 1, "filters": {"bodypart": ["CHEST"]}}, "filters", "`bodypart`"),
+        ("/v1/search", {"image_id": 1, "positive": [8]}, "", "`positive`"),
+        ("/v1/similarity-map", {"image_id": 1, "target_image_id": 2, "colour": "red"}, "", "`colour`"),
+        ("/score", {"input_data": {"columns": ["image_path"], "data": [], "rows": 1}}, "input_data", "`rows`"),
+        ("/v1/ingest-jobs", {"source": "/x", "priority": 1}, "", "`priority`"),
+    ]
+    for route, body, field, name in cases:
+        response = client.post(route, json=body)
+        assert response.status_code == 422, (route, body, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "invalid_request" and name in error["message"], error
+        assert error["detail"]["errors"][0]["field"] == field
+    labels = client.post("/v1/search", json={"image_id": 1, "filters": {"label": ["nodule"]}}).json()["error"]
+    assert "valid: modality, body_part" in labels["message"] and "labels" in labels["message"]
+    form = client.post("/v1/search", data={"topk": "3"}, files={"file": ("q.png", b"not read", "image/png")})
+    assert form.status_code == 422 and "`topk`" in form.json()["error"]["message"]
+    assert client.post("/v1/search", json={"image_id": 1, "filters": {"labels": ["x"]}}).status_code == 200
+
+
 def test_study_image_preview_latent_spaces(client: TestClient) -> None:
     image = client.get("/v1/images/1").json()
     assert image["image_id"] == 1 and image["weights"] == "fake-encoder"
