@@ -209,6 +209,16 @@ def test_unknown_fields_and_filter_keys_are_422_naming_them(client: TestClient) 
     assert client.post("/v1/search", json={"image_id": 1, "filters": {"labels": ["x"]}}).status_code == 200
 
 
+def test_api_image_json_is_the_one_result_shape(client: TestClient) -> None:
+    """Issue 16.2: the API's image JSON carries every field of the core's shape (the CLI's --json), UIDs included."""
+    from retrieval.query.results import ImageResult
+
+    found = client.post("/v1/search", json={"image_id": 1, "k": 2, "previews": "url"}).json()
+    image = found["results"][0]["images"][0]
+    assert set(image) == set(ImageResult.model_fields)  # previews: a URL here, base64 with previews=inline
+    assert {"series_uid", "sop_uid", "patient_sex", "patient_age"} <= set(image)
+
+
 def test_study_image_preview_latent_spaces(client: TestClient) -> None:
     image = client.get("/v1/images/1").json()
     assert image["image_id"] == 1 and image["weights"] == "fake-encoder"

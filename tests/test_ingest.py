@@ -87,3 +87,28 @@ def test_a_file_that_fails_to_decode_never_hides_a_good_one_with_its_sop_uid(set
     assert (again.ingested, again.skipped, again.failed) == (0, 2, 0)
     stored = [Path(img.source_uri).name for chunk in service.store.iter_images() for img in chunk]
     assert stored == ["b_good.dcm"]
+
+
+def test_a_manifest_after_its_folder_updates_stored_images_without_reencoding(settings: Settings, tmp_path: Path) -> None:
+    """Issue 16.3: folder first, then `labels.csv` for the same files: its metadata applies, `updated N`."""
+    root = tmp_path / "cohort"
+    for i in range(3):
+        write_png(root / f"img{i}.png", synthetic_image(40 + i))
+    service = SpaceService(settings.replaced(manifest_columns="site"))
+    assert IngestPipeline(service).run(root).ingested == 3
+    encoded = service.store.counts()
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,labels,modality,body_part,view,site\n"
+                        "cohort/img0.png,effusion,CR,chest,PA,north\n"
+                        "cohort/img1.png,nodule|effusion,CR,chest,AP,south\n"
+                        "cohort/img2.png,,,,,\n")  # nothing to apply
+    report = IngestPipeline(service).run(manifest)
+    assert (report.ingested, report.skipped, report.updated, report.failed) == (0, 3, 2, 0)
+    assert "updated 2" in report.summary()
+    assert service.store.counts() == encoded  # nothing re-encoded or stored twice
+    images = {Path(img.source_uri).name: img for chunk in service.store.iter_images() for img in chunk}
+    assert (images["img1.png"].labels, images["img1.png"].modality, images["img1.png"].view) == (["effusion", "nodule"], "CR", "AP")
+    assert images["img0.png"].body_part == "CHEST" and images["img0.png"].extra == {"site": "north"}
+    effusion = run_search(service, image_id=images["img2.png"].id, k=10, filter_pairs=["label=effusion"], group_by="image")
+    assert sorted(r["images"][0]["image_id"] for r in effusion["results"]) == sorted([images["img0.png"].id, images["img1.png"].id])
+    assert IngestPipeline(service).run(manifest).updated == 0  # applying it again changes nothing

@@ -157,6 +157,9 @@ def test_upload_more_like_this_compare_export_and_errors(site: tuple[str, Path],
     shown = page.evaluate("() => state.payload.results.flatMap(r => r.images.map(i => [r.study.study_id, i.image_id]))")
     assert [[int(r["study_id"]), int(r["image_id"])] for r in rows] == shown
     assert {"rank", "study_label", "image_score", "modality", "labels", "source"} <= set(rows[0])
+    # issue 16.2: the export has every field of the API's image JSON (UIDs, sex, age) and the weights marker
+    assert {"series_uid", "sop_uid", "patient_sex", "patient_age", "width", "recon_psnr", "weights"} <= set(rows[0])
+    assert {row["weights"] for row in rows} == {"fake-encoder"}
     with page.expect_download() as download_info:
         page.click("#export-json")
     assert '"results"' in Path(download_info.value.path()).read_text()

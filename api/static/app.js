@@ -484,17 +484,24 @@ document.addEventListener("keydown", (event) => { if (event.key === "Escape") cl
 
 // ---------- export ----------
 
+// One row per result image: every field of the API's image JSON (so a field added there, such as
+// the DICOM UIDs, sex and age, is exported too), its study, and the weights that made the vectors.
+const NOT_EXPORTED = new Set(["preview_url", "preview_png_base64"]);
+
 function exportRows(payload) {
   const rows = [];
   payload.results.forEach((result, rank) => {
     for (const image of result.images) {
-      rows.push({
+      const row = {
         rank: rank + 1, study_id: result.study.study_id, study_label: result.study.label,
-        study_uid: result.study.study_uid || "", study_score: result.score, image_id: image.image_id,
-        image_score: image.score, modality: image.modality || "", body_part: image.body_part || "",
-        view: image.view || "", laterality: image.laterality || "", study_date: image.study_date || "",
-        labels: (image.labels || []).join("|"), source: image.source,
-      });
+        study_uid: result.study.study_uid || "", study_score: result.score,
+      };
+      for (const [key, value] of Object.entries(image)) {
+        if (NOT_EXPORTED.has(key)) continue;
+        row[key === "score" ? "image_score" : key] = Array.isArray(value) ? value.join("|") : (value ?? "");
+      }
+      row.weights = payload.model.weights;
+      rows.push(row);
     }
   });
   return rows;

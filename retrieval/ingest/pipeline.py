@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.domain.items import SourceItem, printable_path
-from retrieval.domain.metadata import dropped_manifest_columns
+from retrieval.domain.metadata import ImageMetadata, dropped_manifest_columns, merge_manifest_row
 from retrieval.errors import reason_of
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.ingest.prepare import (
@@ -249,14 +249,23 @@ class IngestPipeline:
             self.service.space.id, [fp.sha256 for fp in good], [fp.sop_uid for fp in good if fp.sop_uid]
         )
         todo: list[Fingerprint] = []
+        manifest_rows: list[tuple[str, ImageMetadata]] = []
         for fp in good:
             keys = {fp.sha256} | ({fp.sop_uid} if fp.sop_uid else set())
             if keys & stored or fp.sha256 in seen.content or fp.sop_uid in seen.decoded_sop_uids:
                 report.skipped += 1
+                if fp.item.row and fp.sha256 in stored:  # a manifest for stored images: its metadata still applies
+                    manifest_rows.append((fp.sha256, self._manifest_metadata(fp.item.row)))
                 continue
             seen.content.add(fp.sha256)
             todo.append(fp)
+        if manifest_rows:
+            report.updated += self.service.store.apply_manifest_metadata(manifest_rows)
         return todo
+
+    def _manifest_metadata(self, row: dict[str, str]) -> ImageMetadata:
+        options = self.options
+        return merge_manifest_row(ImageMetadata(), row, secret=options.id_secret, keep=options.manifest_columns)
 
     def _skip_listed_uids(self, chunk: list[SourceItem], report: IngestReport, seen: SeenInRun) -> list[SourceItem]:
         listed = [item.sop_uid for item in chunk if item.sop_uid]

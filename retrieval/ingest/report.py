@@ -28,6 +28,7 @@ class IngestReport:
     total: int = 0
     ingested: int = 0
     skipped: int = 0
+    updated: int = 0  # skipped (stored) images whose metadata a manifest changed, without re-encoding
     failures: list[Failure] = field(default_factory=list)
     stopped: bool = False  # should_stop ended the run before every item was seen
     dropped_columns: list[str] = field(default_factory=list)  # manifest columns not stored (names only)
@@ -54,6 +55,8 @@ class IngestReport:
         ingested = self.ingested if ingested is None else ingested
         skipped = self.skipped if skipped is None else skipped
         line = f"ingested {ingested}, skipped {skipped}, failed {self.failed}"
+        if self.updated:
+            line += f", updated {self.updated} (manifest metadata on stored images)"
         if self.dropped_columns:
             line += f"; manifest columns not stored: {', '.join(self.dropped_columns)} (RETRIEVAL_MANIFEST_COLUMNS keeps one)"
         return line
@@ -64,6 +67,7 @@ class IngestReport:
             "total": self.total,
             "ingested": self.ingested,
             "skipped": self.skipped,
+            "updated": self.updated,
             "failed": self.failed,
             "stopped": self.stopped,
             "images_per_second": round(self.images_per_second, 3),

@@ -1,10 +1,15 @@
-"""What one encoded image contributes to a batch write, checked and turned into an ORM row."""
+"""Rows of the store: what one encoded image contributes to a batch write (checked, turned into an ORM row),
+and the small helpers the store's queries share."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from retrieval.domain.metadata import ImageMetadata
 from retrieval.storage.orm import ImageRecord
@@ -64,3 +69,36 @@ def image_row(new: NewImage, study_id: int) -> ImageRecord:
         recon_psnr=new.quality[0] if new.quality else None,
         recon_ssim=new.quality[1] if new.quality else None,
     )
+
+
+MANIFEST_FILLED = (
+    "modality", "body_part", "view", "laterality", "study_date", "patient_sex", "patient_age", "patient_hash",
+    "accession_hash",
+)
+
+
+def serialize_vector_writes(session: Session, space_id: int) -> None:
+    """Make vector row ids of a space grow in commit order, so an index watermark never skips a row.
+
+    PostgreSQL hands out sequence values at insert time: with two writers, row 102 may commit
+    before row 101, and a reader that saw 102 would never look below it again. A transaction-level
+    advisory lock per space orders the writers (a batch write holds it for milliseconds). SQLite
+    already allows one writer at a time.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:namespace, :space_id)"),
+                        {"namespace": _ADVISORY_NAMESPACE, "space_id": space_id})
+
+
+_ADVISORY_NAMESPACE = 0x6D76  # "mv": keeps our advisory locks apart from other applications'
+
+
+def decode_latent(shape: str, data: bytes) -> np.ndarray:
+    dims = tuple(int(d) for d in shape.split(","))
+    return np.frombuffer(data, dtype=np.float16).reshape(dims).astype(np.float32)
+
+
+def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+

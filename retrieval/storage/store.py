@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from retrieval.config import Settings
+from retrieval.domain.metadata import ImageMetadata
 from retrieval.domain.spaces import SpaceIdentity
 from retrieval.storage.database import make_engine, upgrade_database
 from retrieval.storage.orm import (
@@ -30,7 +31,15 @@ from retrieval.storage.orm import (
     Study,
     Vector,
 )
-from retrieval.storage.rows import NewImage, check_arrays, image_row
+from retrieval.storage.rows import (
+    MANIFEST_FILLED,
+    NewImage,
+    check_arrays,
+    chunks,
+    decode_latent,
+    image_row,
+    serialize_vector_writes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +122,7 @@ class Store:
         """Of ``values``, those that ``column`` (of an image row) holds for an image with a vector in the space."""
         found: set[str] = set()
         with self.sessions() as session:
-            for chunk in _chunks([value for value in values if value], 500):
+            for chunk in chunks([value for value in values if value], 500):
                 rows = session.execute(
                     select(column)
                     .join(Vector, Vector.image_id == ImageRecord.id)
@@ -137,7 +146,7 @@ class Store:
             check_arrays(new, space.dim)
         written: list[StoredVector] = []
         with self.sessions.begin() as session:
-            _serialize_vector_writes(session, space.id)
+            serialize_vector_writes(session, space.id)
             for new in images:
                 image = self._find_image(session, new)
                 if image is None:
@@ -184,7 +193,7 @@ class Store:
         """Add vectors for already stored images (re-pooling from stored z) in one transaction."""
         written: list[StoredVector] = []
         with self.sessions.begin() as session:
-            _serialize_vector_writes(session, space.id)
+            serialize_vector_writes(session, space.id)
             for image_id, vector in vectors:
                 data = np.ascontiguousarray(vector, dtype=np.float32)
                 row = Vector(image_id=image_id, space_id=space.id, data=data.tobytes())
@@ -266,7 +275,7 @@ class Store:
                 ).all()
             if not rows:
                 return
-            yield [(r[1], _decode_latent(r[2], r[3])) for r in rows]
+            yield [(r[1], decode_latent(r[2], r[3])) for r in rows]
             last = rows[-1][0]
 
     def latent(self, image_id: int, encoder_key: str) -> np.ndarray | None:
@@ -274,13 +283,13 @@ class Store:
             row = session.execute(
                 select(Latent.shape, Latent.data).where(Latent.image_id == image_id, Latent.encoder_key == encoder_key)
             ).first()
-        return None if row is None else _decode_latent(row[0], row[1])
+        return None if row is None else decode_latent(row[0], row[1])
 
     def images_by_id(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         """Image rows (with their study loaded) for the given ids."""
         out: dict[int, ImageRecord] = {}
         with self.sessions() as session:
-            for chunk in _chunks(list(ids), 500):
+            for chunk in chunks(list(ids), 500):
                 rows = session.scalars(
                     select(ImageRecord).options(selectinload(ImageRecord.study)).where(ImageRecord.id.in_(chunk))
                 )
@@ -301,15 +310,36 @@ class Store:
         """Stored images with these content hashes."""
         out: list[ImageRecord] = []
         with self.sessions() as session:
-            for chunk in _chunks(list(sha256s), 500):
+            for chunk in chunks(list(sha256s), 500):
                 out.extend(session.scalars(select(ImageRecord).where(ImageRecord.sha256.in_(chunk))))
         return out
+
+    def apply_manifest_metadata(self, rows: Sequence[tuple[str, ImageMetadata]]) -> int:
+        """Give stored images (by sha256) what a manifest row says, without re-encoding, as ingest would:
+        empty fields filled (a DICOM header's values stay), ``labels`` replaced, kept extra columns added.
+        One transaction; returns how many images changed."""
+        changed = 0
+        with self.sessions.begin() as session:
+            for sha256, meta in rows:
+                image = session.scalar(select(ImageRecord).where(ImageRecord.sha256 == sha256))
+                if image is None:
+                    continue
+                updates = {name: getattr(meta, name) for name in MANIFEST_FILLED
+                           if getattr(meta, name) is not None and getattr(image, name) is None}
+                if meta.labels and sorted(image.labels or []) != meta.labels:
+                    updates["labels"] = list(meta.labels)
+                if meta.extra and {**(image.extra or {}), **meta.extra} != (image.extra or {}):
+                    updates["extra"] = {**(image.extra or {}), **meta.extra}
+                for name, value in updates.items():
+                    setattr(image, name, value)
+                changed += bool(updates)
+        return changed
 
     def vectors_of(self, space_id: int, image_ids: Sequence[int]) -> np.ndarray:
         """The space's vectors of ``image_ids``, in that order, as a ``(N, D)`` float32 matrix."""
         found: dict[int, np.ndarray] = {}
         with self.sessions() as session:
-            for chunk in _chunks(list(image_ids), 500):
+            for chunk in chunks(list(image_ids), 500):
                 rows = session.execute(
                     select(Vector.image_id, Vector.data).where(Vector.space_id == space_id, Vector.image_id.in_(chunk))
                 )
@@ -366,30 +396,3 @@ class Store:
     def errors_of_run(self, run_id: str) -> list[IngestError]:
         with self.sessions() as session:
             return list(session.scalars(select(IngestError).where(IngestError.run_id == run_id).order_by(IngestError.id)))
-
-
-def _serialize_vector_writes(session: Session, space_id: int) -> None:
-    """Make vector row ids of a space grow in commit order, so an index watermark never skips a row.
-
-    PostgreSQL hands out sequence values at insert time: with two writers, row 102 may commit
-    before row 101, and a reader that saw 102 would never look below it again. A transaction-level
-    advisory lock per space orders the writers (a batch write holds it for milliseconds). SQLite
-    already allows one writer at a time.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:namespace, :space_id)"),
-                        {"namespace": _ADVISORY_NAMESPACE, "space_id": space_id})
-
-
-_ADVISORY_NAMESPACE = 0x6D76  # "mv": keeps our advisory locks apart from other applications'
-
-
-def _decode_latent(shape: str, data: bytes) -> np.ndarray:
-    dims = tuple(int(d) for d in shape.split(","))
-    return np.frombuffer(data, dtype=np.float16).reshape(dims).astype(np.float32)
-
-
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
