@@ -163,6 +163,23 @@ class SpaceService:
                 )
             return self._batcher
 
+    def stored_latent(self, image_id: int) -> np.ndarray:
+        """The stored z of ``image_id`` under this space's encoder.
+
+        Raises :class:`NotFoundError` saying which is the case: no such image, or an image that was
+        ingested into another space only.
+        """
+        z = self.store.latent(image_id, self.space.encoder_key)
+        if z is not None:
+            return z
+        if not self.store.images_by_id([image_id]):
+            raise NotFoundError(f"image {image_id} does not exist", detail={"image_id": image_id})
+        raise NotFoundError(
+            f"image {image_id} has no latent in this space (it was ingested with another model or settings; "
+            "GET /v1/spaces lists the spaces)",
+            detail={"image_id": image_id, "space": self.space.key},
+        )
+
     def readiness(self) -> dict[str, Any]:
         """Checks for ``/readyz``: the database answers, the model is loaded, the index equals the database.
 

@@ -236,6 +236,9 @@ def test_study_image_preview_latent_spaces(client: TestClient) -> None:
     for path in ("/v1/images/999", "/v1/studies/999", "/v1/images/999/preview.png", "/v1/images/999/latent.npy"):
         missing = client.get(path)
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        assert "999 does not exist" in missing.json()["error"]["message"]  # issue 16.11: not "no stored latent"
+    compared = client.post("/v1/similarity-map", json={"image_id": 1, "target_image_id": 999})
+    assert compared.status_code == 404 and "image 999 does not exist" in compared.json()["error"]["message"]
 
 
 def test_health_and_readiness(client: TestClient) -> None:

@@ -84,6 +84,8 @@ def test_preview_export_reindex_doctor(cli_env: dict[str, str], tmp_path: Path) 
     run_cli(cli_env, "ingest", str(archive), "--no-progress")
     preview = tmp_path / "p.png"
     run_cli(cli_env, "preview", "1", str(preview))
+    absent = run_cli(cli_env, "preview", "9999", str(tmp_path / "none.png"), check=False)
+    assert absent.returncode == 2 and "image 9999 does not exist" in absent.stderr
     image = Image.open(preview)
     assert image.size == (64, 64) and "reconstruction" in image.info["Description"]
     run_cli(cli_env, "export", str(tmp_path / "export"))

@@ -89,9 +89,7 @@ async def get_preview(image_id: RowId, spaces: SpacesDep, cache: PreviewCacheDep
 def get_latent(image_id: RowId, spaces: SpacesDep, space: SpaceParam = None) -> Response:
     """The stored posterior-mode z of the image, ``(C, h, w)`` float16 (``(C, d, h, w)`` for a volume), as ``.npy``."""
     service = spaces.get(space)
-    z = service.store.latent(image_id, service.space.encoder_key)
-    if z is None:
-        raise NotFoundError(f"image {image_id} has no stored latent for this encoder", detail={"image_id": image_id})
+    z = service.stored_latent(image_id)
     buffer = io.BytesIO()
     np.save(buffer, z.astype(np.float16))
     return Response(

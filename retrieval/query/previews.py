@@ -10,7 +10,6 @@ import io
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from retrieval.errors import NotFoundError
 from retrieval.imaging.volumes import orthogonal_slices
 from retrieval.service import SpaceService
 
@@ -34,10 +33,7 @@ def to_png(pixels: np.ndarray, *, note: str = PREVIEW_NOTE) -> bytes:
 
 def reconstruct(service: SpaceService, image_id: int) -> np.ndarray:
     """Decode the stored z of ``image_id`` (this space's encoder) to ``(S, S)`` pixels (``(S, S, S)`` for volumes)."""
-    z = service.store.latent(image_id, service.space.encoder_key)
-    if z is None:
-        raise NotFoundError(f"image {image_id} has no stored latent for this encoder", detail={"image_id": image_id})
-    return service.encoder.decode(z[None])[0]
+    return service.encoder.decode(service.stored_latent(image_id)[None])[0]
 
 
 def preview_png(service: SpaceService, image_id: int) -> bytes:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.errors import NotFoundError
 from retrieval.service import SpaceService
 
 
@@ -32,10 +31,7 @@ def cell_cosine(query: torch.Tensor, target: torch.Tensor) -> np.ndarray:
 
 
 def stored_z(service: SpaceService, image_id: int) -> torch.Tensor:
-    z = service.store.latent(image_id, service.space.encoder_key)
-    if z is None:
-        raise NotFoundError(f"image {image_id} has no stored latent for this encoder", detail={"image_id": image_id})
-    return torch.from_numpy(z)
+    return torch.from_numpy(service.stored_latent(image_id))
 
 
 def similarity_map(service: SpaceService, query_z: torch.Tensor, target_id: int) -> SimilarityMap:
