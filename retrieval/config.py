@@ -14,6 +14,7 @@ take the same flat names (``Settings(weights="fake", input_size=64)``) or whole 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -21,6 +22,7 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from retrieval.domain.architectures import model_dims
 
@@ -42,6 +44,24 @@ class StorageSettings(SettingsGroup):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: SQLite file `retrieval.db` in data_dir."
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str | None) -> str | None:
+        """PostgreSQL (``postgres://`` and ``postgresql://`` mean psycopg 3) or SQLite; anything else is refused."""
+        if not value or not value.strip():
+            return None
+        value = value.strip()
+        for prefix in ("postgres://", "postgresql://"):
+            if value.startswith(prefix):
+                value = "postgresql+psycopg://" + value.removeprefix(prefix)
+        try:
+            backend = make_url(value).get_backend_name()
+        except Exception:  # noqa: BLE001 - SQLAlchemy raises ArgumentError and others on garbage
+            raise ValueError("not a database URL; e.g. postgresql://user@host/db or sqlite:////path/retrieval.db") from None
+        if backend not in ("postgresql", "sqlite"):
+            raise ValueError(f"`{backend}` databases are not supported: use PostgreSQL or SQLite")
+        return value
 
     @property
     def resolved_database_url(self) -> str:
@@ -352,6 +372,7 @@ class Settings(BaseSettings):
         return type(self).model_validate(data)
 
 
+SENSITIVE = re.compile(r"url|secret|password|token|keys")
 ENV_NAMES: dict[tuple[str, str], str] = {place: f"{ENV_PREFIX}{flat.upper()}" for flat, place in FLAT_NAMES.items()}
 """(group, field) -> its environment name, for messages."""
 
@@ -367,6 +388,7 @@ def settings_error_message(exc: ValidationError) -> str:
             lines.append(message)
             continue
         where = f"{name} ({'.'.join(place)})" if name else ".".join(place)
-        given = f" (got {error['input']!r})" if name and not isinstance(error["input"], dict | SecretStr) else ""
+        shown = name and not isinstance(error["input"], dict | SecretStr) and not SENSITIVE.search(place[1])
+        given = f" (got {error['input']!r})" if shown else ""  # never echo a URL (it may hold a password) or a key
         lines.append(f"{where}: {message}{given}")
     return "; ".join(lines)

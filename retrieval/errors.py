@@ -94,6 +94,13 @@ class PayloadTooLargeError(RetrievalError):
     http_status = 413
 
 
+class DatabaseUnavailableError(RetrievalError):
+    """The database cannot be reached or opened (down, missing, refused the login); nothing was changed."""
+
+    code = "database_unavailable"
+    http_status = 503
+
+
 class BusyError(RetrievalError):
     """The server is already doing as much of this as it allows at once; retry shortly."""
 

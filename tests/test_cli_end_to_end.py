@@ -18,6 +18,8 @@ from dicom_factory import write_dicom
 from PIL import Image
 from sqlalchemy import create_engine, text
 
+from retrieval.config import DEFAULT_ID_SECRET
+
 
 def index_count(env: dict[str, str]) -> int:
     sidecars = list((Path(env["RETRIEVAL_DATA_DIR"]) / "index").glob("*.json"))
@@ -180,3 +182,19 @@ def test_errors_are_clear(cli_env: dict[str, str], tmp_path: Path) -> None:
     assert bad_manifest.returncode == 2 and "needs a `path` column" in bad_manifest.stderr
     as_json = run_cli(cli_env, "search", str(tmp_path / "nope.png"), "--json", check=False)
     assert as_json.returncode == 2 and json.loads(as_json.stdout)["error"]["code"] == "image_decode_error"
+
+    # issue 16.7: database problems are one line and exit 2 (doctor: exit 1 and the problem named)
+    shared = dict(cli_env, RETRIEVAL_ID_SECRET="a-secret-of-our-own")
+    down = dict(shared, RETRIEVAL_DATABASE_URL="postgresql://root:hunter2@127.0.0.1:9/archive")
+    for args in (["search", "--image-id", "1"], ["ingest", str(manifest)], ["db", "upgrade"], ["serve", "--port", "9"]):
+        refused = run_cli(down, *args, check=False)
+        assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "cannot open the database postgresql+psycopg://root:***@127.0.0.1:9" in errors[0]
+        assert "hunter2" not in refused.stderr
+    doctor = run_cli(down, "doctor", "--no-model", check=False)
+    assert doctor.returncode == 1 and "problem: database: cannot open the database" in doctor.stderr
+    garbage = run_cli(dict(shared, RETRIEVAL_DATABASE_URL="not a url"), "doctor", check=False)
+    assert garbage.returncode == 2 and "RETRIEVAL_DATABASE_URL (storage.database_url): not a database URL" in garbage.stderr
+    placeholder = run_cli(dict(cli_env, RETRIEVAL_ID_SECRET=DEFAULT_ID_SECRET), "doctor", "--no-model")
+    assert placeholder.returncode == 0 and "RETRIEVAL_ID_SECRET is the built-in placeholder" in placeholder.stderr

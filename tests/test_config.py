@@ -48,3 +48,12 @@ def test_a_typo_or_a_bad_value_is_named_as_the_user_wrote_it(tmp_path: Path) -> 
     env = {"RETRIEVAL_DATA_DIR": str(tmp_path), "RETRIEVAL_DICOMWEB_TIMEOUT": "-3"}
     refused = run_cli(env, "doctor", check=False)
     assert refused.returncode == 2 and "RETRIEVAL_DICOMWEB_TIMEOUT (dicomweb.timeout)" in refused.stderr
+
+
+def test_postgres_urls_mean_psycopg_and_other_databases_are_refused() -> None:
+    """Issue 16.7: `postgres://` (Heroku's spelling) and `postgresql://` are accepted as psycopg 3."""
+    for given in ("postgres://u@db.example/archive", "postgresql://u@db.example/archive"):
+        url = Settings(database_url=given, id_secret="ours").storage.database_url
+        assert url == "postgresql+psycopg://u@db.example/archive"
+    with pytest.raises(ValidationError, match="`mysql` databases are not supported"):
+        Settings(database_url="mysql://u@h/db")

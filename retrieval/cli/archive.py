@@ -11,6 +11,7 @@ import typer
 from retrieval.cli.common import (
     app,
     db_app,
+    err,
     model_settings,
     out,
     reported_errors,
@@ -108,14 +109,22 @@ def doctor(
     report = diagnose(model_settings(), load_model=not no_model)
     if as_json:
         out.print_json(json.dumps(report, default=str))
-        return
-    for section, value in report.items():
-        if isinstance(value, dict):
-            out.print(f"[bold]{section}[/]")
-            for key, item in value.items():
-                out.print(f"  {key}: {item}", highlight=False, markup=False)
-        else:
-            out.print(f"[bold]{section}[/]: {value}", highlight=False)
+    else:
+        for section, value in report.items():
+            if section in ("problems", "warnings"):
+                continue
+            if isinstance(value, dict):
+                out.print(f"[bold]{section}[/]")
+                for key, item in value.items():
+                    out.print(f"  {key}: {item}", highlight=False, markup=False)
+            else:
+                out.print(f"[bold]{section}[/]: {value}", highlight=False)
+        for warning in report["warnings"]:
+            err.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+        for problem in report["problems"]:
+            err.print(f"[bold red]problem:[/] {problem}", highlight=False)
+    if report["problems"]:  # something is broken: scripts and health checks can rely on the exit status
+        raise typer.Exit(code=1)
 
 
 @db_app.command("upgrade")

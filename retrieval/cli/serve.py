@@ -15,6 +15,7 @@ from retrieval.cli.common import (
     fail,
     model_settings,
     out,
+    reported_errors,
     service_for,
     settings,
     warn_if_random,
@@ -34,8 +35,10 @@ def serve(
     from api.main import create_app
 
     current = model_settings()
+    with reported_errors():  # an unreachable database is one line here, not a failed uvicorn start-up
+        service = service_for(current)
     out.print(f"serving on http://{host}:{port} (OpenAPI docs at /docs)", highlight=False)
-    uvicorn.run(create_app(current), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(current, service=service), host=host, port=port, log_level="info")
 
 
 @app.command()

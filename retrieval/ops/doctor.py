@@ -7,7 +7,7 @@ import platform
 from typing import Any
 
 from retrieval.config import DEFAULT_ID_SECRET, Settings
-from retrieval.errors import RetrievalError
+from retrieval.errors import RetrievalError, reason_of
 from retrieval.storage.index import Sidecar
 
 PACKAGES = ("medvae-retrieval", "torch", "medvae", "faiss-cpu", "faiss-gpu-cu12", "sqlalchemy", "alembic", "pydicom", "pillow", "fastapi")
@@ -61,11 +61,11 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
             "counts": store.counts(),
         }
     except Exception as exc:  # noqa: BLE001 - doctor reports, never crashes
-        report["database"] = {"error": f"{type(exc).__name__}: {exc}"}
-        return report
+        report["database"] = {"error": reason_of(exc)}
+        return _verdict(report, settings)
     if not load_model:
         store.close()
-        return report
+        return _verdict(report, settings)
     try:
         service = SpaceService(settings, store=store)
         encoder = service.encoder
@@ -91,4 +91,19 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
         report["weights"] = {"error": exc.message}
     finally:
         store.close()
+    return _verdict(report, settings)
+
+
+def _verdict(report: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Add ``problems`` (something is broken: ``retrieval doctor`` exits 1) and ``warnings`` (it works, but …)."""
+    problems = [f"{part}: {report[part]['error']}" for part in ("database", "weights") if "error" in report.get(part, {})]
+    index = report.get("index")
+    if index is not None and not index["consistent"]:
+        problems.append("index: the index files do not match the database (`retrieval reindex` rebuilds them)")
+    warnings = []
+    if settings.privacy.id_secret == DEFAULT_ID_SECRET:
+        warnings.append("RETRIEVAL_ID_SECRET is the built-in placeholder: patient hashes can be reversed; set your own")
+    if report.get("weights", {}).get("not_medvae_weights"):
+        warnings.append(f"weights are not MedVAE's trained ones ({settings.model.weights}): similarity is not meaningful")
+    report["problems"], report["warnings"] = problems, warnings
     return report

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from retrieval.config import Settings
 from retrieval.domain.metadata import ImageMetadata
 from retrieval.domain.spaces import SpaceIdentity
-from retrieval.storage.database import make_engine, upgrade_database
+from retrieval.storage.database import open_engine
 from retrieval.storage.orm import (
     ImageRecord,
     IngestError,
@@ -60,14 +59,8 @@ class Store:
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True) -> Store:
-        """Open the configured database, creating the data dir and applying migrations."""
-        url = settings.storage.resolved_database_url
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        store = cls(make_engine(url))
-        if migrate:
-            upgrade_database(store.engine)
-        return store
+        """Open the configured database (:func:`~retrieval.storage.database.open_engine`)."""
+        return cls(open_engine(settings.storage.resolved_database_url, migrate=migrate))
 
     def close(self) -> None:
         self.engine.dispose()
