@@ -71,6 +71,13 @@ class StorageSettings(SettingsGroup):
         return f"sqlite:///{(self.data_dir / 'retrieval.db').resolve()}"
 
     @property
+    def location(self) -> str:
+        """Where the archive is, for messages: the data dir, or the database URL with its password hidden."""
+        if self.database_url is None:
+            return f"the data dir {self.data_dir.resolve()}"
+        return f"the database {make_url(self.database_url).render_as_string(hide_password=True)}"
+
+    @property
     def spool_dir(self) -> Path:
         """Where files fetched from remote sources wait, per run, until they are decoded."""
         return self.data_dir / "spool"

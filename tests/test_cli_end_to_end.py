@@ -198,3 +198,29 @@ def test_errors_are_clear(cli_env: dict[str, str], tmp_path: Path) -> None:
     assert garbage.returncode == 2 and "RETRIEVAL_DATABASE_URL (storage.database_url): not a database URL" in garbage.stderr
     placeholder = run_cli(dict(cli_env, RETRIEVAL_ID_SECRET=DEFAULT_ID_SECRET), "doctor", "--no-model")
     assert placeholder.returncode == 0 and "RETRIEVAL_ID_SECRET is the built-in placeholder" in placeholder.stderr
+
+
+@pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # messages only
+def test_ingest_says_why_it_found_or_skipped_nothing(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """Issue 16.9: an empty folder, skips with their reasons, an empty archive naming the data dir in use."""
+    from pydicom.data import get_testdata_file
+
+    (tmp_path / "empty" / "notes").mkdir(parents=True)
+    (tmp_path / "empty" / "notes" / "readme.txt").write_text("no images here")
+    empty = run_cli(cli_env, "ingest", str(tmp_path / "empty"), "--no-progress")
+    assert f"no images found under {tmp_path / 'empty'}" in empty.stdout
+    searched = run_cli(cli_env, "search", str(make_archive(tmp_path / "q", studies=1, per_study=1)[0]), check=False)
+    assert f"the archive in the data dir {Path(cli_env['RETRIEVAL_DATA_DIR']).resolve()} is empty" in searched.stderr
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    for name in ("MR_small.dcm", "MR_small_RLE.dcm"):  # one SOP instance, two encodings
+        (mr / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
+    (mr / "copy.dcm").write_bytes((mr / "MR_small.dcm").read_bytes())
+    first = run_cli(cli_env, "ingest", str(mr), "--no-progress", "--json")
+    reasons = json.loads(first.stdout)["skip_reasons"]
+    assert json.loads(first.stdout)["ingested"] == 1 and reasons == {
+        "same bytes as another file of this run": 1,
+        "same SOPInstanceUID as another file (a copy of one DICOM instance)": 1,
+    }
+    again = run_cli(cli_env, "ingest", str(mr), "--no-progress")
+    assert "ingested 0, skipped 3, failed 0; skipped: 3 already stored in this space" in again.stdout

@@ -55,11 +55,15 @@ def ingest(
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err, disable=not show_progress,
             transient=False,
         ) as progress:
-            task = progress.add_task("ingest", total=None, rate="")
+            task = progress.add_task("scanning", total=None, rate="")
 
             def on_progress(report: Any) -> None:
+                if report.phase == "scanning":  # a large folder takes a while to list: show it growing
+                    progress.update(task, description=f"scanning: {report.total} files found", total=None, completed=0)
+                    return
                 done = report.ingested + report.skipped + report.failed
-                progress.update(task, total=report.total or None, completed=done, rate=f"{report.images_per_second_live():.2f} img/s")
+                progress.update(task, description="ingest", total=report.total or None, completed=done,
+                                rate=f"{report.images_per_second_live():.2f} img/s")
 
             pipeline = IngestPipeline(service, progress=on_progress)
             report = pipeline.run(source)

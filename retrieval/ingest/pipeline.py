@@ -39,7 +39,7 @@ from retrieval.ingest.prepare import (
     prepare,
     start_decode_worker,
 )
-from retrieval.ingest.report import Failure, IngestReport, ProgressCallback
+from retrieval.ingest.report import SAME_CONTENT, SAME_SOP_UID, STORED, Failure, IngestReport, ProgressCallback
 from retrieval.ingest.sources import scan
 from retrieval.ingest.volume_pipeline import ingest_volumes
 from retrieval.query.quality import score_latents
@@ -139,7 +139,7 @@ class IngestPipeline:
         of crash-safety logic that reads best in one place.
         """
         self.job_id = job_id
-        report = IngestReport(run_id=job_id or uuid.uuid4().hex[:12])
+        report = IngestReport(run_id=job_id or uuid.uuid4().hex[:12], source=printable_path(source))
         self.remote = None
         if self.service.is_volume_space:
             return self._run_volumes(source, report)
@@ -148,8 +148,8 @@ class IngestPipeline:
             source = self.remote.query.source_string()
             items = self.remote.list_items()
         else:
-            items = list(scan(source, roots=self.roots))
-        report.total = len(items)
+            items = self._scanned(source, report)
+        report.total, report.phase = len(items), "ingesting"
         report.dropped_columns = dropped_manifest_columns({c for item in items for c in item.row}, self.options.manifest_columns)
         if report.dropped_columns:
             logger.warning("manifest columns not stored: %s (name one in RETRIEVAL_MANIFEST_COLUMNS to keep it)",
@@ -177,7 +177,7 @@ class IngestPipeline:
                         report.failures.append(Failure(prepared.item.display, "decode", prepared.error))
                         continue
                     if not seen.first_decode(prepared.metadata.sop_uid):
-                        report.skipped += 1  # another file of this run already gave this SOP instance
+                        report.skip(SAME_SOP_UID)  # another file of this run already gave this SOP instance
                         continue
                     batch.append(prepared)
                     if len(batch) >= self.settings.model.batch_size:
@@ -203,6 +203,17 @@ class IngestPipeline:
             self._finish(report)
         logger.info("ingest %s: %s in %.1fs", report.run_id, report.summary(), report.seconds["wall"])
         return report
+
+    def _scanned(self, source: str | Path, report: IngestReport) -> list[SourceItem]:
+        """The source's items, reporting how many were found every second while a large folder is listed."""
+        items: list[SourceItem] = []
+        last = time.monotonic()
+        for item in scan(source, roots=self.roots):
+            items.append(item)
+            if time.monotonic() - last > 1.0:
+                report.total, last = len(items), time.monotonic()
+                self.notify(report)
+        return items
 
     def _run_volumes(self, source: str | Path, report: IngestReport) -> IngestReport:
         """3-D models: NIfTI files and DICOM series, one vector each (:mod:`retrieval.ingest.volume_pipeline`)."""
@@ -253,7 +264,7 @@ class IngestPipeline:
         for fp in good:
             keys = {fp.sha256} | ({fp.sop_uid} if fp.sop_uid else set())
             if keys & stored or fp.sha256 in seen.content or fp.sop_uid in seen.decoded_sop_uids:
-                report.skipped += 1
+                report.skip(STORED if keys & stored else SAME_CONTENT if fp.sha256 in seen.content else SAME_SOP_UID)
                 if fp.item.row and fp.sha256 in stored:  # a manifest for stored images: its metadata still applies
                     manifest_rows.append((fp.sha256, self._manifest_metadata(fp.item.row)))
                 continue
@@ -275,7 +286,7 @@ class IngestPipeline:
         kept = []
         for item in chunk:
             if item.sop_uid and (item.sop_uid in stored or item.sop_uid in seen.decoded_sop_uids):
-                report.skipped += 1
+                report.skip(STORED if item.sop_uid in stored else SAME_SOP_UID)
                 continue
             kept.append(item)
         return kept

@@ -22,12 +22,20 @@ class Failure:
         self.source = printable_path(self.source)
 
 
+STORED = "already stored in this space"
+SAME_CONTENT = "same bytes as another file of this run"
+SAME_SOP_UID = "same SOPInstanceUID as another file (a copy of one DICOM instance)"
+
+
 @dataclass
 class IngestReport:
     run_id: str
+    source: str = ""
+    phase: str = "scanning"  # then "ingesting"
     total: int = 0
     ingested: int = 0
     skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
     updated: int = 0  # skipped (stored) images whose metadata a manifest changed, without re-encoding
     failures: list[Failure] = field(default_factory=list)
     stopped: bool = False  # should_stop ended the run before every item was seen
@@ -36,6 +44,11 @@ class IngestReport:
         default_factory=lambda: {"decode_cpu": 0.0, "encode": 0.0, "write": 0.0, "wall": 0.0}
     )
     started: float = field(default_factory=time.perf_counter)
+
+    def skip(self, reason: str) -> None:
+        """Count one skipped item under ``reason`` (:data:`STORED`, :data:`SAME_CONTENT`, :data:`SAME_SOP_UID`)."""
+        self.skipped += 1
+        self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
 
     @property
     def failed(self) -> int:
@@ -55,6 +68,10 @@ class IngestReport:
         ingested = self.ingested if ingested is None else ingested
         skipped = self.skipped if skipped is None else skipped
         line = f"ingested {ingested}, skipped {skipped}, failed {self.failed}"
+        if self.total == 0 and not self.failures:
+            line += f"; no images found under {self.source or 'the source'}"
+        if self.skip_reasons:
+            line += "; skipped: " + ", ".join(f"{count} {reason}" for reason, count in self.skip_reasons.items())
         if self.updated:
             line += f", updated {self.updated} (manifest metadata on stored images)"
         if self.dropped_columns:
@@ -67,6 +84,7 @@ class IngestReport:
             "total": self.total,
             "ingested": self.ingested,
             "skipped": self.skipped,
+            "skip_reasons": self.skip_reasons,
             "updated": self.updated,
             "failed": self.failed,
             "stopped": self.stopped,

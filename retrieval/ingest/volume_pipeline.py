@@ -30,7 +30,7 @@ from retrieval.imaging.volumes import (
 )
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.ingest.prepare import study_of
-from retrieval.ingest.report import Failure, IngestReport
+from retrieval.ingest.report import SAME_CONTENT, STORED, Failure, IngestReport
 from retrieval.service import SpaceService
 from retrieval.storage.rows import NewImage
 
@@ -60,7 +60,7 @@ def ingest_volumes(pipeline: PipelineContext, source: str | Path, report: Ingest
         _ingest_remote_series(pipeline, str(source), report)
         return
     items = scan_volumes(source, roots=pipeline.roots)
-    report.total = len(items)
+    report.total, report.phase = len(items), "ingesting"
     logger.info("ingest %s: %d candidate volumes into space %s", source, len(items), pipeline.service.space.key[:12])
     for item in items:
         if pipeline.should_stop():
@@ -82,7 +82,7 @@ def _ingest_remote_series(pipeline: PipelineContext, source: str, report: Ingest
     service, settings = pipeline.service, pipeline.settings
     remote = DicomwebSource(DicomwebQuery.parse(source), settings)
     series = remote.list_series()
-    report.total = len(series)
+    report.total, report.phase = len(series), "ingesting"
     stored = service.store.series_in_space(service.space.id, [item.remote[1] for item, _ in series if item.remote])
     logger.info("ingest %s: %d series listed, %d already stored", remote.query.source_string(), len(series), len(stored))
     settings.storage.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def _ingest_remote_series(pipeline: PipelineContext, source: str, report: Ingest
             break
         assert item.remote is not None
         if item.remote[1] in stored:
-            report.skipped += 1
+            report.skip(STORED)
             continue
         with tempfile.TemporaryDirectory(prefix="series-", dir=settings.storage.spool_dir) as folder:
             try:
@@ -114,8 +114,11 @@ def _load_and_store(pipeline: PipelineContext, item: SourceItem, report: IngestR
     except OSError as exc:
         report.failures.append(Failure(item.display, "read", f"cannot read file ({exc.strerror or exc})"))
         return
-    if sha256 in pipeline.volumes_seen or store.already_in_space(space.id, [sha256], []):
-        report.skipped += 1
+    if sha256 in pipeline.volumes_seen:
+        report.skip(SAME_CONTENT)
+        return
+    if store.already_in_space(space.id, [sha256], []):
+        report.skip(STORED)
         return
     tick = time.perf_counter()
     try:

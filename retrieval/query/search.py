@@ -215,5 +215,6 @@ def empty_space_warnings(service: SpaceService) -> list[str]:
         if count and space.id != service.space.id:
             others.append(f"{space.key[:12]} (input_size={space.input_size}, pooling={space.pooling}, {count} images)")
     if not others:
-        return ["the archive is empty: ingest a folder or manifest first"]
+        return [f"the archive in {service.settings.storage.location} is empty: ingest a folder or manifest first, or point RETRIEVAL_DATA_DIR "
+                "(RETRIEVAL_DATABASE_URL) at the archive you ingested"]
     return ["this space holds no images; the archive has vectors in other spaces: " + "; ".join(others)]
