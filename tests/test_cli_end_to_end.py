@@ -224,3 +224,14 @@ def test_ingest_says_why_it_found_or_skipped_nothing(cli_env: dict[str, str], tm
     }
     again = run_cli(cli_env, "ingest", str(mr), "--no-progress")
     assert "ingested 0, skipped 3, failed 0; skipped: 3 already stored in this space" in again.stdout
+
+
+@pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # the weights come before any database work
+def test_offline_first_run_says_so_once(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """Issue 16.8: no hub and no cached weights: one sentence at once, not half a minute of retry warnings."""
+    env = dict(cli_env, RETRIEVAL_WEIGHTS="hub", HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hf"))
+    make_archive(tmp_path / "archive", studies=1, per_study=1)
+    refused = run_cli(env, "ingest", str(tmp_path / "archive"), "--no-progress", check=False)
+    assert refused.returncode == 2
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "the Hugging Face hub (127.0.0.1:9) cannot be reached" in lines[0], refused.stderr

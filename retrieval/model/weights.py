@@ -23,6 +23,7 @@ from pathlib import Path
 from retrieval.config import Settings
 from retrieval.domain.architectures import Architecture
 from retrieval.errors import WeightsError
+from retrieval.model.hub import hub_address, hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -116,16 +117,22 @@ def _download_from_hub(settings: Settings, architecture: Architecture) -> Weight
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise WeightsError("huggingface_hub is not installed") from exc
+    repo, revision = settings.model.hub_repo, settings.model.hub_revision
+    online = hub_reachable()  # seconds, where huggingface_hub would retry for half a minute
     try:
-        config = Path(
-            hf_hub_download(repo_id=settings.model.hub_repo, filename=architecture.hub_config, revision=settings.model.hub_revision)
-        )
-        checkpoint = Path(
-            hf_hub_download(
-                repo_id=settings.model.hub_repo, filename=architecture.hub_checkpoint, revision=settings.model.hub_revision
-            )
+        config, checkpoint = (
+            Path(hf_hub_download(repo_id=repo, filename=name, revision=revision, local_files_only=not online))
+            for name in (architecture.hub_config, architecture.hub_checkpoint)
         )
     except Exception as exc:  # network, auth, missing revision: all end the same way for the user
+        if not online:
+            host, port = hub_address()
+            raise WeightsError(
+                f"the Hugging Face hub ({host}:{port}) cannot be reached from this machine and the {architecture.name} "
+                f"weights ({repo}@{revision}) are not in the local cache. Set RETRIEVAL_WEIGHTS to a local checkpoint "
+                "path, or to `random` for a pipeline test (not clinically meaningful).",
+                detail={"field": "weights", "repo": repo, "revision": revision, "hub": host},
+            ) from None
         raise WeightsError(
             f"could not download {architecture.name} weights from the Hugging Face hub "
             f"({settings.model.hub_repo}@{settings.model.hub_revision}): {type(exc).__name__}: {exc}. "
