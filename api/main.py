@@ -73,4 +73,5 @@ def create_app(settings: Settings | None = None, *, service: SpaceService | None
         app.include_router(module.router)
     app.include_router(web.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
+    app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="docs-assets")
     return app

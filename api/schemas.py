@@ -13,6 +13,25 @@ from retrieval.errors import InvalidRequestError
 from retrieval.query.results import ImageResult, StudyResult, StudySummary
 
 
+def inline_json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its nested models written in place, for a route's ``openapi_extra``.
+
+    pydantic puts nested models under ``$defs``; a schema pasted into the OpenAPI document would
+    then point at components that do not exist there (ReDoc refuses such a document).
+    """
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[1]])
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(item) for item in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
 class RequestModel(BaseModel):
     """A request body (or a part of one): an unknown field is a 422 naming it and the valid ones.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import shutil
@@ -241,3 +242,33 @@ def test_pick_the_3d_space_and_search_by_a_volume(site: tuple[str, Path], browse
     _wait_for_results(page)
     expect(page.locator("#results > li").first.locator("h3")).to_contain_text("subject1.nii.gz")
     page.screenshot(path=str(SCREENSHOTS / "volume-space.png"), full_page=True)
+
+
+def test_api_docs_render_with_the_network_blocked(site: tuple[str, Path], browser: Browser) -> None:
+    """Issue 16.6: /docs and /redoc load every asset from this server (a hospital network has no CDN)."""
+    base, _ = site
+    document = httpx.get(f"{base}/openapi.json").json()  # every reference resolves (ReDoc refuses a dangling one)
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(document)))
+    assert refs and refs <= set(document["components"]["schemas"])
+    for path in ("/docs", "/redoc"):
+        html = httpx.get(f"{base}{path}").text
+        assert not re.search(r"(src|href)=\"https?://", html), html  # no external host in the page
+    page = _page(browser)
+    outside: list[str] = []
+
+    def only_this_server(route) -> None:  # type: ignore[no-untyped-def]
+        if route.request.url.startswith(base):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.context.route("**/*", only_this_server)
+    page.goto(f"{base}/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("medvae-retrieval")
+    expect(page.locator(".opblock-summary-path").first).to_be_visible()
+    page.goto(f"{base}/redoc")
+    expect(page.locator("h1")).to_contain_text("medvae-retrieval")
+    assert outside == []
+    assert httpx.get(f"{base}/favicon.ico").status_code == 200
+    page.context.close()

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import ServiceDep, require_api_key
 from api.errors import error_responses
 from api.queries import parse_query_request, query_image_bytes
-from api.schemas import MAX_ROW_ID, SimilarityParams, SimilarityResponse
+from api.schemas import MAX_ROW_ID, SimilarityParams, SimilarityResponse, inline_json_schema
 from retrieval.query.previews import PREVIEW_NOTE, to_png
 from retrieval.query.similarity import query_latent, similarity_map
 from retrieval.service import SpaceService
@@ -29,7 +29,7 @@ _REQUEST_BODY: dict[str, Any] = {
         "required": True,
         "content": {
             "application/json": {
-                "schema": SimilarityParams.model_json_schema(ref_template="#/components/schemas/{model}")
+                "schema": inline_json_schema(SimilarityParams)
             },
             "multipart/form-data": {
                 "schema": {

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import SpacesDep, require_api_key
 from api.errors import error_responses
 from api.queries import parse_query_request, query_image_bytes
-from api.schemas import SearchParams, SearchResponse
+from api.schemas import SearchParams, SearchResponse, inline_json_schema
 from retrieval.query.previews import preview_png
 from retrieval.query.search import Query, SearchOptions
 from retrieval.query.search import search as run_query
@@ -23,7 +23,7 @@ _REQUEST_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": SearchParams.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "application/json": {"schema": inline_json_schema(SearchParams)},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
