@@ -1,4 +1,4 @@
-"""Dependency vocabulary of the routes: the services, the settings, metrics, the preview cache, the API-key check.
+"""Dependency vocabulary of the routes: the services, the settings, metrics, the API-key check.
 
 Routes take these typed dependencies and never read ``app.state`` themselves; this module is the
 one place that knows where the application keeps them.
@@ -41,11 +41,6 @@ def get_metrics(request: Request) -> Any:
     return request.app.state.metrics
 
 
-def get_preview_cache(request: Request) -> dict[tuple[str, int], bytes]:
-    """PNG previews already decoded by this process, keyed by (encoder key, image id)."""
-    return request.app.state.preview_cache
-
-
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
@@ -67,4 +62,3 @@ RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SpacesDep = Annotated[SpaceServices, Depends(get_spaces)]
 MetricsDep = Annotated[Any, Depends(get_metrics)]
-PreviewCacheDep = Annotated[dict[tuple[str, int], bytes], Depends(get_preview_cache)]

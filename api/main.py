@@ -44,7 +44,6 @@ def create_app(settings: Settings | None = None, *, service: SpaceService | None
         app.state.service = service or SpaceService(settings)
         app.state.spaces = SpaceServices(app.state.service)
         app.state.metrics.attach(app.state.service)
-        app.state.preview_cache = {}
         warm_up = threading.Thread(target=_warm_up, args=(app.state.service,), daemon=True, name="warm-up")
         warm_up.start()
         yield

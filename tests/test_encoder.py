@@ -153,6 +153,11 @@ def test_openvino_runtime_equals_torch_and_caches_its_conversion(encoder: MedVAE
     assert len(cached) == 2 and cached[0].endswith(".bin") and cached[1].endswith(".xml")
     again = MedVAEEncoder(settings)  # reads the converted model instead of converting again
     assert torch.equal(again.encode(pixels), z)
+    decoded, reference = openvino.decode(z), encoder.decode(z)  # previews: the decoder runs in OpenVINO too
+    assert decoded.shape == reference.shape == (3, 64, 64)
+    assert float(np.abs(decoded - reference).max()) < 1e-3, float(np.abs(decoded - reference).max())
+    assert [p.name.split("-")[0] for p in sorted((settings.storage.data_dir / "openvino").glob("*.xml"))] == [
+        "decoder", "encoder"]
 
     bf16 = MedVAEEncoder(tiny_settings(tmp_path / "data", runtime="openvino", precision="bf16"))
     assert bf16.precision_label == "openvino-bf16"

@@ -273,3 +273,29 @@ def test_api_docs_render_with_the_network_blocked(site: tuple[str, Path], browse
     assert set(outside) <= {"https://cdn.redoc.ly/redoc/logo-mini.svg"}, outside
     assert httpx.get(f"{base}/favicon.ico").status_code == 200
     page.context.close()
+
+
+def test_previews_show_a_placeholder_until_they_arrive(site: tuple[str, Path], browser: Browser) -> None:
+    """Issue 16.4: the result boxes say a preview is being decoded, then fill in."""
+    base, _ = site
+    page = _page(browser)
+    held: list = []
+    holding = [True]
+
+    def hold(route) -> None:  # type: ignore[no-untyped-def]  # the server is "still decoding"
+        if holding[0]:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/preview.png*", hold)
+    page.goto(f"{base}/?image_id=2&k=3")
+    _wait_for_results(page)
+    expect(page.locator("#results img.pending").first).to_be_visible()
+    assert page.locator("#results img.pending").count() == page.locator("#results img").count() > 0
+    holding[0] = False
+    for route in held:
+        route.continue_()
+    _wait_for_previews(page)
+    expect(page.locator("#results img.pending")).to_have_count(0)
+    page.context.close()

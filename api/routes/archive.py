@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import PreviewCacheDep, RowId, ServiceDep, SpacesDep, require_api_key
+from api.deps import RowId, ServiceDep, SpacesDep, require_api_key
 from api.errors import error_responses
 from api.schemas import SPACE_KEY_PATTERN, ImageDetail, SpaceInfo, StudyDetail
 from retrieval.errors import NotFoundError
@@ -19,7 +19,6 @@ from retrieval.service import space_json
 
 router = APIRouter(prefix="/v1", tags=["archive"], dependencies=[Depends(require_api_key)])
 
-PREVIEW_CACHE_SIZE = 256
 SpaceParam = Annotated[
     str | None,
     Query(pattern=SPACE_KEY_PATTERN, description="Space key or its first 8+ characters (default: the server's)."),
@@ -60,18 +59,12 @@ def get_image(image_id: RowId, service: ServiceDep) -> dict[str, Any]:
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}, **error_responses(401, 404, 409)},
 )
-async def get_preview(image_id: RowId, spaces: SpacesDep, cache: PreviewCacheDep, space: SpaceParam = None) -> Response:
-    """The MedVAE reconstruction decoded from the stored latent (cached; not the original pixels).
-
-    For a volume (3-D space, ``?space=KEY``): its middle sagittal, coronal and axial slices side by side."""
+async def get_preview(image_id: RowId, spaces: SpacesDep, space: SpaceParam = None) -> Response:
+    """The MedVAE reconstruction decoded from the stored latent (decoded once, then kept on disk; not the original
+    pixels). For a volume (3-D space, ``?space=KEY``): its middle sagittal, coronal and axial slices side by side."""
     service = await run_in_threadpool(spaces.get, space)
+    png = await run_in_threadpool(preview_png, service, image_id)
     key = (service.space.encoder_key, image_id)
-    png = cache.get(key)
-    if png is None:
-        png = await run_in_threadpool(preview_png, service, image_id)
-        if len(cache) >= PREVIEW_CACHE_SIZE:
-            cache.pop(next(iter(cache)))
-        cache[key] = png
     headers = {
         "Cache-Control": "public, max-age=86400, immutable",
         "ETag": f'"{key[0][:16]}-{image_id}"',

@@ -6,14 +6,14 @@ import base64
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SpacesDep, require_api_key
 from api.errors import error_responses
 from api.queries import parse_query_request, query_image_bytes
 from api.schemas import SearchParams, SearchResponse, inline_json_schema
-from retrieval.query.previews import preview_png
+from retrieval.query.previews import previews_for
 from retrieval.query.search import Query, SearchOptions
 from retrieval.query.search import search as run_query
 
@@ -52,7 +52,7 @@ _REQUEST_BODY: dict[str, Any] = {
     responses=error_responses(400, 401, 404, 409, 413, 422, 503),
     summary="Find the studies most similar to a query image",
 )
-async def search(request: Request, spaces: SpacesDep) -> dict[str, Any]:
+async def search(request: Request, spaces: SpacesDep, background_tasks: BackgroundTasks) -> dict[str, Any]:
     """``space`` picks the embedding space (GET /v1/spaces); a 3-D space takes a NIfTI upload or a series id."""
     started = time.perf_counter()
     params, upload, upload_name = await parse_query_request(request, SearchParams)
@@ -69,12 +69,17 @@ async def search(request: Request, spaces: SpacesDep) -> dict[str, Any]:
     payload = await run_in_threadpool(run_query, service, query, options)
     base = str(request.base_url).rstrip("/")
     in_space = "" if service is spaces.default else f"?space={service.space.key}"
-    for result in payload["results"]:
-        for image in result["images"]:
-            if params.previews != "none":
-                image["preview_url"] = f"{base}/v1/images/{image['image_id']}/preview.png{in_space}"
-            if params.previews == "inline":
-                png = await run_in_threadpool(preview_png, service, image["image_id"])
-                image["preview_png_base64"] = base64.b64encode(png).decode()
+    images = [image for result in payload["results"] for image in result["images"]]
+    previews = previews_for(service)
+    if params.previews == "inline":  # the whole page in decoder batches, each preview decoded once per space
+        await run_in_threadpool(previews.warm, [image["image_id"] for image in images])
+    elif params.previews == "url":  # decoded in batches right after the answer; the page's requests wait on them
+        background_tasks.add_task(run_in_threadpool, previews.warm, [image["image_id"] for image in images])
+    for image in images:
+        if params.previews != "none":
+            image["preview_url"] = f"{base}/v1/images/{image['image_id']}/preview.png{in_space}"
+        if params.previews == "inline":
+            png = await run_in_threadpool(previews.png, image["image_id"])
+            image["preview_png_base64"] = base64.b64encode(png).decode()
     payload["took_ms"] = round((time.perf_counter() - started) * 1e3, 2)
     return payload

@@ -48,12 +48,20 @@ async function api(path, options = {}) {
 }
 
 async function loadImage(img, url) {
-  // previews come through fetch so that an API key can go with them
+  // previews come through fetch so that an API key can go with them; until one arrives the box
+  // shows a "decoding" placeholder (the server decodes a page's previews in one batch)
+  img.classList.add("pending");
+  img.title = "decoding the preview from the stored latent…";
   try {
     const blob = await (await api(url)).blob();
     img.src = URL.createObjectURL(blob);
+    img.title = "";
   } catch (err) {
     img.alt = `preview unavailable: ${err.message}`;
+    img.title = img.alt;
+    img.classList.add("failed");
+  } finally {
+    img.classList.remove("pending");
   }
 }
 

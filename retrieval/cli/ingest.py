@@ -39,6 +39,7 @@ def ingest(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
     quality: Annotated[Optional[bool], typer.Option("--quality/--no-quality", help="Score reconstructions (PSNR/SSIM; ~3.3x encode cost) [RETRIEVAL_INGEST_QUALITY].")] = None,
+    previews: Annotated[bool, typer.Option("--previews", help="Also decode every preview now (a decoder pass; cheap on a GPU), so the page shows them at once.")] = False,
 ) -> None:
     """Encode and store every new image of SOURCE; already stored images are skipped."""
     from retrieval.ingest.pipeline import IngestPipeline
@@ -65,7 +66,7 @@ def ingest(
                 progress.update(task, description="ingest", total=report.total or None, completed=done,
                                 rate=f"{report.images_per_second_live():.2f} img/s")
 
-            pipeline = IngestPipeline(service, progress=on_progress)
+            pipeline = IngestPipeline(service, progress=on_progress, previews=previews)
             report = pipeline.run(source)
         service.close()
     except RetrievalError as exc:

@@ -42,6 +42,7 @@ from retrieval.ingest.prepare import (
 from retrieval.ingest.report import SAME_CONTENT, SAME_SOP_UID, STORED, Failure, IngestReport, ProgressCallback
 from retrieval.ingest.sources import scan
 from retrieval.ingest.volume_pipeline import ingest_volumes
+from retrieval.query.previews import previews_for
 from retrieval.query.quality import score_latents
 from retrieval.service import SpaceService
 from retrieval.storage.rows import NewImage
@@ -109,8 +110,10 @@ class IngestPipeline:
         index_save_seconds: float = 30.0,
         should_stop: Callable[[], bool] | None = None,
         roots: list[Path] | None = None,
+        previews: bool = False,
     ) -> None:
         self.service = service
+        self.previews = previews  # decode each batch's previews into the space's preview store as it is stored
         self.roots = roots  # API jobs: every local file read must resolve under one of these
         self.settings = service.settings
         self.progress = progress
@@ -356,9 +359,22 @@ class IngestPipeline:
             return
         # add what the database committed (ours and any concurrent writer's), never only ours
         self.service.index.catch_up(self.service.store)
+        if self.previews:
+            self._store_previews(batch, z)
         report.seconds["write"] += time.perf_counter() - tick
         report.ingested += len(batch)
         self.notify(report)
+
+    def _store_previews(self, batch: list[Prepared], z: Any) -> None:
+        """``--previews``: decode the batch's latents at once and keep them as the space's previews."""
+        try:
+            pixels = self.service.encoder.decode(z)
+            ids = {image.sha256: image.id for image in self.service.store.images_by_sha256([p.sha256 for p in batch])}
+            store = previews_for(self.service)
+            for prepared, decoded in zip(batch, pixels, strict=True):
+                store.write(ids[prepared.sha256], decoded)
+        except Exception:  # noqa: BLE001 - previews are a convenience: the images are stored; they decode on demand
+            logger.exception("could not store the previews of a batch of %d", len(batch))
 
     def notify(self, report: IngestReport) -> None:
         if self.progress is not None:

@@ -42,7 +42,7 @@ from retrieval.domain.architectures import (
     get_architecture,
 )
 from retrieval.errors import ConfigurationError, WeightsError
-from retrieval.model.openvino_runtime import OpenVinoPosteriorMode, openvino_available
+from retrieval.model.openvino_runtime import Decode, OpenVinoModule, PosteriorMode, openvino_available
 from retrieval.model.weights import WeightsSource, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ class MedVAEEncoder:
         self.compiled = settings.model.compile == "on" or (settings.model.compile == "auto" and self.device.type == "cuda")
         self.model = self._build(fold=fold, fused_attention=fused_attention)
         self.openvino = self._openvino(settings.model.runtime)
+        self._decoder_ov: OpenVinoModule | None = None
         if self.compiled:
             self.encode(np.zeros((settings.model.batch_size, *([settings.model.input_edge] * self.dims)), np.float32))
         logger.info(
@@ -227,7 +228,7 @@ class MedVAEEncoder:
             return torch.bfloat16
         return None
 
-    def _openvino(self, choice: str) -> OpenVinoPosteriorMode | None:
+    def _openvino(self, choice: str) -> OpenVinoModule | None:
         """The OpenVINO encoder for CPU encoding (``runtime``: auto = when installed, 2-D, CPU)."""
         usable = self.device.type == "cpu" and self.dims == 2 and not self.compiled
         if choice == "torch" or (choice == "auto" and not (usable and openvino_available())):
@@ -239,11 +240,21 @@ class MedVAEEncoder:
             )
         if not openvino_available():
             raise ConfigurationError("runtime=openvino needs the `openvino` package", detail={"field": "runtime"})
-        return OpenVinoPosteriorMode(
-            self.model, in_channels=self.architecture.in_channels, input_size=self.settings.model.input_size,
-            identity=f"{self.architecture.name}:{self.weights.identity}", bf16=self.autocast_dtype is not None,
-            threads=torch.get_num_threads(), cache_dir=self.settings.storage.data_dir / "openvino",
+        size = self.settings.model.input_size
+        return self._openvino_module(PosteriorMode(self.model), "encoder", (self.architecture.in_channels, size, size))
+
+    def _openvino_module(self, module: nn.Module, name: str, item_shape: tuple[int, ...]) -> OpenVinoModule:
+        return OpenVinoModule(
+            module, name=name, item_shape=item_shape, identity=f"{self.architecture.name}:{self.weights.identity}",
+            bf16=self.autocast_dtype is not None, threads=torch.get_num_threads(),
+            cache_dir=self.settings.storage.data_dir / "openvino",
         )
+
+    def _openvino_decoder(self, latent_shape: tuple[int, ...]) -> OpenVinoModule:
+        """The decoder in OpenVINO, converted on the first decode (previews) when the encoder runs there too."""
+        if self._decoder_ov is None:
+            self._decoder_ov = self._openvino_module(Decode(self.model), "decoder", latent_shape)
+        return self._decoder_ov
 
     def _build(self, *, fold: bool, fused_attention: bool) -> nn.Module:
         ddconfig, embed_dim = self.architecture.ddconfig, self.architecture.embed_dim
@@ -373,6 +384,10 @@ class MedVAEEncoder:
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """Reconstruct ``(B, S, S[, S])`` pixels in [0, 1] from z (channel mean of the output)."""
         z = torch.as_tensor(z, dtype=torch.float32).to(self.device)
+        if self.openvino is not None:  # 2-D on the CPU: the decoder runs where the encoder does
+            with self._lock:
+                out = self._openvino_decoder(tuple(z.shape[1:]))(z.contiguous())
+            return out.float().mean(dim=1).add(1.0).div(2.0).clamp(0.0, 1.0).numpy()
         with self._lock, self._autocast():
             if self._needs_sliding_window(tuple(d * self.downsample for d in z.shape[2:])):
                 out = self._sliding_window(z, self.model.decode, roi=self.settings.model.volume_roi // self.downsample)

@@ -1,15 +1,16 @@
-"""The 2-D encoder's posterior mode run by OpenVINO on the CPU (the same weights as the torch module).
+"""The 2-D encoder's posterior mode, and its decoder, run by OpenVINO on the CPU (the same weights as the torch module).
 
 Measured on a 2-core AMD EPYC with AVX512-BF16 (``bench/runtimes.py``, docs/benchmarks.md):
 1.3x PyTorch's bf16 autocast in bf16, 1.4x PyTorch fp32 in f32; outputs equal PyTorch fp32
 within 1e-5 relative (f32) and within bf16 tolerance (bf16, 2.5e-2 as autocast's 2.2e-2). So ``RETRIEVAL_RUNTIME=auto`` uses it
 for CPU encoding when the package is installed.
 
-Contract: :class:`OpenVinoPosteriorMode` takes the model input ``(B, C, S, S)`` (any B) and
-returns the posterior mean ``(B, embed_dim, S/f, S/f)`` float32, deterministically. Converting the
-torch module costs about 10 s at 384, so the converted model is kept as OpenVINO IR under
-``cache_dir``, named by a digest of everything that determines it (weights identity, input size,
-architecture, OpenVINO version); later loads read it in milliseconds.
+Contract: :class:`OpenVinoModule` runs one torch module with a fixed per-item shape and any
+batch size, deterministically, float32 out: :class:`PosteriorMode` (model input ``(B, C, S, S)``
+-> posterior mean ``(B, embed_dim, S/f, S/f)``) for encoding, :class:`Decode` (z -> the decoder's
+output) for previews. Converting a module costs about 10 s at 384, so the converted model is kept
+as OpenVINO IR under ``cache_dir``, named by a digest of everything that determines it (module,
+weights identity, shape, OpenVINO version); later loads read it in milliseconds.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ class PosteriorMode(nn.Module):
         return torch.chunk(self.quant_conv(self.encoder(x)), 2, dim=1)[0]
 
 
+class Decode(nn.Module):
+    """``post_quant_conv -> decoder``: what the model's ``decode`` returns for a latent z."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.model.decode(z)
+
+
 def openvino_available() -> bool:
     try:
         import openvino  # noqa: F401
@@ -50,24 +62,24 @@ def openvino_available() -> bool:
     return True
 
 
-class OpenVinoPosteriorMode:
-    """A compiled OpenVINO model of :class:`PosteriorMode` with a dynamic batch dimension."""
+class OpenVinoModule:
+    """A compiled OpenVINO model of a torch module (``name`` names it: ``encoder``, ``decoder``), dynamic batch."""
 
-    def __init__(self, model: nn.Module, *, in_channels: int, input_size: int, identity: str, bf16: bool,
+    def __init__(self, module: nn.Module, *, name: str, item_shape: tuple[int, ...], identity: str, bf16: bool,
                  threads: int, cache_dir: Path) -> None:
         import openvino as ov
 
         self.precision = "bf16" if bf16 else "f32"
         core = ov.Core()
         digest = hashlib.sha256(json.dumps({
-            "identity": identity, "input_size": input_size, "in_channels": in_channels,
+            "identity": identity, "shape": list(item_shape), "module": name,
             "openvino": ov.__version__, "format": IR_FORMAT_VERSION,
         }, sort_keys=True).encode()).hexdigest()[:24]
-        ir_path = cache_dir / f"encoder-{digest}.xml"
+        ir_path = cache_dir / f"{name}-{digest}.xml"
         if ir_path.exists() and ir_path.with_suffix(".bin").exists():
             ov_model = core.read_model(str(ir_path))
         else:
-            ov_model = self._convert(model, in_channels, input_size)
+            ov_model = self._convert(module, name, item_shape)
             self._save(ov_model, ir_path)
         self.compiled = core.compile_model(ov_model, "CPU", {
             "INFERENCE_PRECISION_HINT": self.precision,
@@ -77,17 +89,17 @@ class OpenVinoPosteriorMode:
         self.request = self.compiled.create_infer_request()
 
     @staticmethod
-    def _convert(model: nn.Module, in_channels: int, input_size: int):  # noqa: ANN205 - an ov.Model
+    def _convert(module: nn.Module, name: str, item_shape: tuple[int, ...]):  # noqa: ANN205 - an ov.Model
         import openvino as ov
 
-        logger.info("converting the encoder to OpenVINO (once per weights and input size; about 10 s at 384)")
-        example = torch.zeros(1, in_channels, input_size, input_size)
+        logger.info("converting the %s to OpenVINO (once per weights and input size; about 10 s at 384)", name)
+        example = torch.zeros(1, *item_shape)
         with torch.no_grad(), warnings.catch_warnings():
             # tracing notes that shapes become constants: intended (fixed input size; batch made dynamic below)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
-            ov_model = ov.convert_model(PosteriorMode(model).eval(), example_input=example)
-        ov_model.reshape([-1, in_channels, input_size, input_size])
+            ov_model = ov.convert_model(module.eval(), example_input=example)
+        ov_model.reshape([-1, *item_shape])
         return ov_model
 
     @staticmethod
@@ -103,8 +115,8 @@ class OpenVinoPosteriorMode:
             os.replace(tmp_xml, ir_path)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior mean of a float32 NCHW batch on the CPU, one image per inference: with one
-        latency stream over all threads that is the fastest per image (batch 4: 12 % slower)."""
+        """The module's output for a float32 batch on the CPU, one item per inference: with one
+        latency stream over all threads that is the fastest per item (batch 4: 12 % slower)."""
         batch = np.ascontiguousarray(x.numpy(), dtype=np.float32)
         outputs = [np.array(self.request.infer({0: batch[i : i + 1]})[0], dtype=np.float32, copy=True)
                    for i in range(len(batch))]
