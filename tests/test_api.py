@@ -219,6 +219,18 @@ def test_api_image_json_is_the_one_result_shape(client: TestClient) -> None:
     assert {"series_uid", "sop_uid", "patient_sex", "patient_age"} <= set(image)
 
 
+def test_empty_results_name_the_filter_and_exclusion_falls_back_to_the_study(client: TestClient) -> None:
+    """Issue 16.5: say which filter removed everything; "exclude same patient" without a patient id
+    excludes the query's own study instead, and says so."""
+    empty = client.post("/v1/search", json={"image_id": 1, "filters": {"modality": ["MR"], "labels": ["x"]}}).json()
+    assert empty["results"] == []
+    assert any("modality=MR keeps 0" in w and "labels=x keeps 0" in w for w in empty["warnings"]), empty["warnings"]
+    own_study = client.get("/v1/images/1").json()["study"]["study_id"]
+    excluded = client.post("/v1/search", json={"image_id": 1, "exclude_same_patient": True, "k": 10}).json()
+    assert excluded["results"] and own_study not in [r["study"]["study_id"] for r in excluded["results"]]
+    assert any("its own study is excluded" in w for w in excluded["warnings"])
+
+
 def test_study_image_preview_latent_spaces(client: TestClient) -> None:
     image = client.get("/v1/images/1").json()
     assert image["image_id"] == 1 and image["weights"] == "fake-encoder"

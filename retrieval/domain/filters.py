@@ -39,6 +39,7 @@ class Filters:
     sop_uid: set[str] | None = None
     min_score: float | None = None
     exclude_patient_hash: str | None = None
+    exclude_study_id: int | None = None  # the query's own study, when its patient is unknown
     #: reconstruction quality bounds (images without a stored score never pass a bound)
     quality: dict[str, float] = field(default_factory=dict)  # min_psnr, max_psnr, min_ssim, max_ssim
 
@@ -78,6 +79,23 @@ class Filters:
                 f"unknown filter {key!r}; use one of {', '.join(FILTER_KEYS + QUALITY_KEYS)}, min_score", detail={"field": "filter"}
             )
 
+    def conditions(self) -> list[tuple[str, Filters]]:
+        """Each condition that is set, alone, with a ``key=value`` name: to tell which one removed every result."""
+        found: list[tuple[str, Filters]] = []
+        for name in ("modality", "body_part", "view", "laterality", "patient_sex", "labels", *UID_KEYS):
+            values = getattr(self, name)
+            if values:
+                found.append((f"{name}={','.join(sorted(values))}", Filters(**{name: values})))
+        for name in ("date_from", "date_to", "age_from", "age_to", "min_score"):
+            if getattr(self, name) is not None:
+                found.append((f"{name}={getattr(self, name)}", Filters(**{name: getattr(self, name)})))
+        found += [(f"{key}={bound}", Filters(quality={key: bound})) for key, bound in self.quality.items()]
+        if self.exclude_patient_hash:
+            found.append(("exclude_same_patient", Filters(exclude_patient_hash=self.exclude_patient_hash)))
+        if self.exclude_study_id is not None:
+            found.append(("exclude_same_patient (same study)", Filters(exclude_study_id=self.exclude_study_id)))
+        return found
+
     def accepts(self, image: Any, score: float) -> bool:
         """True when a stored image (an ORM ``ImageRecord``) with this score meets every condition."""
         if self.min_score is not None and score < self.min_score:
@@ -106,6 +124,8 @@ class Filters:
         if self.date_to and (date is None or date > self.date_to):
             return False
         if self.exclude_patient_hash and image.patient_hash == self.exclude_patient_hash:
+            return False
+        if self.exclude_study_id is not None and image.study_id == self.exclude_study_id:
             return False
         for key, bound in self.quality.items():
             value = image.recon_psnr if key.endswith("psnr") else image.recon_ssim

@@ -67,16 +67,13 @@ class SearchOptions:
 def search(service: SpaceService, query: Query, options: SearchOptions) -> dict[str, Any]:
     """Search the service's space; returns the ``--json`` / API payload (without ``took_ms``)."""
     vector, patient_hash = _query_vector(service, query)
-    filters = options.filters
+    filters, warnings = options.filters, []
     if options.exclude_same_patient:
-        if not patient_hash:
-            raise InvalidRequestError(
-                "exclude_same_patient needs a query whose patient is known (a stored image or a DICOM with PatientID)",
-                detail={"field": "exclude_same_patient"},
-            )
-        filters.exclude_patient_hash = patient_hash
+        warnings += _exclude_same_patient(service, query, patient_hash, filters)
     groups = search_vector(service, vector, k=options.k, filters=filters, group_by=options.group_by)
     groups = sort_groups(groups, options.sort)
+    if not groups:
+        warnings += _what_removed_everything(service, vector, filters)
     hits = [hit for group in groups for hit in group.images]
     return {
         "model": service.model_info(),
@@ -88,8 +85,37 @@ def search(service: SpaceService, query: Query, options: SearchOptions) -> dict[
         "neighbour_labels": neighbour_label_scores(
             [frozenset(hit.image.labels or []) for hit in hits], [hit.score for hit in hits]
         ),
-        "warnings": empty_space_warnings(service),
+        "warnings": warnings + empty_space_warnings(service),
     }
+
+
+def _exclude_same_patient(service: SpaceService, query: Query, patient_hash: str | None, filters: Filters) -> list[str]:
+    """Exclude the query's patient; without a patient id, a stored query's own study instead (said in a warning)."""
+    if patient_hash:
+        filters.exclude_patient_hash = patient_hash
+        return []
+    if query.image_id is not None:
+        filters.exclude_study_id = service.store.images_by_id([query.image_id])[query.image_id].study_id
+        return ["the query image has no patient id: its own study is excluded instead of its patient's studies"]
+    return ["the query has no patient id (not a DICOM with PatientID): no patient could be excluded"]
+
+
+DIAGNOSIS_NEIGHBOURS = 500
+
+
+def _what_removed_everything(service: SpaceService, vector: np.ndarray, filters: Filters) -> list[str]:
+    """When filters leave nothing, say how many of the nearest images each condition alone keeps."""
+    conditions = filters.conditions()
+    index = service.searchable_index()
+    if not conditions or index.count == 0:
+        return []
+    hits = index.search(vector, min(index.count, DIAGNOSIS_NEIGHBOURS))[0]
+    rows = service.store.images_by_id([image_id for image_id, _ in hits])
+    kept = [
+        f"{name} keeps {sum(1 for image_id, score in hits if image_id in rows and alone.accepts(rows[image_id], score))}"
+        for name, alone in conditions
+    ]
+    return [f"no image passes all the filters; of the {len(hits)} nearest images, " + ", ".join(kept)]
 
 
 def run_search(
