@@ -299,3 +299,84 @@ def test_previews_show_a_placeholder_until_they_arrive(site: tuple[str, Path], b
     _wait_for_previews(page)
     expect(page.locator("#results img.pending")).to_have_count(0)
     page.context.close()
+
+
+def test_links_and_forms_that_cannot_be_searched_say_why(site: tuple[str, Path], browser: Browser, tmp_path: Path) -> None:
+    """Issue 16.1/16.5: bad link parameters and inverted ranges are named, an error clears old results
+    and is scrolled into view, an empty result names its filter, exclusion falls back to the study."""
+    base, _ = site
+    page = _page(browser, height=500)
+    for query, message in [
+        ("image_id=4&min_score=abc", "min score abc is not a number"),
+        ("image_id=4&date_from=2024-05-01&date_to=2020-01-01", "date from (2024-05-01) is after date to (2020-01-01)"),
+        ("image_id=4&modalty=CR", 'unknown parameter "modalty"'),
+        ("image_id=four", "image_id=four is not a positive whole number"),
+    ]:
+        page.goto(f"{base}/?{query}")
+        expect(page.locator("#error")).to_contain_text(message)
+        expect(page.locator("#results > li")).to_have_count(0)
+    page.goto(f"{base}/?image_id=4&k=12")
+    _wait_for_results(page)
+    expect(page.locator("select[name=page_size]")).to_have_value("12")  # the control agrees with the link
+    (tmp_path / "notes.txt").write_text("not an image")
+    page.set_input_files("#file-input", str(tmp_path / "notes.txt"))
+    expect(page.locator("#error")).to_contain_text("notes.txt")
+    expect(page.locator("#results > li")).to_have_count(0)  # the old results are gone
+    page.goto(f"{base}/?image_id=4")
+    _wait_for_results(page)
+    page.fill("input[name=date_from]", "2024-05-01")
+    page.fill("input[name=date_to]", "2020-01-01")
+    page.click("#search-button")
+    expect(page.locator("#error")).to_be_in_viewport()
+    page.goto(f"{base}/?image_id=4&modality=MR")
+    expect(page.locator("#status")).to_contain_text("modality=MR keeps 0")
+    page.goto(f"{base}/?image_id=4&exclude_same_patient=1")
+    _wait_for_results(page)
+    expect(page.locator("#status")).to_contain_text("its own study is excluded")
+    page.context.close()
+
+
+def test_titles_dialogs_and_phone_layout(site: tuple[str, Path], browser: Browser) -> None:
+    """Issue 16.5: same-label studies get their folders, UIDs stay on one line, dialogs keep and return
+    focus, and on a phone the filters fold away."""
+    base, _ = site
+    page = _page(browser)
+    page.goto(f"{base}/?image_id=4")
+    _wait_for_results(page)
+    titles = page.evaluate("""() => {
+        const image = (id, source) => ({image_id: id, source, score: 0.9, labels: []});
+        renderResults({results: [
+            {study: {study_id: 1, label: "study_02"}, score: 0.9, images: [image(1, "/data/siteA/study_02/a.png")]},
+            {study: {study_id: 2, label: "study_02"}, score: 0.8, images: [image(2, "/data/siteB/study_02/b.png")]},
+        ]});
+        return [...document.querySelectorAll("#results h3")].map(h => h.textContent);
+    }""")
+    assert titles == ["1. study_02 (siteA/study_02)", "2. study_02 (siteB/study_02)"]
+    page.goto(f"{base}/?image_id=4")
+    _wait_for_results(page)
+    study_button = page.get_by_role("button", name=re.compile("^Study:")).first
+    study_button.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#study-view")).to_be_visible()
+    for _ in range(12):  # Tab never leaves the dialog
+        page.keyboard.press("Tab")
+        assert page.evaluate("() => document.querySelector('#study-view').contains(document.activeElement)")
+    page.keyboard.press("Escape")
+    expect(study_button).to_be_focused()  # focus returns where it was
+    images = (httpx.get(f"{base}/v1/images/{image_id}").json() for image_id in range(1, 40))
+    dicom_study = next(image["study"]["study_id"] for image in images if image.get("kind") == "dicom")
+    page.evaluate("id => openStudy(id)", dicom_study)
+    uid = page.locator("#study-meta .uid")
+    expect(uid).to_have_count(1)  # the StudyInstanceUID: one line, cut, whole in its tooltip
+    assert uid.evaluate("e => getComputedStyle(e).whiteSpace") == "nowrap" and uid.evaluate("e => e.getClientRects().length") == 1
+    assert uid.get_attribute("title") == uid.text_content()
+    phone = _page(browser, width=390, height=844)
+    phone.goto(f"{base}/?image_id=4")
+    _wait_for_results(phone)
+    expect(phone.locator("#filter-panel")).not_to_have_attribute("open", "")
+    first = phone.locator("#results > li").first.bounding_box()
+    assert first is not None and first["y"] < 844, first  # the first result starts on the first screen
+    phone.goto(f"{base}/?image_id=4&modality=DX")
+    expect(phone.locator("#filter-summary")).to_have_text("Filters (1 set)")
+    page.context.close()
+    phone.context.close()

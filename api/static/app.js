@@ -78,6 +78,15 @@ function showError(message) {
   const box = $("#error");
   box.textContent = message;
   box.hidden = !message;
+  if (message) box.scrollIntoView({ block: "nearest" });  // seen even when the user is down at the Search button
+}
+
+function clearResults() {
+  // an error must never leave the previous query's results under the new query
+  state.payload = null;
+  $("#results").replaceChildren();
+  $("#load-more").hidden = true;
+  $("#export-csv").disabled = $("#export-json").disabled = true;
 }
 
 // ---------- info, banner, key ----------
@@ -185,6 +194,15 @@ document.addEventListener("paste", (event) => {
 
 function pageSize() { return Number($("#filters").elements.page_size.value) || 24; }
 
+// On a phone the filters fold away under a summary that says how many are set.
+function updateFilterSummary() {
+  const count = Object.keys(currentFilters()).length + ($("#filters").elements.min_score.value ? 1 : 0) +
+    ($("#filters").elements.exclude_same_patient.checked ? 1 : 0);
+  $("#filter-summary").textContent = count ? `Filters (${count} set)` : "Filters";
+}
+$("#filters").addEventListener("input", updateFilterSummary);
+if (window.matchMedia("(max-width: 700px)").matches) $("#filter-panel").open = false;
+
 function currentFilters() {
   const form = $("#filters").elements;
   const filters = {};
@@ -235,14 +253,31 @@ async function runSearch({ push = true } = {}) {
     if (push) writeUrl();
   } catch (err) {
     busy(false, "");
+    clearResults();
     showError(err.message);
   }
+}
+
+// Problems with what the form (or the URL) asks, before anything is sent; [] when none.
+function formProblems() {
+  const form = $("#filters").elements;
+  const problems = [];
+  const minScore = form.min_score.value.trim();
+  if (minScore && !(Number(minScore) >= -1 && Number(minScore) <= 1)) problems.push(`min score ${minScore} is not a number from -1 to 1`);
+  if (form.date_from.value && form.date_to.value && form.date_from.value > form.date_to.value) {
+    problems.push(`date from (${form.date_from.value}) is after date to (${form.date_to.value})`);
+  }
+  const ageFrom = form.age_from.value, ageTo = form.age_to.value;
+  if (ageFrom && ageTo && Number(ageFrom) > Number(ageTo)) problems.push(`age from (${ageFrom}) is above age to (${ageTo})`);
+  return problems;
 }
 
 $("#filters").addEventListener("submit", (event) => {
   event.preventDefault();
   state.k = pageSize();
   if (!state.file && !state.imageId) { showError("Choose a query image first."); return; }
+  const problems = formProblems();
+  if (problems.length) { clearResults(); showError(`Not searched: ${problems.join("; ")}.`); return; }
   runSearch();
 });
 
@@ -300,15 +335,34 @@ function button(text, onClick, label) {
   return element;
 }
 
+// A long UID on one line, cut with an ellipsis; the whole UID in its tooltip (and copied whole).
+function uidSpan(uid) {
+  const span = document.createElement("span");
+  span.className = "uid";
+  span.textContent = uid;
+  span.title = uid;
+  return span;
+}
+
+// The folders above a file, for telling apart studies whose labels are the same ("study_02" twice).
+function pathTail(source) {
+  const parts = String(source || "").split("/").filter(Boolean);
+  return parts.slice(-3, -1).join("/") || source;
+}
+
 function renderResults(payload) {
   const list = $("#results");
   list.replaceChildren();
+  const labelCount = {};
+  for (const result of payload.results) labelCount[result.study.label] = (labelCount[result.study.label] || 0) + 1;
   payload.results.forEach((result, rank) => {
     const best = result.images[0];
     const item = document.createElement("li");
     item.className = "card";
     const title = document.createElement("h3");
-    title.textContent = `${rank + 1}. ${result.study.label}`;
+    const label = labelCount[result.study.label] > 1 ? `${result.study.label} (${pathTail(best.source)})` : result.study.label;
+    title.textContent = `${rank + 1}. ${label}`;
+    title.title = `${label} — ${best.source}`;
     const score = document.createElement("p");
     score.className = "score";
     score.textContent = `score ${result.score.toFixed(3)}`;
@@ -368,6 +422,28 @@ function writeUrl() {
   if (url !== `${location.pathname}${location.search}${location.hash}`) history.pushState(null, "", url);
 }
 
+const URL_PARAMS = new Set(["space", "image_id", "k", "min_score", "exclude_same_patient", ...FILTER_FIELDS]);
+
+// What is wrong with a shared link's parameters (a typo must never be ignored silently); [] when none.
+function urlProblems(params) {
+  const problems = [];
+  for (const key of params.keys()) if (!URL_PARAMS.has(key)) problems.push(`unknown parameter "${key}"`);
+  const whole = (name) => params.has(name) && !/^[1-9][0-9]*$/.test(params.get(name));
+  if (whole("k")) problems.push(`k=${params.get("k")} is not a positive whole number`);
+  if (whole("image_id")) problems.push(`image_id=${params.get("image_id")} is not a positive whole number`);
+  const minScore = params.get("min_score");  // a number input drops what is not a number: check the link itself
+  if (minScore !== null && !(Number(minScore) >= -1 && Number(minScore) <= 1)) problems.push(`min score ${minScore} is not a number from -1 to 1`);
+  for (const name of ["age_from", "age_to"]) {
+    if (params.has(name) && !(Number(params.get(name)) >= 0)) problems.push(`${name}=${params.get(name)} is not a number of years`);
+  }
+  for (const name of ["date_from", "date_to"]) {
+    if (params.has(name) && !/^\d{4}-\d{2}-\d{2}$/.test(params.get(name))) problems.push(`${name}=${params.get(name)} is not a date (YYYY-MM-DD)`);
+  }
+  const space = params.get("space");
+  if (space && ![...$("#space-select").options].some((option) => option.value === space)) problems.push(`space ${space} is not on this server`);
+  return problems;
+}
+
 function readUrl() {
   const params = new URLSearchParams(location.search);
   const form = $("#filters").elements;
@@ -377,6 +453,14 @@ function readUrl() {
   form.min_score.value = params.get("min_score") || "";
   form.exclude_same_patient.checked = params.get("exclude_same_patient") === "1";
   state.k = Number(params.get("k")) || pageSize();
+  if ([...form.page_size.options].some((option) => Number(option.value) === state.k)) form.page_size.value = String(state.k);
+  updateFilterSummary();
+  const problems = [...urlProblems(params), ...formProblems()];
+  if (problems.length) {  // say what is wrong with the link instead of searching without it
+    clearResults();
+    showError(`This link asks for something that cannot be searched: ${problems.join("; ")}.`);
+    return;
+  }
   const imageId = Number(params.get("image_id"));
   if (imageId > 0) {
     state.file = null;
@@ -393,12 +477,13 @@ async function openStudy(studyId) {
   const view = $("#study-view");
   $("#study-images").replaceChildren();
   $("#study-title").textContent = "Study…";
-  view.hidden = false;
-  view.querySelector("[data-close]").focus();
+  openOverlay(view);
   try {
     const body = await (await api(`/v1/studies/${studyId}`)).json();
     $("#study-title").textContent = `Study ${body.study.label}`;
-    $("#study-meta").textContent = [body.study.study_date, body.study.study_uid, `${body.images.length} image(s)`, `weights: ${body.weights}`].filter(Boolean).join(" · ");
+    const details = [body.study.study_date, `${body.images.length} image(s)`, `weights: ${body.weights}`].filter(Boolean).join(" · ");
+    $("#study-meta").replaceChildren(details);
+    if (body.study.study_uid) $("#study-meta").append(" · StudyInstanceUID ", uidSpan(body.study.study_uid));
     for (const image of body.images) {
       const item = document.createElement("li");
       item.className = "card";
@@ -451,8 +536,7 @@ function drawCompare(targetImage, grid, withHeat) {
 
 async function openCompare(targetId) {
   const view = $("#compare-view");
-  view.hidden = false;
-  view.querySelector("[data-close]").focus();
+  openOverlay(view);
   $("#compare-meta").textContent = "Computing the similarity map…";
   let request;
   if (state.file) {
@@ -481,14 +565,43 @@ async function openCompare(targetId) {
   }
 }
 
+// Dialogs: focus moves in on open, stays inside while open (Tab wraps), and returns on close.
+let focusBeforeOverlay = null;
+
+function openOverlay(view) {
+  if (view.hidden) focusBeforeOverlay = document.activeElement;
+  view.hidden = false;
+  view.querySelector("[data-close]").focus();
+}
+
+function openOverlayElement() { return [...document.querySelectorAll(".overlay")].find((overlay) => !overlay.hidden); }
+
 function closeOverlays() {
+  const wasOpen = Boolean(openOverlayElement());
   for (const overlay of document.querySelectorAll(".overlay")) {
     overlay.hidden = true;
     delete overlay.dataset.ready;
   }
+  if (wasOpen && focusBeforeOverlay && document.contains(focusBeforeOverlay)) focusBeforeOverlay.focus();
+  focusBeforeOverlay = null;
+}
+
+function keepFocusInside(event) {
+  const open = openOverlayElement();
+  if (!open || event.key !== "Tab") return;
+  const focusable = [...open.querySelectorAll("button, [href], input, select, textarea, [tabindex]:not([tabindex='-1'])")]
+    .filter((element) => !element.disabled && element.offsetParent !== null);
+  if (!focusable.length) return;
+  const first = focusable[0], last = focusable[focusable.length - 1];
+  if (!open.contains(document.activeElement)) { event.preventDefault(); first.focus(); }
+  else if (event.shiftKey && document.activeElement === first) { event.preventDefault(); last.focus(); }
+  else if (!event.shiftKey && document.activeElement === last) { event.preventDefault(); first.focus(); }
 }
 document.addEventListener("click", (event) => { if (event.target.matches("[data-close]")) closeOverlays(); });
-document.addEventListener("keydown", (event) => { if (event.key === "Escape") closeOverlays(); });
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") closeOverlays();
+  keepFocusInside(event);
+});
 
 // ---------- export ----------
 
