@@ -13,7 +13,7 @@ from api.deps import ServiceDep, require_api_key
 from api.errors import error_responses
 from api.queries import parse_query_request, query_image_bytes
 from api.schemas import MAX_ROW_ID, SimilarityParams, SimilarityResponse, inline_json_schema
-from retrieval.query.previews import PREVIEW_NOTE, to_png
+from retrieval.query.previews import PREVIEW_NOTE, previews_for, to_png
 from retrieval.query.similarity import query_latent, similarity_map
 from retrieval.service import SpaceService
 
@@ -49,7 +49,10 @@ _REQUEST_BODY: dict[str, Any] = {
 def _compare(service: SpaceService, data: bytes | None, name: str, params: SimilarityParams) -> dict[str, Any]:
     z = query_latent(service, data=data, name=name, image_id=params.image_id)
     result = similarity_map(service, z, params.target_image_id)
-    query_png = to_png(service.encoder.decode(z[None])[0], note=PREVIEW_NOTE)
+    if data is None and params.image_id is not None:  # a stored query: its preview is (or becomes) cached
+        query_png = previews_for(service).png(params.image_id)
+    else:  # an upload: decoded once, here (the decoder runs in OpenVINO on the CPU)
+        query_png = to_png(service.encoder.decode(z[None])[0], note=PREVIEW_NOTE)
     rows, cols = result.cells.shape
     return {
         "target_image_id": params.target_image_id,
