@@ -55,7 +55,7 @@ def install_error_handlers(app: FastAPI) -> None:
             {"field": _field(e.get("loc", ())), "message": e.get("msg", "").removeprefix("Value error, ")}
             for e in exc.errors()
         ]
-        message = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+        message = "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors) or "invalid request"
         return JSONResponse(_payload("invalid_request", message, {"errors": errors}), status_code=422)
 
     @app.exception_handler(Exception)

@@ -112,3 +112,19 @@ def test_a_manifest_after_its_folder_updates_stored_images_without_reencoding(se
     effusion = run_search(service, image_id=images["img2.png"].id, k=10, filter_pairs=["label=effusion"], group_by="image")
     assert sorted(r["images"][0]["image_id"] for r in effusion["results"]) == sorted([images["img0.png"].id, images["img1.png"].id])
     assert IngestPipeline(service).run(manifest).updated == 0  # applying it again changes nothing
+
+
+def test_a_long_scan_reports_its_progress(settings: Settings, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16.9: while a large folder is listed the progress says how many files were found (not 0/?)."""
+    import retrieval.ingest.pipeline as pipeline_module
+
+    for i in range(3):
+        write_png(tmp_path / "folder" / f"{i}.png", synthetic_image(60 + i))
+    clock = iter(range(0, 10_000, 2))  # every look at the clock is two seconds later: a slow file system
+    monkeypatch.setattr(pipeline_module.time, "monotonic", lambda: float(next(clock)))
+    seen: list[tuple[str, int]] = []
+    IngestPipeline(SpaceService(settings), progress=lambda report: seen.append((report.phase, report.total))).run(
+        tmp_path / "folder"
+    )
+    scanning = [total for phase, total in seen if phase == "scanning"]
+    assert scanning == [1, 2, 3] and ("ingesting", 3) in seen
