@@ -63,15 +63,18 @@ class IngestReport:
         elapsed = time.perf_counter() - self.started
         return self.ingested / elapsed if elapsed > 0 else 0.0
 
-    def summary(self, *, ingested: int | None = None, skipped: int | None = None) -> str:
-        """One line: the counts (a job passes its totals over all attempts) and any manifest columns not stored."""
+    def summary(self, *, ingested: int | None = None, skipped: int | None = None,
+                skip_reasons: dict[str, int] | None = None) -> str:
+        """One line: the counts (a job passes its totals over all attempts), why things were skipped,
+        and any manifest columns not stored."""
         ingested = self.ingested if ingested is None else ingested
         skipped = self.skipped if skipped is None else skipped
+        reasons = self.skip_reasons if skip_reasons is None else skip_reasons
         line = f"ingested {ingested}, skipped {skipped}, failed {self.failed}"
         if self.total == 0 and not self.failures:
             line += f"; no images found under {self.source or 'the source'}"
-        if self.skip_reasons:
-            line += "; skipped: " + ", ".join(f"{count} {reason}" for reason, count in self.skip_reasons.items())
+        if reasons:
+            line += "; skipped: " + ", ".join(f"{count} {reason}" for reason, count in reasons.items())
         if self.updated:
             line += f", updated {self.updated} (manifest metadata on stored images)"
         if self.dropped_columns:

@@ -20,7 +20,7 @@ import threading
 import uuid
 
 from retrieval.ingest.pipeline import IngestPipeline
-from retrieval.ingest.report import IngestReport
+from retrieval.ingest.report import STORED, IngestReport
 from retrieval.service import SpaceService
 from retrieval.storage.jobs import JobQueue, Progress
 from retrieval.storage.orm import IngestJob
@@ -47,7 +47,10 @@ class JobRun:
         assert self.report is not None
         progress = self.progress()
         skipped = progress.skipped if progress is not None else 0
-        return self.report.summary(ingested=self.ingested_before + self.report.ingested, skipped=skipped)
+        reasons = dict(self.report.skip_reasons)  # what earlier attempts stored is ingested, not skipped, for the job
+        reasons[STORED] = reasons.get(STORED, 0) - min(self.ingested_before, reasons.get(STORED, 0))
+        reasons = {reason: count for reason, count in reasons.items() if count}
+        return self.report.summary(ingested=self.ingested_before + self.report.ingested, skipped=skipped, skip_reasons=reasons)
 
     def progress(self) -> Progress | None:
         report = self.report
