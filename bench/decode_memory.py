@@ -33,7 +33,7 @@ def run_arm(png: str, threads: int, rounds: int, gate: bool) -> dict[str, float]
     """Decode ``png`` in ``threads`` threads at once in this process; RSS figures in MiB."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import retrieval.imaging.decode_gate as decode_gate
+    from retrieval.imaging import decode_gate
     from retrieval.imaging.decode import decode_path
 
     if not gate:

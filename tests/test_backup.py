@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import db_counts, make_archive, uuid_suffix
 from cli_runner import run_cli
+from conftest import db_counts, make_archive, uuid_suffix
 
 
 def _searches(env: dict[str, str], queries: list[Path]) -> list[list[tuple[int, float]]]:

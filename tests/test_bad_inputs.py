@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from bad_inputs import build_corpus, manifest_cases
+from cli_runner import run_cli
 from conftest import database_url, tiny_settings
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
-from cli_runner import run_cli
 
 from api.main import create_app
 from retrieval.domain.items import printable_path

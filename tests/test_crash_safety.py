@@ -14,9 +14,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from conftest import database_url, db_counts, make_archive
 from sqlalchemy import create_engine, text
-from cli_runner import run_cli
 
 KILLS = 10
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from cli_runner import run_cli
 from conftest import synthetic_image, tiny_settings
 from dicom_factory import write_dicom
 from fastapi.testclient import TestClient
 from orthanc_server import PASSWORD, USER, OrthancServer
 from pydicom.data import get_testdata_file
-from cli_runner import run_cli
 from volume_factory import phantom_hu, write_ct_series
 
 from api.main import create_app

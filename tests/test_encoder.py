@@ -8,6 +8,7 @@ import torch
 from conftest import synthetic_image
 from conftest import tiny_settings as fake_settings
 
+from retrieval.config import Settings
 from retrieval.errors import ConfigurationError, WeightsError
 from retrieval.model.encoder import (
     MedVAEEncoder,
@@ -15,7 +16,6 @@ from retrieval.model.encoder import (
     save_state_dict,
     use_fused_attention,
 )
-from retrieval.config import Settings
 
 
 def tiny_settings(data_dir: Path, **overrides: object) -> Settings:

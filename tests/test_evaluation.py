@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_archive
 from cli_runner import run_cli
+from conftest import make_archive
 
 from retrieval.domain.evaluation import EvalItem, evaluate, rankings, recall_of_exact
 

@@ -6,10 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 from conftest import database_url
 from pydicom.data import get_testdata_file
 from sqlalchemy import create_engine, text
-from cli_runner import run_cli
 
 from retrieval.config import Settings
 from retrieval.domain.metadata import keyed_hash

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_archive, synthetic_image, tiny_settings
 from cli_runner import run_cli
+from conftest import make_archive, synthetic_image, tiny_settings
 
 from retrieval.ingest.pipeline import IngestPipeline
 from retrieval.query.quality import psnr, reconstruction_quality, ssim

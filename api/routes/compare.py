@@ -12,7 +12,12 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import ServiceDep, require_api_key
 from api.errors import error_responses
 from api.queries import parse_query_request, query_image_bytes
-from api.schemas import MAX_ROW_ID, SimilarityParams, SimilarityResponse, inline_json_schema
+from api.schemas import (
+    MAX_ROW_ID,
+    SimilarityParams,
+    SimilarityResponse,
+    inline_json_schema,
+)
 from retrieval.query.previews import PREVIEW_NOTE, previews_for, to_png
 from retrieval.query.similarity import query_latent, similarity_map
 from retrieval.service import SpaceService

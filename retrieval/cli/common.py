@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-
 from pydantic import ValidationError
+from rich.console import Console
 
 from retrieval.config import Settings, settings_error_message
 from retrieval.errors import RetrievalError

@@ -28,7 +28,11 @@ from typing import Any
 import numpy as np
 
 from retrieval.domain.items import SourceItem, printable_path
-from retrieval.domain.metadata import ImageMetadata, dropped_manifest_columns, merge_manifest_row
+from retrieval.domain.metadata import (
+    ImageMetadata,
+    dropped_manifest_columns,
+    merge_manifest_row,
+)
 from retrieval.errors import reason_of
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.ingest.prepare import (
@@ -39,7 +43,14 @@ from retrieval.ingest.prepare import (
     prepare,
     start_decode_worker,
 )
-from retrieval.ingest.report import SAME_CONTENT, SAME_SOP_UID, STORED, Failure, IngestReport, ProgressCallback
+from retrieval.ingest.report import (
+    SAME_CONTENT,
+    SAME_SOP_UID,
+    STORED,
+    Failure,
+    IngestReport,
+    ProgressCallback,
+)
 from retrieval.ingest.sources import scan
 from retrieval.ingest.volume_pipeline import ingest_volumes
 from retrieval.query.previews import previews_for

@@ -42,7 +42,12 @@ from retrieval.domain.architectures import (
     get_architecture,
 )
 from retrieval.errors import ConfigurationError, WeightsError
-from retrieval.model.openvino_runtime import Decode, OpenVinoModule, PosteriorMode, openvino_available
+from retrieval.model.openvino_runtime import (
+    Decode,
+    OpenVinoModule,
+    PosteriorMode,
+    openvino_available,
+)
 from retrieval.model.weights import WeightsSource, resolve_weights
 
 logger = logging.getLogger(__name__)

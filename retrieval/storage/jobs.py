@@ -23,13 +23,13 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 
 from retrieval.config import Settings
+from retrieval.domain.items import resolved_under
 from retrieval.errors import (
     ConflictError,
     ForbiddenError,
     InvalidRequestError,
     NotFoundError,
 )
-from retrieval.domain.items import resolved_under
 from retrieval.imaging.volumes import is_nifti
 from retrieval.storage.orm import IngestError, IngestJob
 from retrieval.storage.store import Store
