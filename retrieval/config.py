@@ -14,7 +14,6 @@ take the same flat names (``Settings(weights="fake", input_size=64)``) or whole 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -24,7 +23,6 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -390,24 +388,3 @@ class Settings(BaseSettings):
             data[group] = {**data[group], **fields}
         return type(self).model_validate(data)
 
-
-SENSITIVE = re.compile(r"url|secret|password|token|keys")
-ENV_NAMES: dict[tuple[str, str], str] = {place: f"{ENV_PREFIX}{flat.upper()}" for flat, place in FLAT_NAMES.items()}
-"""(group, field) -> its environment name, for messages."""
-
-
-def settings_error_message(exc: ValidationError) -> str:
-    """One line per bad setting, named as the user set it: ``RETRIEVAL_INPUT_SIZE (model.input_size): …``."""
-    lines = []
-    for error in exc.errors(include_url=False):
-        place = tuple(str(part) for part in error["loc"][:2])
-        name = ENV_NAMES.get(place) if len(place) == 2 else None  # type: ignore[call-overload]
-        message = error["msg"].removeprefix("Value error, ")
-        if not place:  # a rule across settings: its message names them
-            lines.append(message)
-            continue
-        where = f"{name} ({'.'.join(place)})" if name else ".".join(place)
-        shown = name and not isinstance(error["input"], dict | SecretStr) and not SENSITIVE.search(place[1])
-        given = f" (got {error['input']!r})" if shown else ""  # never echo a URL (it may hold a password) or a key
-        lines.append(f"{where}: {message}{given}")
-    return "; ".join(lines)

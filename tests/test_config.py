@@ -8,7 +8,8 @@ import pytest
 from cli_runner import run_cli
 from pydantic import ValidationError
 
-from retrieval.config import FLAT_NAMES, Settings, settings_error_message
+from retrieval.cli.common import settings_error_message
+from retrieval.config import FLAT_NAMES, Settings
 
 
 def test_environment_names_fill_their_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

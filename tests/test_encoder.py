@@ -10,12 +10,8 @@ from conftest import tiny_settings as fake_settings
 
 from retrieval.config import Settings
 from retrieval.errors import ConfigurationError, WeightsError
-from retrieval.model.encoder import (
-    MedVAEEncoder,
-    fold_lora,
-    save_state_dict,
-    use_fused_attention,
-)
+from retrieval.model.encoder import MedVAEEncoder
+from retrieval.model.network import fold_lora, save_state_dict, use_fused_attention
 
 
 def tiny_settings(data_dir: Path, **overrides: object) -> Settings:

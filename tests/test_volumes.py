@@ -24,7 +24,8 @@ from retrieval.imaging.volumes import (
     scan_volumes,
 )
 from retrieval.ingest.pipeline import IngestPipeline
-from retrieval.model.encoder import MedVAEEncoder, build_medvae_model
+from retrieval.model.encoder import MedVAEEncoder
+from retrieval.model.network import build_medvae_model
 from retrieval.query.previews import preview_png
 from retrieval.query.search import run_search
 from retrieval.service import SpaceService

@@ -9,16 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
-from retrieval.config import Settings, settings_error_message
+from retrieval.config import ENV_PREFIX, FLAT_NAMES, Settings
 from retrieval.errors import RetrievalError
 from retrieval.model.weights import weights_warning
 
@@ -43,6 +44,28 @@ def settings() -> Settings:
         return Settings(**State.settings_overrides)
     except ValidationError as exc:  # every command exits 2 naming the environment variable (or option) at fault
         raise fail(RetrievalError(f"invalid settings: {settings_error_message(exc)}"), as_json=False) from None
+
+
+SENSITIVE = re.compile(r"url|secret|password|token|keys")
+ENV_NAMES: dict[tuple[str, str], str] = {place: f"{ENV_PREFIX}{flat.upper()}" for flat, place in FLAT_NAMES.items()}
+"""(group, field) -> its environment name, for messages."""
+
+
+def settings_error_message(exc: ValidationError) -> str:
+    """One line per bad setting, named as the user set it: ``RETRIEVAL_INPUT_SIZE (model.input_size): …``."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        place = tuple(str(part) for part in error["loc"][:2])
+        name = ENV_NAMES.get(place) if len(place) == 2 else None  # type: ignore[call-overload]
+        message = error["msg"].removeprefix("Value error, ")
+        if not place:  # a rule across settings: its message names them
+            lines.append(message)
+            continue
+        where = f"{name} ({'.'.join(place)})" if name else ".".join(place)
+        shown = name and not isinstance(error["input"], dict | SecretStr) and not SENSITIVE.search(place[1])
+        given = f" (got {error['input']!r})" if shown else ""  # never echo a URL (it may hold a password) or a key
+        lines.append(f"{where}: {message}{given}")
+    return "; ".join(lines)
 
 
 def warn_if_random(current: Settings) -> None:
