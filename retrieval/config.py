@@ -133,6 +133,10 @@ class ModelSettings(SettingsGroup):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the encoder; auto = on for CUDA (3.4x there), off on CPU."
     )
+    fit: Literal["stretch", "letterbox"] = Field(
+        "stretch", description="2-D: how an image becomes the square input: `stretch` (as medvae was trained) or "
+        "`letterbox` (aspect kept, zero padding). Part of the space.",
+    )
     batch_size: int = Field(8, ge=1, le=4096)
     pooling: str = Field("spp:1,2,4", description="Pooling name with parameters, e.g. `spp:1,2,4`, `mean`.")
 

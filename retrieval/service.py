@@ -46,7 +46,8 @@ class SpaceService:
     def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
         self.settings = settings
         self.pooling: PoolingSpec = parse_pooling(settings.model.pooling)
-        self.preprocessing: PreprocessSpec = preprocess_spec(settings.model.dims, settings.model.input_edge)
+        self.preprocessing: PreprocessSpec = preprocess_spec(settings.model.dims, settings.model.input_edge,
+                                                             settings.model.fit)
         self.store = store or Store.open(settings)
         self._encoder: Encoder | None = None
         self._space: Space | None = None

@@ -34,7 +34,7 @@ def test_every_historical_name_is_still_a_setting() -> None:
              "hnsw_ef_search", "ingest_quality", "ingest_roots", "job_heartbeat_seconds", "job_stale_seconds",
              "query_batching", "query_batch_wait_ms", "dicomweb_username", "dicomweb_password", "dicomweb_token",
              "dicomweb_retries", "dicomweb_backoff", "dicomweb_timeout", "dicomweb_fetch_workers", "dicomweb_allowed_urls"}
-    assert set(FLAT_NAMES) - names == {"manifest_columns"}  # added since, never renamed
+    assert set(FLAT_NAMES) - names == {"manifest_columns", "fit"}  # added since, never renamed
     assert names <= set(FLAT_NAMES)
 
 

@@ -14,11 +14,12 @@ from pydicom.data import get_testdata_file
 
 from retrieval.errors import ImageDecodeError, ImageTooLargeError
 from retrieval.imaging.decode import (
+    DecodedImage,
     apply_window,
     decode_bytes,
     decode_path,
 )
-from retrieval.imaging.preprocess import fit_to_square
+from retrieval.imaging.preprocess import fit_to_square, preprocess_spec, to_model_input
 
 CAP = 80_000_000
 
@@ -186,12 +187,28 @@ def test_decode_bytes_matches_decode_path(tmp_path: Path) -> None:
 
 
 def test_fit_to_square_preserves_aspect_and_pads() -> None:
-    pixels = np.ones((100, 200), np.float32)
+    pixels = np.tile(np.linspace(0.5, 1.0, 200, dtype=np.float32), (100, 1))
     fitted = fit_to_square(pixels, 64)
     assert fitted.shape == (64, 64)
     rows = np.where(fitted.max(axis=1) > 0.5)[0]
     assert len(rows) == 32 and rows[0] == 16  # 200x100 -> 64x32, centred
     assert fitted[:16].max() == 0.0 and fitted[48:].max() == 0.0
+    assert fitted[16:48].max() == 1.0 and fitted[16:48].min() == 0.0  # ScaleIntensity(0, 1) over the image
+
+
+def test_stretch_is_medvaes_training_input() -> None:
+    """Issue 13.1-2: the default fit stretches to the square (no padding, aspect not kept) and min-max
+    scales afterwards, so a DICOM window whose values stay within [0.2, 0.6] spans [0, 1]."""
+    pixels = np.zeros((100, 200), np.float32) + 0.2
+    pixels[:, 100:] = 0.6  # left half dark, right half bright
+    stretched = to_model_input(DecodedImage(pixels=pixels, kind="dicom", width=200, height=100),
+                               preprocess_spec(2, 64))
+    assert stretched.shape == (64, 64) and stretched.min() == 0.0 and stretched.max() == 1.0
+    assert (stretched[:, :28] < 0.05).all() and (stretched[:, 36:] > 0.95).all()  # every row, top to bottom
+    assert preprocess_spec(2, 64).version == "v2" and preprocess_spec(2, 64, "letterbox").version == "v2-letterbox"
+    letterboxed = to_model_input(DecodedImage(pixels=pixels, kind="dicom", width=200, height=100),
+                                 preprocess_spec(2, 64, "letterbox"))
+    assert letterboxed[:16].max() == 0.0 and not np.array_equal(letterboxed, stretched)
 
 
 def test_large_decodes_pass_the_gate_one_at_a_time(tmp_path: Path) -> None:

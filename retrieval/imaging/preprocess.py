@@ -15,17 +15,22 @@ from retrieval.domain.spaces import PreprocessSpec
 from retrieval.imaging.decode import DecodedImage
 from retrieval.imaging.volumes import CT_WINDOW_HU, Volume
 
-PREPROCESSING_VERSION = "v1"
-"""2-D pixel path version; bump when it changes vectors (it is part of a space's identity)."""
+PREPROCESSING_VERSIONS = {"stretch": "v2", "letterbox": "v2-letterbox"}
+"""2-D pixel path version per fit; bump when it changes vectors (it is part of a space's identity).
+
+v1 (before 2026-11-30) letterboxed and used DICOM's windowed values without min-max scaling;
+v2 stretches to the square as medvae's training loader does (``load_2d_finetune``: bicubic,
+antialiased ``Resize`` then ``ScaleIntensity(0, 1)``) and min-max scales windowed DICOM."""
+PREPROCESSING_VERSION = PREPROCESSING_VERSIONS["stretch"]
 VOLUME_PREPROCESSING_VERSION = "vol-v1"
 """3-D: RAS, medvae CT window / MR min-max, isotropic fit to a cube."""
 
 
-def preprocess_spec(dims: int, input_size: int) -> PreprocessSpec:
-    """The current preprocessing of a 2-D or 3-D space with the given model input edge."""
-    return PreprocessSpec(
-        dims=dims, input_size=input_size, version=PREPROCESSING_VERSION if dims == 2 else VOLUME_PREPROCESSING_VERSION
-    )
+def preprocess_spec(dims: int, input_size: int, fit: str = "stretch") -> PreprocessSpec:
+    """The current preprocessing of a 2-D (``fit``: stretch or letterbox) or 3-D space of the given input edge."""
+    if dims == 3:
+        return PreprocessSpec(dims=3, input_size=input_size, version=VOLUME_PREPROCESSING_VERSION)
+    return PreprocessSpec(dims=2, input_size=input_size, version=PREPROCESSING_VERSIONS[fit])
 
 
 def to_model_input(decoded: DecodedImage | Volume, spec: PreprocessSpec) -> np.ndarray:
@@ -36,11 +41,31 @@ def to_model_input(decoded: DecodedImage | Volume, spec: PreprocessSpec) -> np.n
         return fit_to_cube(normalise(decoded), decoded.spacing, spec.input_size)
     if not isinstance(decoded, DecodedImage):
         raise TypeError(f"a 2-D space takes a decoded image, not {type(decoded).__name__}")
-    return fit_to_square(decoded.pixels, spec.input_size)
+    if spec.version == PREPROCESSING_VERSIONS["letterbox"]:
+        return fit_to_square(decoded.pixels, spec.input_size)
+    return stretch_to_square(decoded.pixels, spec.input_size)
+
+
+def stretch_to_square(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The input medvae was trained on: resized to ``size`` x ``size`` whatever the aspect ratio
+    (bicubic, antialiased when reducing), then min-max scaled to [0, 1] (``ScaleIntensity``).
+
+    Pillow stands in for torchvision's ``Resize(bicubic, antialias=True)`` (which torchvision
+    documents as approximating Pillow), so decode workers never import torch.
+    """
+    height, width = pixels.shape
+    if (height, width) == (size, size):
+        resized = pixels.astype(np.float32, copy=False)
+    else:
+        image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+        resized = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    return scale_intensity(resized)
 
 
 def fit_to_square(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Aspect-preserving resize so the longer side is ``size``, centred on a zero-padded square.
+    """``RETRIEVAL_FIT=letterbox``: aspect-preserving resize so the longer side is ``size``, centred on a
+    zero-padded square. Keeps shapes undistorted, but the padding is an input medvae never saw in
+    training, and the detector's aspect ratio then shows in the similarity.
 
     Antialiased (Pillow's bilinear filter widens its support when reducing). Returns float32
     ``(size, size)`` in [0, 1].
@@ -58,8 +83,17 @@ def fit_to_square(pixels: np.ndarray, size: int) -> np.ndarray:
         )
     canvas = np.zeros((size, size), dtype=np.float32)
     top, left = (size - new_h) // 2, (size - new_w) // 2
-    canvas[top : top + new_h, left : left + new_w] = np.clip(resized, 0.0, 1.0)
+    canvas[top : top + new_h, left : left + new_w] = scale_intensity(resized)
     return canvas
+
+
+def scale_intensity(pixels: np.ndarray) -> np.ndarray:
+    """medvae's ``ScaleIntensity(0, 1)``: min-max to [0, 1] (a flat image is all zeros). Applied after
+    the resize, it also spreads a DICOM window whose values do not reach 0 or 1 over the full range."""
+    low, high = float(pixels.min()), float(pixels.max())
+    if high - low < 1e-12:
+        return np.zeros(pixels.shape, dtype=np.float32)
+    return ((pixels - low) / (high - low)).astype(np.float32)
 
 
 def normalise(volume: Volume) -> np.ndarray:
