@@ -239,7 +239,8 @@ def empty_space_warnings(service: SpaceService) -> list[str]:
     for space in service.store.list_spaces():
         count, _ = service.store.vector_stats(space.id)
         if count and space.id != service.space.id:
-            others.append(f"{space.key[:12]} (input_size={space.input_size}, pooling={space.pooling}, {count} images)")
+            others.append(f"{space.key[:12]} (preprocessing={space.preprocessing}, input_size={space.input_size}, "
+                          f"pooling={space.pooling}, {count} images)")
     if not others:
         return [f"the archive in {service.settings.storage.location} is empty: ingest a folder or manifest first, or point RETRIEVAL_DATA_DIR "
                 "(RETRIEVAL_DATABASE_URL) at the archive you ingested"]
