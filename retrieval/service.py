@@ -130,13 +130,18 @@ class SpaceService:
         """``(B, S, S)`` normalised pixels -> (z ``(B, C, h, w)``, vectors ``(B, D)`` float32)."""
         tick = time.perf_counter()
         z = self.encoder.encode(pixels)
-        vectors = self.pool_s2(self.encoder.s2_latent(z))
+        vectors = self.vectors_of(z)
         self.observe("encode_seconds", time.perf_counter() - tick)
         return z, vectors
 
-    def pool_s2(self, s2: torch.Tensor) -> np.ndarray:
-        """``(B, C, h, w)`` stage-2 latents -> this space's ``(B, D)`` float32 vectors."""
-        return pool(s2, self.pooling).numpy()
+    def head_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent this space pools: MedVAE's stage-2 latent for images; z itself for volumes, as
+        medvae's own 3-D ``encode`` returns (its 3-D stage-2 head is never trained)."""
+        return z.float() if self.is_volume_space else self.encoder.s2_latent(z)
+
+    def vectors_of(self, z: torch.Tensor) -> np.ndarray:
+        """``(B, C, ...)`` stored latents z -> this space's ``(B, D)`` float32 vectors."""
+        return pool(self.head_latent(z), self.pooling).numpy()
 
     def embed_query(self, pixels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """One ``(S, S)`` query image -> (z ``(C, h, w)``, vector ``(D,)``).

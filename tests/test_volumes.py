@@ -54,6 +54,37 @@ def test_3d_encoder_is_medvae_3d_with_fused_attention_and_posterior_mode(tmp_pat
     assert torch.equal(z, encoder.encode(cube))  # the mode, never a sample
 
 
+def test_volume_vectors_pool_z_and_a_checkpoint_without_the_untrained_head_loads(tmp_path: Path) -> None:
+    """Issue 13.3: medvae's 3-D latent is z (its 3-D stage-2 head is never trained), so 3-D vectors pool z;
+    a 3-D checkpoint without that head's tensors loads, while a 2-D one missing them is refused."""
+    from retrieval.errors import WeightsError
+    from retrieval.model.network import save_state_dict
+    from retrieval.model.pooling import pool
+
+    service = SpaceService(volume_settings(tmp_path, volume_size=16, volume_roi=16, weights="random"))
+    cube = np.random.default_rng(3).random((1, 16, 16, 16), dtype=np.float32)
+    z, vectors = service.embed_pixels(cube)
+    assert np.allclose(vectors, pool(z.float(), service.pooling).numpy(), atol=1e-6)
+    assert not np.allclose(vectors, pool(service.encoder.s2_latent(z), service.pooling).numpy(), atol=1e-3)
+    assert service.preprocessing.version == "vol-v2"  # vol-v1 vectors (pooled s2) keep their own space
+
+    without_head = tmp_path / "vae_4x_1c_3D_no_head.ckpt"
+    save_state_dict(service.encoder.model, without_head)
+    state = torch.load(without_head, weights_only=True)
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith(("channel_ds.", "channel_proj."))}
+    torch.save(state, without_head)
+    loaded = MedVAEEncoder(volume_settings(tmp_path / "b", volume_size=16, volume_roi=16, weights=str(without_head)))
+    assert torch.equal(loaded.encode(cube), z)
+    flat = MedVAEEncoder(tiny_settings(tmp_path / "c", weights="random", runtime="torch"))
+    flat_ckpt = tmp_path / "vae_8x_4c_2D_no_head.ckpt"
+    save_state_dict(flat.model, flat_ckpt)
+    state = torch.load(flat_ckpt, weights_only=True)
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("channel_proj.")}
+    torch.save(state, flat_ckpt)
+    with pytest.raises(WeightsError, match="missing"):
+        MedVAEEncoder(tiny_settings(tmp_path / "d", weights=str(flat_ckpt), runtime="torch"))
+
+
 def test_sliding_window_covers_cubes_larger_than_the_window(tmp_path: Path) -> None:
     encoder = MedVAEEncoder(volume_settings(tmp_path, volume_size=40, volume_roi=24, weights="random"))
     cube = np.random.default_rng(2).random((1, 40, 40, 40), dtype=np.float32)

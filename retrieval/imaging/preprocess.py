@@ -22,8 +22,9 @@ v1 (before 2026-11-30) letterboxed and used DICOM's windowed values without min-
 v2 stretches to the square as medvae's training loader does (``load_2d_finetune``: bicubic,
 antialiased ``Resize`` then ``ScaleIntensity(0, 1)``) and min-max scales windowed DICOM."""
 PREPROCESSING_VERSION = PREPROCESSING_VERSIONS["stretch"]
-VOLUME_PREPROCESSING_VERSION = "vol-v1"
-"""3-D: RAS, medvae CT window / MR min-max, isotropic fit to a cube."""
+VOLUME_PREPROCESSING_VERSION = "vol-v2"
+"""3-D: RAS, medvae CT window / MR min-max, isotropic fit to a cube; vol-v2 pools z itself, as medvae's
+3-D ``encode`` returns it (vol-v1 pooled the untrained stage-2 head: its vectors stay in their own space)."""
 
 
 def preprocess_spec(dims: int, input_size: int, fit: str = "stretch") -> PreprocessSpec:

@@ -148,7 +148,7 @@ class MedVAEEncoder:
             randomise_lora(model, generator)
         else:
             assert self.weights.checkpoint is not None
-            load_checkpoint(model, self.weights.checkpoint)
+            load_checkpoint(model, self.weights.checkpoint, dims=self.dims)
         model.eval().requires_grad_(False)
         if fold:
             fold_lora(model)

@@ -75,8 +75,12 @@ def randomise_lora(model: nn.Module, generator: torch.Generator) -> None:
                 module.lora_up.weight.normal_(0.0, 0.02, generator=generator)
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load a MedVAE checkpoint; refuses missing keys and mismatched shapes."""
+UNTRAINED_3D_HEAD = ("channel_ds.", "channel_proj.")
+"""The 3-D models' stage-2 head: medvae_finetune.py never trains it, so a 3-D checkpoint may lack it."""
+
+
+def load_checkpoint(model: nn.Module, path: Path, *, dims: int = 2) -> None:
+    """Load a MedVAE checkpoint; refuses missing keys (except a 3-D model's untrained head) and mismatched shapes."""
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -90,6 +94,8 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise WeightsError(f"{path}: checkpoint does not fit the architecture ({exc})", detail={"path": str(path)}) from exc
+    if dims == 3:
+        missing = [key for key in missing if not key.startswith(UNTRAINED_3D_HEAD)]
     if missing:
         raise WeightsError(
             f"{path}: checkpoint is missing {len(missing)} keys of the architecture, e.g. {missing[:5]}",

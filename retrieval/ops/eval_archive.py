@@ -68,20 +68,21 @@ def evaluate_archive(
     }
 
 
-def _s2_latents(service: SpaceService, items: list[EvalItem]) -> torch.Tensor:
+def _head_latents(service: SpaceService, items: list[EvalItem]) -> torch.Tensor:
+    """The latents the space pools (stage-2 for images, z for volumes) of ``items``."""
     encoder_key = service.space.encoder_key
     z = [service.store.latent(item.image_id, encoder_key) for item in items]
     missing = [item.image_id for item, latent in zip(items, z, strict=True) if latent is None]
     if missing:
         raise InvalidRequestError(f"images without a stored latent for this encoder: {missing[:10]}")
-    return service.encoder.s2_latent(torch.from_numpy(np.stack(z)))
+    return service.head_latent(torch.from_numpy(np.stack(z)))
 
 
 def pooling_study(
     service: SpaceService, items: list[EvalItem], poolings: list[str], ks: list[int], *, exclude_same_patient: bool
 ) -> list[dict[str, Any]]:
     """One row per pooling: metrics, dimension, exact-search ms/query, fidelity to the full S2 latent."""
-    s2 = _s2_latents(service, items)
+    s2 = _head_latents(service, items)
     reference = torch.nn.functional.normalize(s2.flatten(1), dim=1).numpy()
     rows = []
     for spec_text in poolings:

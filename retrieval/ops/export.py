@@ -97,6 +97,12 @@ def export_latents(
     space = service.space
     shards: list[str] = []
     shapes: dict[str, list[int]] = {}
+    if include_s2 and service.is_volume_space:
+        raise InvalidRequestError(
+            "--include-s2: a 3-D space has no trained stage-2 latent (medvae never trains the 3-D head); "
+            "its z is what medvae's 3-D encode returns, and is exported",
+            detail={"field": "include_s2"},
+        )
     total = 0
     hdf5 = _Hdf5Writer(out / "latents.h5") if "hdf5" in formats else None
     with (out / "metadata.csv").open("w", newline="") as handle:
@@ -110,7 +116,7 @@ def export_latents(
                 "z": z32.astype(np.float16),
                 "vectors": service.store.vectors_of(space.id, ids.tolist()).astype(np.float32),
             }
-            if include_s2:
+            if include_s2:  # refused for 3-D spaces above: their stage-2 head is never trained
                 arrays["s2"] = service.encoder.s2_latent(torch.from_numpy(z32)).numpy().astype(np.float16)
             shard = f"latents-{number:05d}.npz" if "npz" in formats else "latents.h5"
             if "npz" in formats:

@@ -55,7 +55,7 @@ def _pool_missing(service: SpaceService, *, space_id: int, encoder_key: str, spe
         if not todo:
             continue
         z = torch.from_numpy(np.stack([latent for _, latent in todo]))
-        vectors = pool(service.encoder.s2_latent(z), spec).numpy()
+        vectors = pool(service.head_latent(z), spec).numpy()
         service.store.add_vectors(space=space, vectors=[(image_id, vectors[i]) for i, (image_id, _) in enumerate(todo)])
         added += len(todo)
     return added

@@ -37,8 +37,8 @@ def stored_z(service: SpaceService, image_id: int) -> torch.Tensor:
 def similarity_map(service: SpaceService, query_z: torch.Tensor, target_id: int) -> SimilarityMap:
     """Cell-wise similarity between a query latent and a stored image, plus their search score."""
     target_z = stored_z(service, target_id)
-    s2 = service.encoder.s2_latent(torch.stack([query_z, target_z]))
-    vectors = service.pool_s2(s2)
+    s2 = service.head_latent(torch.stack([query_z, target_z]))
+    vectors = service.vectors_of(torch.stack([query_z, target_z]))
     return SimilarityMap(
         cells=cell_cosine(s2[0], s2[1]),
         score=float(np.dot(vectors[0], vectors[1])),
