@@ -165,3 +165,23 @@ def test_openvino_runtime_is_refused_where_it_cannot_run(tmp_path: Path) -> None
     with pytest.raises(ConfigurationError, match="2-D models on the CPU only"):
         MedVAEEncoder(tiny_settings(tmp_path, runtime="openvino", model="medvae_4_1_3d", volume_size=16))
     assert MedVAEEncoder(tiny_settings(tmp_path, runtime="auto", model="medvae_4_1_3d", volume_size=16)).openvino is None
+
+
+@pytest.mark.parametrize(("model", "grid"), [("medvae_4_1_2d", 16), ("medvae_8_1_2d", 8)])
+def test_one_channel_2d_models_ingest_and_search(model: str, grid: int, tmp_path: Path) -> None:
+    """Issue 13.5: the 1-channel 2-D models (no LoRA) build as medvae builds them, ingest and find themselves."""
+    from conftest import make_archive
+
+    from retrieval.ingest.pipeline import IngestPipeline
+    from retrieval.query.search import run_search
+    from retrieval.service import SpaceService
+
+    service = SpaceService(tiny_settings(tmp_path / "data", model=model, runtime="torch"))
+    assert service.encoder.architecture.in_channels == 1 and not service.encoder.architecture.lora
+    files = make_archive(tmp_path / "archive", studies=3, per_study=1)
+    assert IngestPipeline(service).run(tmp_path / "archive").ingested == 3
+    z = service.encoder.encode(np.stack([synthetic_image(5, size=64)]))
+    assert z.shape == (1, 1, grid, grid)
+    found = run_search(service, path=files[1], k=1)
+    assert found["results"][0]["study"]["label"] == "study_1" and found["results"][0]["score"] > 0.9999
+    assert service.vectors_of(z).shape == (1, service.space.dim)

@@ -71,6 +71,24 @@ ARCHITECTURES: dict[str, Architecture] = {
         embed_dim=3,
         lora=True,
     ),
+    # One grayscale channel, no LoRA: medvae builds these from the flat YAML (ddconfig, embed_dim)
+    # and loads the checkpoint as it is; its loaders average an image's channels for them.
+    "medvae_4_1_2d": Architecture(
+        name="medvae_4_1_2d",
+        hub_config="model_weights/medvae_4x1.yaml",
+        hub_checkpoint="model_weights/vae_4x_1c_2D.ckpt",
+        ddconfig=_kl_config(ch_mult=[1, 2, 4], z_channels=1, in_channels=1),
+        embed_dim=1,
+        lora=False,
+    ),
+    "medvae_8_1_2d": Architecture(
+        name="medvae_8_1_2d",
+        hub_config="model_weights/medvae_8x1.yaml",
+        hub_checkpoint="model_weights/vae_8x_1c_2D.ckpt",
+        ddconfig=_kl_config(ch_mult=[1, 2, 4, 4], z_channels=1, in_channels=1),
+        embed_dim=1,
+        lora=False,
+    ),
     # The 3-D models share their hub YAML with the 2-D 4x1/8x1 models (medvae's factory loads
     # `medvae_4x1.yaml` for both) and take one channel. The layout below is the 4x/8x kl layout
     # with one latent channel; the hub YAML, when it can be downloaded, is used instead.
