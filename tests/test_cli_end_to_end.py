@@ -235,3 +235,7 @@ def test_offline_first_run_says_so_once(cli_env: dict[str, str], tmp_path: Path)
     assert refused.returncode == 2
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "the Hugging Face hub (127.0.0.1:9) cannot be reached" in lines[0], refused.stderr
+    doctor = run_cli(env, "doctor", "--no-model")  # issue 13.6: `main` moves; a commit sha pins the weights
+    assert "RETRIEVAL_HUB_REVISION=main is a branch, not a commit" in doctor.stderr
+    pinned = run_cli(dict(env, RETRIEVAL_HUB_REVISION="0123456789abcdef0123456789abcdef01234567"), "doctor", "--no-model")
+    assert "is a branch" not in pinned.stderr

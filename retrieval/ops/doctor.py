@@ -74,6 +74,8 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
             "identity": encoder.weights.identity,
             "random": encoder.weights.is_random,
             "not_medvae_weights": encoder.weights.is_placeholder,  # random or the fake test encoder
+            # hub weights: the commit `hub_revision` resolved to (a branch such as `main` moves; a sha pins it)
+            "hub_commit": encoder.weights.identity.split("@", 1)[1].split(":", 1)[0] if encoder.weights.kind == "hub" else None,
             "precision": encoder.precision_label,
             "device": str(encoder.device),
         }
@@ -103,6 +105,10 @@ def _verdict(report: dict[str, Any], settings: Settings) -> dict[str, Any]:
     warnings = []
     if settings.privacy.id_secret == DEFAULT_ID_SECRET:
         warnings.append("RETRIEVAL_ID_SECRET is the built-in placeholder: patient hashes can be reversed; set your own")
+    revision = settings.model.hub_revision
+    if settings.model.weights == "hub" and not (len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)):
+        warnings.append(f"RETRIEVAL_HUB_REVISION={revision} is a branch, not a commit: set the commit sha "
+                        f"(`hub_commit` above) to pin the weights")
     if report.get("weights", {}).get("not_medvae_weights"):
         warnings.append(f"weights are not MedVAE's trained ones ({settings.model.weights}): similarity is not meaningful")
     report["problems"], report["warnings"] = problems, warnings
