@@ -1,4 +1,4 @@
-"""Retrieval quality on labelled archives: ``eval`` and ``classify``."""
+"""Retrieval quality on labelled archives (``eval``, ``classify``) and parity with medvae (``verify-weights``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 
 from retrieval.cli.common import (
     app,
+    fail,
     model_settings,
     out,
     reported_errors,
@@ -113,3 +114,42 @@ def _split_poolings(text: str) -> list[str]:
         elif part:
             specs.append(part)
     return specs
+
+
+@app.command("verify-weights")
+def verify_weights_command(
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Images to compare (default: the bundled sample's PNGs).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+) -> None:
+    """Run medvae's own loader and model beside this project's path on the same images; exit 1 when they differ.
+
+    Run it first with real weights (hub or a checkpoint): fp32 differences above 1e-4 (relative) fail.
+    """
+    import tempfile
+
+    from retrieval.ops.sample import write_sample_set
+    from retrieval.ops.verify import verify_weights
+
+    current = model_settings()
+    with reported_errors(as_json=as_json), tempfile.TemporaryDirectory() as folder:
+        if not images:
+            sample = write_sample_set(Path(folder) / "sample", studies=2, images_per_study=2)
+            images = sorted(p for p in sample.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        missing = [str(path) for path in images if not path.is_file()]
+        if missing:
+            raise fail(RetrievalError(f"{missing[0]}: no such file"), as_json=as_json)
+        result = verify_weights(current, list(images))
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"{result['model']} ({result['weights']}): medvae's path vs ours, fp32, tolerance {result['tolerance']:g}",
+                  highlight=False)
+        for row in result["images"]:
+            verdict = "known" if row["departures"] else "ok" if row["passed"] else "DIFFERS"
+            out.print(f"  {verdict:7} z {row['z']:.2e}  s2 {row['s2']:.2e}  vector {row['vector']:.2e}  {row['source']}",
+                      highlight=False, markup=False)
+            for departure in row["departures"]:
+                out.print(f"          known departure (not counted): {departure}", highlight=False, markup=False)
+        out.print("parity holds" if result["passed"] else "parity does NOT hold", highlight=False)
+    if not result["passed"]:
+        raise typer.Exit(code=1)
