@@ -185,3 +185,10 @@ def test_one_channel_2d_models_ingest_and_search(model: str, grid: int, tmp_path
     found = run_search(service, path=files[1], k=1)
     assert found["results"][0]["study"]["label"] == "study_1" and found["results"][0]["score"] > 0.9999
     assert service.vectors_of(z).shape == (1, service.space.dim)
+    from retrieval.ops.export import export_latents
+    from retrieval.query.previews import preview_png
+
+    assert preview_png(service, 1).startswith(b"\x89PNG")  # decoded from the stored 1-channel z
+    export_latents(service, tmp_path / "export", formats=("npz",), include_s2=True)
+    shard = np.load(tmp_path / "export" / "latents-00000.npz")
+    assert shard["z"].shape == (3, 1, grid, grid) and shard["s2"].shape[0] == 3
