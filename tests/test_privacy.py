@@ -65,3 +65,6 @@ def test_postgresql_refuses_the_placeholder_secret(tmp_path: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     refused = subprocess.run([sys.executable, "-m", "retrieval", "doctor"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "RETRIEVAL_ID_SECRET" in refused.stderr
+    # issue 16.7: one plain line, not pydantic's "1 validation error ... errors.pydantic.dev" block
+    assert "validation error" not in refused.stderr and "errors.pydantic.dev" not in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0, refused.stderr
