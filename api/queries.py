@@ -79,9 +79,13 @@ async def parse_query_request(request: Request, model: type[Params]) -> tuple[Pa
         }
         if form.get("filters"):
             values["filters"] = parse_json(str(form["filters"]), field="filters")
+        for name in ("positive", "negative"):  # form fields: comma-separated image ids
+            if name in values:
+                values[name] = [part.strip() for part in str(values[name]).split(",") if part.strip()]
         params = _validated(model, values)
         if upload is None or isinstance(upload, str):
-            if params.image_id is None and not params.image_url and not params.image_base64:
+            feedback = getattr(params, "positive", None)  # search only: positive examples are a query of their own
+            if params.image_id is None and not params.image_url and not params.image_base64 and not feedback:
                 raise InvalidRequestError("a multipart request needs a `file` field", detail={"field": "file"})
             return params, None, ""
         return params, await upload.read(), upload.filename or "upload"

@@ -111,8 +111,18 @@ class SearchParams(QueryImage):
     k: int = Field(10, ge=1, le=1000)
     filters: SearchFilters = SearchFilters()
     min_score: float | None = Field(None, ge=-1.0, le=1.0)
-    group_by: Literal["study", "image"] = "study"
+    group_by: Literal["study", "image", "patient"] = Field(
+        "study", description="One hit per study, per image, or per patient (images without a patient id: per study)."
+    )
     exclude_same_patient: bool = False
+    exclude_self: bool = Field(False, description="With image_id: leave the query image itself out of the results.")
+    positive: list[int] = Field(
+        default_factory=list, max_length=100,
+        description="Relevance feedback: stored image ids the results should be more like (Rocchio; with or without "
+        "a query image). Feedback images are left out of the results.",
+    )
+    negative: list[int] = Field(default_factory=list, max_length=100,
+                                description="Stored image ids the results should be less like.")
     previews: Literal["none", "url", "inline"] = "url"
     sort: Literal["score", "psnr", "ssim"] = "score"
     space: str | None = Field(

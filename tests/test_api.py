@@ -191,7 +191,7 @@ def test_unknown_fields_and_filter_keys_are_422_naming_them(client: TestClient) 
     cases = [
         ("/v1/search", {"image_id": 1, "filters": {"label": ["nodule"]}}, "filters", "`label`"),
         ("/v1/search", {"image_id": 1, "filters": {"bodypart": ["CHEST"]}}, "filters", "`bodypart`"),
-        ("/v1/search", {"image_id": 1, "positive": [8]}, "", "`positive`"),
+        ("/v1/search", {"image_id": 1, "more_like": [8]}, "", "`more_like`"),
         ("/v1/similarity-map", {"image_id": 1, "target_image_id": 2, "colour": "red"}, "", "`colour`"),
         ("/score", {"input_data": {"columns": ["image_path"], "data": [], "rows": 1}}, "input_data", "`rows`"),
         ("/v1/ingest-jobs", {"source": "/x", "priority": 1}, "", "`priority`"),

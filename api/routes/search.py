@@ -32,10 +32,13 @@ _REQUEST_BODY: dict[str, Any] = {
                         "k": {"type": "integer", "minimum": 1, "maximum": 1000},
                         "filters": {"type": "string", "description": "JSON object of filters"},
                         "min_score": {"type": "number"},
-                        "group_by": {"type": "string", "enum": ["study", "image"]},
+                        "group_by": {"type": "string", "enum": ["study", "image", "patient"]},
                         "exclude_same_patient": {"type": "boolean"},
                         "previews": {"type": "string", "enum": ["none", "url", "inline"]},
                         "sort": {"type": "string", "enum": ["score", "psnr", "ssim"]},
+                        "positive": {"type": "string", "description": "comma-separated stored image ids (more like these)"},
+                        "negative": {"type": "string", "description": "comma-separated stored image ids (less like these)"},
+                        "exclude_self": {"type": "boolean"},
                     },
                     "required": ["file"],
                 }
@@ -57,14 +60,17 @@ async def search(request: Request, spaces: SpacesDep, background_tasks: Backgrou
     started = time.perf_counter()
     params, upload, upload_name = await parse_query_request(request, SearchParams)
     service = await run_in_threadpool(spaces.get, params.space)
-    data, name = await query_image_bytes(params, upload, upload_name, service.settings)
-    query = Query(data=data, data_name=name, image_id=params.image_id if data is None else None)
+    feedback_only = upload is None and params.positive and not (params.image_base64 or params.image_url or params.image_id)
+    data, name = (None, "") if feedback_only else await query_image_bytes(params, upload, upload_name, service.settings)
+    query = Query(data=data, data_name=name, image_id=params.image_id if data is None else None,
+                  positive=tuple(params.positive), negative=tuple(params.negative))
     options = SearchOptions(
         k=params.k,
         filters=params.filters.to_filters(params.min_score),
         group_by=params.group_by,
         exclude_same_patient=params.exclude_same_patient,
         sort=params.sort,
+        exclude_self=params.exclude_self,
     )
     payload = await run_in_threadpool(run_query, service, query, options)
     base = str(request.base_url).rstrip("/")

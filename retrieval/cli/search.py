@@ -28,29 +28,30 @@ def search(
     image_id: Annotated[Optional[int], typer.Option(help="Query with an image already in the archive.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Number of studies (or images).")] = 10,
     filters: Annotated[Optional[list[str]], typer.Option("--filter", help="key=value: modality, body_part, view, laterality, patient_sex, label, date_from, date_to, age_from, age_to, study_uid, series_uid, sop_uid, min_score, min_psnr, max_psnr, min_ssim, max_ssim.")] = None,
-    group_by: Annotated[str, typer.Option(help="study | image")] = "study",
+    group_by: Annotated[str, typer.Option(help="study | image | patient")] = "study",
     exclude_same_patient: Annotated[bool, typer.Option(help="Drop images of the query's patient (needs --image-id or a DICOM query).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     sort: Annotated[str, typer.Option(help="score | psnr | ssim (reconstruction quality, worst first).")] = "score",
+    more_like: Annotated[Optional[list[int]], typer.Option("--more-like", help="Relevance feedback: a stored image the results should resemble (repeatable).")] = None,
+    less_like: Annotated[Optional[list[int]], typer.Option("--less-like", help="A stored image the results should not resemble (repeatable).")] = None,
+    exclude_self: Annotated[bool, typer.Option(help="With --image-id: leave the query image out of the results.")] = False,
 ) -> None:
-    """Find the studies most similar to IMAGE (or to --image-id)."""
+    """Find the studies most similar to IMAGE (or to --image-id), optionally refined by --more-like / --less-like."""
+    from retrieval.errors import InvalidRequestError
     from retrieval.query.search import run_search
 
     current = settings()
     warn_if_random(current)
     try:
-        if (image is None) == (image_id is None):
-            from retrieval.errors import InvalidRequestError
-
-            raise InvalidRequestError("give exactly one of IMAGE or --image-id", detail={"field": "image"})
-        if group_by not in ("study", "image"):
-            from retrieval.errors import InvalidRequestError
-
-            raise InvalidRequestError("--group-by must be `study` or `image`", detail={"field": "group_by"})
+        if image is not None and image_id is not None:
+            raise InvalidRequestError("give IMAGE or --image-id, not both", detail={"field": "image"})
+        if image is None and image_id is None and not more_like:
+            raise InvalidRequestError("give IMAGE, --image-id or --more-like", detail={"field": "image"})
         service = service_for(current)
         payload = run_search(
             service, path=image, image_id=image_id, k=k, filter_pairs=filters or [], group_by=group_by,
-            exclude_same_patient=exclude_same_patient, sort=sort,
+            exclude_same_patient=exclude_same_patient, sort=sort, exclude_self=exclude_self,
+            positive=tuple(more_like or ()), negative=tuple(less_like or ()),
         )
     except RetrievalError as exc:
         raise fail(exc, as_json=as_json) from None

@@ -40,6 +40,7 @@ class Filters:
     min_score: float | None = None
     exclude_patient_hash: str | None = None
     exclude_study_id: int | None = None  # the query's own study, when its patient is unknown
+    exclude_image_ids: set[int] = field(default_factory=set)  # feedback examples, the query image itself
     #: reconstruction quality bounds (images without a stored score never pass a bound)
     quality: dict[str, float] = field(default_factory=dict)  # min_psnr, max_psnr, min_ssim, max_ssim
 
@@ -126,6 +127,8 @@ class Filters:
         if self.exclude_patient_hash and image.patient_hash == self.exclude_patient_hash:
             return False
         if self.exclude_study_id is not None and image.study_id == self.exclude_study_id:
+            return False
+        if image.id in self.exclude_image_ids:
             return False
         for key, bound in self.quality.items():
             value = image.recon_psnr if key.endswith("psnr") else image.recon_ssim

@@ -41,16 +41,24 @@ class Query:
     data_name: str = "upload"
     image_id: int | None = None
     vector: np.ndarray | None = None
+    #: relevance feedback: stored images the results should be more like / less like (Rocchio)
+    positive: tuple[int, ...] = ()
+    negative: tuple[int, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """The ``query`` field of the payload."""
+        feedback = {"positive": list(self.positive), "negative": list(self.negative)} if self.positive or self.negative else {}
         if self.image_id is not None:
-            return {"image_id": self.image_id}
+            return {"image_id": self.image_id, **feedback}
         if self.path is not None:
-            return {"source": str(self.path)}
+            return {"source": str(self.path), **feedback}
         if self.data is not None:
-            return {"source": self.data_name}
-        return {"source": "vector"}
+            return {"source": self.data_name, **feedback}
+        return {"source": "vector" if self.vector is not None else "feedback", **feedback}
+
+    @property
+    def has_image(self) -> bool:
+        return any(value is not None for value in (self.path, self.data, self.image_id, self.vector))
 
 
 @dataclass
@@ -59,15 +67,24 @@ class SearchOptions:
 
     k: int = 10
     filters: Filters = field(default_factory=Filters)
-    group_by: Literal["study", "image"] = "study"
+    group_by: Literal["study", "image", "patient"] = "study"
     exclude_same_patient: bool = False
     sort: str = "score"
+    exclude_self: bool = False  # an image_id query: leave the query image itself out
 
 
 def search(service: SpaceService, query: Query, options: SearchOptions) -> dict[str, Any]:
     """Search the service's space; returns the ``--json`` / API payload (without ``took_ms``)."""
-    vector, patient_hash = _query_vector(service, query)
+    vector, patient_hash = _query_vector(service, query) if query.has_image else (None, None)
+    if query.positive or query.negative:
+        vector = rocchio(service, vector, query.positive, query.negative)
+    elif vector is None:
+        raise InvalidRequestError("a query needs an image file, an image id, a vector or positive examples",
+                                  detail={"field": "image"})
     filters, warnings = options.filters, []
+    # the examples were seen already; an image_id query with exclude_self is too
+    filters.exclude_image_ids = {*query.positive, *query.negative} | (
+        {query.image_id} if options.exclude_self and query.image_id is not None else set())
     if options.exclude_same_patient:
         warnings += _exclude_same_patient(service, query, patient_hash, filters)
     groups = search_vector(service, vector, k=options.k, filters=filters, group_by=options.group_by)
@@ -127,15 +144,16 @@ def run_search(
     group_by: str = "study",
     exclude_same_patient: bool = False,
     sort: str = "score",
+    exclude_self: bool = False,
     **query: Any,
 ) -> dict[str, Any]:
     """Keyword form of :func:`search`: ``query`` holds :class:`Query` fields, filters come as
     ``key=value`` strings (``filter_pairs``) or ready :class:`Filters`."""
-    if group_by not in ("study", "image"):
-        raise InvalidRequestError("group_by must be `study` or `image`", detail={"field": "group_by"})
+    if group_by not in ("study", "image", "patient"):
+        raise InvalidRequestError("group_by must be `study`, `image` or `patient`", detail={"field": "group_by"})
     options = SearchOptions(
         k=k, filters=filters or Filters.parse(filter_pairs or []), group_by=group_by,  # type: ignore[arg-type]
-        exclude_same_patient=exclude_same_patient, sort=sort,
+        exclude_same_patient=exclude_same_patient, sort=sort, exclude_self=exclude_self,
     )
     return search(service, Query(**query), options)
 
@@ -164,7 +182,7 @@ def search_vector(
     *,
     k: int = 10,
     filters: Filters | None = None,
-    group_by: Literal["study", "image"] = "study",
+    group_by: Literal["study", "image", "patient"] = "study",
 ) -> list[StudyHit]:
     """Top-``k`` studies (or single images) for a query vector of the service's space."""
     if k < 1:
@@ -192,12 +210,42 @@ def _group(
         image = rows.get(image_id)
         if image is None or not filters.accepts(image, score):
             continue
-        key = image.study_id if group_by == "study" else image.id
+        key = _group_key(image, group_by)
         group = groups.get(key)
         if group is None:
             group = groups[key] = StudyHit(study=image.study, score=score)
         group.images.append(ImageHit(image=image, score=score))
     return sorted(groups.values(), key=lambda g: g.score, reverse=True)
+
+
+def _group_key(image: ImageRecord, group_by: str) -> Any:
+    """One hit per study, per image, or per patient (an image without a patient id counts as its study's)."""
+    if group_by == "image":
+        return image.id
+    if group_by == "patient":
+        return ("patient", image.patient_hash) if image.patient_hash else ("study", image.study_id)
+    return image.study_id
+
+
+ROCCHIO = (1.0, 0.75, 0.15)
+"""(alpha, beta, gamma): SMART's classic weights, positives pulling four to five times as hard as negatives push."""
+
+
+def rocchio(service: SpaceService, query: np.ndarray | None, positive: tuple[int, ...], negative: tuple[int, ...]) -> np.ndarray:
+    """Rocchio relevance feedback on the space's L2-normalised vectors, renormalised:
+    alpha * query + beta * mean(positive) - gamma * mean(negative) (the query term only when there is one)."""
+    alpha, beta, gamma = ROCCHIO
+    if query is None and not positive:
+        raise InvalidRequestError("feedback without a query needs at least one positive example", detail={"field": "positive"})
+    moved = np.zeros_like(stored_vector(service, (positive or negative)[0]))
+    if query is not None:
+        moved += alpha * query
+    if positive:
+        moved += beta * np.mean([stored_vector(service, image_id) for image_id in positive], axis=0)
+    if negative:
+        moved -= gamma * np.mean([stored_vector(service, image_id) for image_id in negative], axis=0)
+    norm = float(np.linalg.norm(moved))
+    return (moved / norm).astype(np.float32) if norm > 0 else moved.astype(np.float32)
 
 
 def stored_vector(service: SpaceService, image_id: int) -> np.ndarray:
