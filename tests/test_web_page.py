@@ -240,7 +240,9 @@ def test_pick_the_3d_space_and_search_by_a_volume(site: tuple[str, Path], browse
     first.get_by_role("button", name="More like this").click()
     expect(page).to_have_url(re.compile(r"space=[0-9a-f]{64}"))
     _wait_for_results(page)
-    expect(page.locator("#results > li").first.locator("h3")).to_contain_text("subject1.nii.gz")
+    # the page leaves the query volume itself out (exclude_self): the other subject is the answer
+    expect(page.locator("#results > li")).to_have_count(1)
+    expect(page.locator("#results > li").first.locator("h3")).to_contain_text("subject0.nii.gz")
     page.screenshot(path=str(SCREENSHOTS / "volume-space.png"), full_page=True)
 
 
@@ -380,3 +382,34 @@ def test_titles_dialogs_and_phone_layout(site: tuple[str, Path], browser: Browse
     expect(phone.locator("#filter-summary")).to_have_text("Filters (1 set)")
     page.context.close()
     phone.context.close()
+
+
+def test_relevance_feedback_marks_refine_and_travel_in_the_link(site: tuple[str, Path], browser: Browser) -> None:
+    """Issue 15: mark results relevant / not relevant, refine, share the link, clear the marks."""
+    base, _ = site
+    page = _page(browser)
+    page.goto(f"{base}/?image_id=4&k=12")
+    _wait_for_results(page)
+    shown = page.evaluate("() => state.payload.results.map(r => r.images[0].image_id)")
+    assert 4 not in shown  # exclude_self: the query image is not one of its own results
+    good, bad = shown[0], shown[1]
+    page.get_by_role("button", name=f"Relevant: image {good}", exact=True).click()
+    page.get_by_role("button", name=f"Not relevant: image {bad}", exact=True).click()
+    expect(page.get_by_role("button", name=f"Relevant: image {good}", exact=True)).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#feedback-list")).to_have_text(f"More like: #{good} · less like: #{bad}")
+    page.click("#refine")
+    _wait_for_results(page)
+    page.wait_for_function(f"() => new URLSearchParams(location.search).get('positive') === '{good}'")
+    refined = page.evaluate("() => state.payload.results.map(r => r.images[0].image_id)")
+    assert good not in refined and bad not in refined  # the examples were seen
+    assert page.evaluate("() => state.payload.query") == {"image_id": 4, "positive": [good], "negative": [bad]}
+    shared = _page(browser)
+    shared.goto(page.url)
+    _wait_for_results(shared)
+    expect(shared.locator("#feedback")).to_be_visible()
+    assert shared.evaluate("() => state.payload.query.negative") == [bad]
+    shared.click("#clear-feedback")
+    _wait_for_results(shared)
+    expect(shared.locator("#feedback")).to_be_hidden()
+    page.context.close()
+    shared.context.close()

@@ -10,6 +10,8 @@ const state = {
   info: null,
   spaces: [],          // GET /v1/spaces
   apiKey: sessionStorage.getItem("medvae-api-key") || "",
+  positive: new Set(),  // relevance feedback: stored image ids marked relevant / not relevant
+  negative: new Set(),
 };
 const FILTER_FIELDS = ["modality", "body_part", "view", "laterality", "labels", "date_from", "date_to",
   "patient_sex", "age_from", "age_to"];
@@ -222,13 +224,16 @@ function searchRequest() {
     exclude_same_patient: form.exclude_same_patient.checked,
     previews: "url",
   };
+  if (state.imageId && !state.file) common.exclude_self = true;  // the query image itself is not a result
+  if (state.positive.size) common.positive = [...state.positive];
+  if (state.negative.size) common.negative = [...state.negative];
   if (form.space.value) common.space = form.space.value;
   if (minScore) common.min_score = Number(minScore);
   if (state.file) {
     const body = new FormData();
     body.append("file", state.file, state.file.name);
     for (const [key, value] of Object.entries(common)) {
-      body.append(key, typeof value === "object" ? JSON.stringify(value) : String(value));
+      body.append(key, Array.isArray(value) ? value.join(",") : typeof value === "object" ? JSON.stringify(value) : String(value));
     }
     return { method: "POST", body };
   }
@@ -375,6 +380,7 @@ function renderResults(payload) {
     if (selectedSpace()?.dims !== 3) {  // the cell-by-cell heat map is drawn for 2-D latents
       actions.insertBefore(button("Compare", () => openCompare(best.image_id), `Compare: query with image ${best.image_id}`), actions.children[1]);
     }
+    actions.append(feedbackButton(best.image_id, true), feedbackButton(best.image_id, false));
     item.append(title, score, imageFigure(best), actions);
     if (result.images.length > 1) {
       const more = document.createElement("details");
@@ -398,8 +404,46 @@ function renderResults(payload) {
   $("#export-csv").disabled = $("#export-json").disabled = payload.results.length === 0;
 }
 
+// ---------- relevance feedback ----------
+
+// A toggle on a result: relevant (more like this one) or not relevant (less like it); one mark per image.
+function feedbackButton(imageId, relevant) {
+  const marks = relevant ? state.positive : state.negative;
+  const element = button(relevant ? "👍 Relevant" : "👎 Not relevant", () => {
+    const other = relevant ? state.negative : state.positive;
+    if (marks.has(imageId)) marks.delete(imageId); else { marks.add(imageId); other.delete(imageId); }
+    renderFeedback();
+  }, `${relevant ? "Relevant" : "Not relevant"}: image ${imageId}`);
+  element.dataset.feedbackId = String(imageId);
+  element.dataset.relevant = relevant ? "1" : "0";
+  element.classList.add(relevant ? "mark-positive" : "mark-negative");
+  element.setAttribute("aria-pressed", String(marks.has(imageId)));
+  return element;
+}
+
+function renderFeedback() {
+  for (const toggle of document.querySelectorAll("[data-feedback-id]")) {
+    const marks = toggle.dataset.relevant === "1" ? state.positive : state.negative;
+    toggle.setAttribute("aria-pressed", String(marks.has(Number(toggle.dataset.feedbackId))));
+  }
+  const bar = $("#feedback");
+  const ids = (marks) => [...marks].map((id) => `#${id}`).join(", ") || "none";
+  bar.hidden = !state.positive.size && !state.negative.size;
+  $("#feedback-list").textContent = `More like: ${ids(state.positive)} · less like: ${ids(state.negative)}`;
+}
+
+function clearFeedback() {
+  state.positive.clear();
+  state.negative.clear();
+  renderFeedback();
+}
+
+$("#refine").addEventListener("click", () => runSearch());
+$("#clear-feedback").addEventListener("click", () => { clearFeedback(); runSearch(); });
+
 function moreLikeThis(imageId) {
   closeOverlays();
+  clearFeedback();
   state.file = null;
   state.imageId = imageId;
   state.k = pageSize();
@@ -417,12 +461,14 @@ function writeUrl() {
   const form = $("#filters").elements;
   if (form.min_score.value) params.set("min_score", form.min_score.value);
   if (form.exclude_same_patient.checked) params.set("exclude_same_patient", "1");
+  if (state.positive.size) params.set("positive", [...state.positive].join(","));
+  if (state.negative.size) params.set("negative", [...state.negative].join(","));
   params.set("k", state.k);
   const url = `${location.pathname}?${params}${location.hash}`;
   if (url !== `${location.pathname}${location.search}${location.hash}`) history.pushState(null, "", url);
 }
 
-const URL_PARAMS = new Set(["space", "image_id", "k", "min_score", "exclude_same_patient", ...FILTER_FIELDS]);
+const URL_PARAMS = new Set(["space", "image_id", "k", "min_score", "exclude_same_patient", "positive", "negative", ...FILTER_FIELDS]);
 
 // What is wrong with a shared link's parameters (a typo must never be ignored silently); [] when none.
 function urlProblems(params) {
@@ -431,6 +477,9 @@ function urlProblems(params) {
   const whole = (name) => params.has(name) && !/^[1-9][0-9]*$/.test(params.get(name));
   if (whole("k")) problems.push(`k=${params.get("k")} is not a positive whole number`);
   if (whole("image_id")) problems.push(`image_id=${params.get("image_id")} is not a positive whole number`);
+  for (const name of ["positive", "negative"]) {
+    if (params.has(name) && !/^[1-9][0-9]*(,[1-9][0-9]*)*$/.test(params.get(name))) problems.push(`${name}=${params.get(name)} is not a list of image ids`);
+  }
   const minScore = params.get("min_score");  // a number input drops what is not a number: check the link itself
   if (minScore !== null && !(Number(minScore) >= -1 && Number(minScore) <= 1)) problems.push(`min score ${minScore} is not a number from -1 to 1`);
   for (const name of ["age_from", "age_to"]) {
@@ -461,6 +510,9 @@ function readUrl() {
     showError(`This link asks for something that cannot be searched: ${problems.join("; ")}.`);
     return;
   }
+  state.positive = new Set((params.get("positive") || "").split(",").filter(Boolean).map(Number));
+  state.negative = new Set((params.get("negative") || "").split(",").filter(Boolean).map(Number));
+  renderFeedback();
   const imageId = Number(params.get("image_id"));
   if (imageId > 0) {
     state.file = null;
