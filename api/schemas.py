@@ -123,6 +123,11 @@ class SearchParams(QueryImage):
     )
     negative: list[int] = Field(default_factory=list, max_length=100,
                                 description="Stored image ids the results should be less like.")
+    rerank: Literal["none", "latent"] = Field(
+        "none", description="`latent`: re-score the ANN's top `rerank_depth` images with the whole stored latent "
+        "(cosine of the stage-2 grid); needs a query image.",
+    )
+    rerank_depth: int = Field(100, ge=1, le=1000)
     previews: Literal["none", "url", "inline"] = "url"
     sort: Literal["score", "psnr", "ssim"] = "score"
     space: str | None = Field(

@@ -67,10 +67,36 @@ def test_feedback_over_the_api_and_the_cli(tmp_path: Path) -> None:
         assert {1, 3, 5}.isdisjoint(ids) and body["query"]["positive"] == [3]
         form = client.post("/v1/search", files={"positive": (None, "3,4"), "group_by": (None, "image")}).json()
         assert form["query"] == {"source": "feedback", "positive": [3, 4], "negative": []}
+        reranked = client.post("/v1/search", json={"image_id": 2, "rerank": "latent", "rerank_depth": 5, "k": 8,
+                                                   "group_by": "image"}).json()
+        assert len(reranked["results"]) == 5  # nothing beyond the re-ranked depth
+        assert client.post("/v1/search", json={"image_id": 2, "rerank": "pixels"}).status_code == 422
         missing = client.post("/v1/search", json={"positive": [999]})
         assert missing.status_code == 404 and "999" in missing.json()["error"]["message"]
     env = {"RETRIEVAL_DATA_DIR": str(tmp_path / "data"), "RETRIEVAL_WEIGHTS": "fake", "RETRIEVAL_INPUT_SIZE": "64",
            "RETRIEVAL_ID_SECRET": "test-secret-not-for-production"}
     cli = run_cli(env, "search", "--more-like", "3", "--less-like", "5", "--group-by", "image", "-k", "3", "--json")
+    reranked = json.loads(run_cli(env, "search", "--image-id", "2", "--rerank", "latent", "--json").stdout)
+    assert reranked["results"][0]["images"][0]["image_id"] == 2
     payload = json.loads(cli.stdout)
     assert payload["query"] == {"source": "feedback", "positive": [3], "negative": [5]} and len(payload["results"]) == 3
+
+
+def test_rerank_with_the_stored_latents(settings: Settings, tmp_path: Path) -> None:
+    """Issue 15: rerank=latent re-scores the ANN's top N with the cosine of the whole stage-2 latent."""
+    import torch
+
+    service = _archive(settings, tmp_path)
+    reranked = run_search(service, image_id=2, k=8, group_by="image", rerank="latent")
+    query = service.head_latent(torch.from_numpy(service.stored_latent(2))[None]).flatten()
+    for result in reranked["results"]:
+        image_id = result["images"][0]["image_id"]
+        other = service.head_latent(torch.from_numpy(service.stored_latent(image_id))[None]).flatten()
+        expected = float(torch.nn.functional.cosine_similarity(query, other, dim=0))
+        assert abs(result["score"] - expected) < 1e-5
+    scores = [r["score"] for r in reranked["results"]]
+    assert scores == sorted(scores, reverse=True) and reranked["results"][0]["images"][0]["image_id"] == 2
+    plain = run_search(service, image_id=2, k=8, group_by="image")
+    assert [r["score"] for r in plain["results"]] != scores  # pooled vs whole-latent scores
+    only_feedback = run_search(service, positive=(3,), k=2, rerank="latent")
+    assert any("needs a query image" in w for w in only_feedback["warnings"])

@@ -39,6 +39,8 @@ _REQUEST_BODY: dict[str, Any] = {
                         "positive": {"type": "string", "description": "comma-separated stored image ids (more like these)"},
                         "negative": {"type": "string", "description": "comma-separated stored image ids (less like these)"},
                         "exclude_self": {"type": "boolean"},
+                        "rerank": {"type": "string", "enum": ["none", "latent"]},
+                        "rerank_depth": {"type": "integer", "minimum": 1, "maximum": 1000},
                     },
                     "required": ["file"],
                 }
@@ -71,6 +73,8 @@ async def search(request: Request, spaces: SpacesDep, background_tasks: Backgrou
         exclude_same_patient=params.exclude_same_patient,
         sort=params.sort,
         exclude_self=params.exclude_self,
+        rerank=params.rerank,
+        rerank_depth=params.rerank_depth,
     )
     payload = await run_in_threadpool(run_query, service, query, options)
     base = str(request.base_url).rstrip("/")

@@ -35,6 +35,7 @@ def search(
     more_like: Annotated[Optional[list[int]], typer.Option("--more-like", help="Relevance feedback: a stored image the results should resemble (repeatable).")] = None,
     less_like: Annotated[Optional[list[int]], typer.Option("--less-like", help="A stored image the results should not resemble (repeatable).")] = None,
     exclude_self: Annotated[bool, typer.Option(help="With --image-id: leave the query image out of the results.")] = False,
+    rerank: Annotated[str, typer.Option(help="none | latent: re-score the ANN's top 100 with the whole stored latent.")] = "none",
 ) -> None:
     """Find the studies most similar to IMAGE (or to --image-id), optionally refined by --more-like / --less-like."""
     from retrieval.errors import InvalidRequestError
@@ -50,7 +51,7 @@ def search(
         service = service_for(current)
         payload = run_search(
             service, path=image, image_id=image_id, k=k, filter_pairs=filters or [], group_by=group_by,
-            exclude_same_patient=exclude_same_patient, sort=sort, exclude_self=exclude_self,
+            exclude_same_patient=exclude_same_patient, sort=sort, exclude_self=exclude_self, rerank=rerank,
             positive=tuple(more_like or ()), negative=tuple(less_like or ()),
         )
     except RetrievalError as exc:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from retrieval.domain.evaluation import neighbour_label_scores
 from retrieval.domain.filters import Filters
@@ -27,6 +28,7 @@ from retrieval.query.inputs import (
     decode_query_file,
     query_patient_hash,
 )
+from retrieval.query.rerank import DEFAULT_DEPTH, Rescorer, latent_rescorer
 from retrieval.query.results import ImageHit, StudyHit, results_json
 from retrieval.service import SpaceService
 from retrieval.storage.orm import ImageRecord
@@ -71,11 +73,13 @@ class SearchOptions:
     exclude_same_patient: bool = False
     sort: str = "score"
     exclude_self: bool = False  # an image_id query: leave the query image itself out
+    rerank: Literal["none", "latent"] = "none"  # re-score the ANN's top rerank_depth with the stored latents
+    rerank_depth: int = DEFAULT_DEPTH
 
 
 def search(service: SpaceService, query: Query, options: SearchOptions) -> dict[str, Any]:
     """Search the service's space; returns the ``--json`` / API payload (without ``took_ms``)."""
-    vector, patient_hash = _query_vector(service, query) if query.has_image else (None, None)
+    vector, patient_hash, query_z = _query_vector(service, query) if query.has_image else (None, None, None)
     if query.positive or query.negative:
         vector = rocchio(service, vector, query.positive, query.negative)
     elif vector is None:
@@ -87,7 +91,13 @@ def search(service: SpaceService, query: Query, options: SearchOptions) -> dict[
         {query.image_id} if options.exclude_self and query.image_id is not None else set())
     if options.exclude_same_patient:
         warnings += _exclude_same_patient(service, query, patient_hash, filters)
-    groups = search_vector(service, vector, k=options.k, filters=filters, group_by=options.group_by)
+    rescore = None
+    if options.rerank == "latent" and query_z is None:
+        warnings.append("rerank=latent needs a query image (an upload or an image id): not re-ranked")
+    elif options.rerank == "latent":
+        rescore = latent_rescorer(service, query_z, options.rerank_depth)
+    groups = search_vector(service, vector, k=options.k, filters=filters, group_by=options.group_by, rescore=rescore,
+                           depth=options.rerank_depth)
     groups = sort_groups(groups, options.sort)
     if not groups:
         warnings += _what_removed_everything(service, vector, filters)
@@ -145,35 +155,41 @@ def run_search(
     exclude_same_patient: bool = False,
     sort: str = "score",
     exclude_self: bool = False,
+    rerank: str = "none",
     **query: Any,
 ) -> dict[str, Any]:
     """Keyword form of :func:`search`: ``query`` holds :class:`Query` fields, filters come as
     ``key=value`` strings (``filter_pairs``) or ready :class:`Filters`."""
     if group_by not in ("study", "image", "patient"):
         raise InvalidRequestError("group_by must be `study`, `image` or `patient`", detail={"field": "group_by"})
+    if rerank not in ("none", "latent"):
+        raise InvalidRequestError("rerank must be `none` or `latent`", detail={"field": "rerank"})
     options = SearchOptions(
         k=k, filters=filters or Filters.parse(filter_pairs or []), group_by=group_by,  # type: ignore[arg-type]
         exclude_same_patient=exclude_same_patient, sort=sort, exclude_self=exclude_self,
+        rerank=rerank,  # type: ignore[arg-type]
     )
     return search(service, Query(**query), options)
 
 
-def _query_vector(service: SpaceService, query: Query) -> tuple[np.ndarray, str | None]:
-    """The query's vector in the service's space and its patient hash (when known)."""
+def _query_vector(service: SpaceService, query: Query) -> tuple[np.ndarray, str | None, Any]:
+    """The query's vector in the service's space, its patient hash (when known) and its z (``None`` for a vector)."""
     if query.image_id is not None:
         rows = service.store.images_by_id([query.image_id])
         if query.image_id not in rows:
             raise NotFoundError(f"image {query.image_id} does not exist", detail={"image_id": query.image_id})
-        return stored_vector(service, query.image_id), rows[query.image_id].patient_hash
+        z = torch.from_numpy(service.stored_latent(query.image_id))
+        return stored_vector(service, query.image_id), rows[query.image_id].patient_hash, z
     if query.path is not None:
         decoded = decode_query_file(service, query.path)
     elif query.data is not None:
         decoded = decode_query_bytes(service, query.data, query.data_name)
     elif query.vector is not None:
-        return query.vector, None
+        return query.vector, None, None
     else:
         raise InvalidRequestError("a query needs an image file, an image id or a vector", detail={"field": "image"})
-    return service.embed(decoded)[1], query_patient_hash(decoded, service.settings.privacy.id_secret)
+    z, vector = service.embed(decoded)
+    return vector, query_patient_hash(decoded, service.settings.privacy.id_secret), z
 
 
 def search_vector(
@@ -183,21 +199,26 @@ def search_vector(
     k: int = 10,
     filters: Filters | None = None,
     group_by: Literal["study", "image", "patient"] = "study",
+    rescore: Rescorer | None = None,
+    depth: int = DEFAULT_DEPTH,
 ) -> list[StudyHit]:
-    """Top-``k`` studies (or single images) for a query vector of the service's space."""
+    """Top-``k`` studies (or single images) for a query vector of the service's space; with ``rescore``,
+    the top ``depth`` ANN hits re-scored (one pass: nothing beyond them is returned)."""
     if k < 1:
         raise InvalidRequestError("k must be at least 1", detail={"field": "k"})
     filters = filters or Filters()
     index = service.searchable_index()
     total = index.count
-    fetch = min(total, k * service.settings.query.overfetch)
+    fetch = min(total, max(k * service.settings.query.overfetch, depth if rescore else 0))
     while True:
         tick = time.perf_counter()
         hits = index.search(vector, fetch)[0] if fetch else []
+        if rescore is not None:
+            hits = rescore(hits)
         service.observe("search_seconds", time.perf_counter() - tick)
         rows = service.store.images_by_id([image_id for image_id, _ in hits])
         groups = _group(hits, rows, filters, group_by)
-        if len(groups) >= k or fetch >= total:
+        if len(groups) >= k or fetch >= total or rescore is not None:
             return groups[:k]
         fetch = min(total, fetch * 4)
 

@@ -271,12 +271,15 @@ class Store:
             yield [(r[1], decode_latent(r[2], r[3])) for r in rows]
             last = rows[-1][0]
 
-    def latent(self, image_id: int, encoder_key: str) -> np.ndarray | None:
+    def latents_of(self, image_ids: Sequence[int], encoder_key: str) -> dict[int, np.ndarray]:
+        """Stored z of ``image_ids`` under ``encoder_key``, in one query; ids without one are absent."""
         with self.sessions() as session:
-            row = session.execute(
-                select(Latent.shape, Latent.data).where(Latent.image_id == image_id, Latent.encoder_key == encoder_key)
-            ).first()
-        return None if row is None else decode_latent(row[0], row[1])
+            rows = session.execute(select(Latent.image_id, Latent.shape, Latent.data).where(
+                Latent.encoder_key == encoder_key, Latent.image_id.in_(list(image_ids))))
+            return {int(row[0]): decode_latent(row[1], row[2]) for row in rows}
+
+    def latent(self, image_id: int, encoder_key: str) -> np.ndarray | None:
+        return self.latents_of([image_id], encoder_key).get(image_id)
 
     def images_by_id(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         """Image rows (with their study loaded) for the given ids."""
