@@ -2,7 +2,8 @@
 
 An archive of generated images is ingested with the fake encoder (its latents have MedVAE's
 shape: 4 x 48 x 48 at 384 px); the stage-2 head that re-ranking runs is then real MedVAE's
-(``medvae_8_4_2d``, seeded random weights, fp32 on the CPU). Each query re-scores its top N:
+(``medvae_8_4_2d``, seeded random weights, on the CPU in the encoder's precision: bf16 where the CPU has
+bf16 units, else fp32; ``--precision fp32`` forces fp32). Each query re-scores its top N:
 one SQL fetch of N latents, the head over them, the cosines. Prints p50 / p95 in ms and writes
 JSON to ``bench/results/``.
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=150)
     parser.add_argument("--depth", type=int, default=100)
     parser.add_argument("--queries", type=int, default=30)
+    parser.add_argument("--precision", default="auto", help="auto (bf16 on CPUs with bf16 units) or fp32")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -46,7 +48,7 @@ def main() -> None:
         settings = Settings(data_dir=root / "data", weights="fake", input_size=384, decode_workers=0, id_secret="bench")
         service = SpaceService(settings)
         IngestPipeline(service).run(root)
-        medvae = MedVAEEncoder(settings.replaced(weights="random", precision="fp32", runtime="torch"))
+        medvae = MedVAEEncoder(settings.replaced(weights="random", precision=args.precision, runtime="torch"))
         service.encoder.s2_latent = medvae.s2_latent  # type: ignore[method-assign]  # MedVAE's own head
         index = service.searchable_index()
         timings = []
@@ -58,10 +60,10 @@ def main() -> None:
             timings.append((time.perf_counter() - started) * 1e3)
         service.close()
     p50, p95 = np.percentile(timings, [50, 95])
-    print(f"rerank of the top {args.depth} (latents 4x48x48, MedVAE stage-2 head, fp32 CPU): "
+    print(f"rerank of the top {args.depth} (latents 4x48x48, MedVAE stage-2 head, {args.precision} CPU): "
           f"p50 {p50:.1f} ms, p95 {p95:.1f} ms over {args.queries} queries")
     result = {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-              "depth": args.depth, "queries": args.queries, "p50_ms": round(float(p50), 2), "p95_ms": round(float(p95), 2)}
+              "depth": args.depth, "queries": args.queries, "precision": args.precision, "p50_ms": round(float(p50), 2), "p95_ms": round(float(p95), 2)}
     print(f"wrote {write_result(args.out, 'rerank', result)}")
 
 

@@ -134,10 +134,11 @@ class SpaceService:
         self.observe("encode_seconds", time.perf_counter() - tick)
         return z, vectors
 
-    def head_latent(self, z: torch.Tensor) -> torch.Tensor:
+    def head_latent(self, z: torch.Tensor, *, fast: bool = False) -> torch.Tensor:
         """The latent this space pools: MedVAE's stage-2 latent for images; z itself for volumes, as
-        medvae's own 3-D ``encode`` returns (its 3-D stage-2 head is never trained)."""
-        return z.float() if self.is_volume_space else self.encoder.s2_latent(z)
+        medvae's own 3-D ``encode`` returns (its 3-D stage-2 head is never trained). ``fast``: bf16 where
+        the encoder runs bf16 (re-ranking; never for stored vectors)."""
+        return z.float() if self.is_volume_space else self.encoder.s2_latent(z, fast=fast)
 
     def vectors_of(self, z: torch.Tensor) -> np.ndarray:
         """``(B, C, ...)`` stored latents z -> this space's ``(B, D)`` float32 vectors."""

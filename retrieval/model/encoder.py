@@ -259,10 +259,12 @@ class MedVAEEncoder:
         )
 
     @torch.inference_mode()
-    def s2_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """Stage-2 latent ``channel_proj(channel_ds(z) + z)`` in fp32 (cheap: 1x1/3x3 convs)."""
+    def s2_latent(self, z: torch.Tensor, *, fast: bool = False) -> torch.Tensor:
+        """Stage-2 latent ``channel_proj(channel_ds(z) + z)``, returned in fp32. Computed in fp32 (stored vectors),
+        or with ``fast`` under the encoder's bf16 autocast where it has one (re-ranking: 2.5x on a CPU with bf16
+        units, 0.5 % relative)."""
         z = torch.as_tensor(z, dtype=torch.float32).to(self.device)
-        with self._lock:
+        with self._lock, (self._autocast() if fast else contextlib.nullcontext()):
             out = self.model.channel_proj(self.model.channel_ds(z) + z)
         return out.float().cpu()
 

@@ -81,9 +81,9 @@ class FakeEncoder:
         return self.encode_core(self.to_model_input(pixels)).float().contiguous()
 
     @torch.inference_mode()
-    def s2_latent(self, z: torch.Tensor) -> torch.Tensor:
+    def s2_latent(self, z: torch.Tensor, *, fast: bool = False) -> torch.Tensor:
         """A stage-2 latent of z's shape: z mixed with its channel mean (MedVAE's ``channel_proj(channel_ds(z) + z)``
-        is likewise a cheap per-position map)."""
+        is likewise a cheap per-position map). ``fast`` changes nothing here."""
         z = torch.as_tensor(z, dtype=torch.float32)
         return (z + z.mean(dim=1, keepdim=True)).float()
 

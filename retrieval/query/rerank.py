@@ -28,7 +28,7 @@ def _unit_rows(latents: torch.Tensor) -> np.ndarray:
 
 def latent_rescorer(service: SpaceService, query_z: torch.Tensor, depth: int = DEFAULT_DEPTH) -> Rescorer:
     """A function that re-scores ANN hits (best first) with whole-latent cosines, keeping the top ``depth``."""
-    query = _unit_rows(service.head_latent(torch.as_tensor(query_z)[None]))[0]
+    query = _unit_rows(service.head_latent(torch.as_tensor(query_z)[None], fast=True))[0]
 
     def rescore(hits: list[tuple[int, float]]) -> list[tuple[int, float]]:
         top = hits[:depth]
@@ -36,7 +36,8 @@ def latent_rescorer(service: SpaceService, query_z: torch.Tensor, depth: int = D
         ids = [image_id for image_id, _ in top if image_id in stored]
         if not ids:
             return []
-        scores = _unit_rows(service.head_latent(torch.from_numpy(np.stack([stored[i] for i in ids])))) @ query
+        latents = torch.from_numpy(np.stack([stored[i] for i in ids]))
+        scores = _unit_rows(service.head_latent(latents, fast=True)) @ query
         return sorted(zip(ids, (float(score) for score in scores), strict=True), key=lambda hit: -hit[1])
 
     return rescore
