@@ -27,6 +27,7 @@ def eval_command(
     exclude_same_patient: Annotated[bool, typer.Option(help="Never count an image of the query's patient.")] = False,
     poolings: Annotated[Optional[str], typer.Option(help="Pooling study: e.g. mean,spp:1,2,4,grid:4,gem:3 (from stored z).")] = None,
     near_duplicates: Annotated[bool, typer.Option("--near-duplicates", help="Robustness: transformed copies find their originals?")] = False,
+    refine: Annotated[bool, typer.Option("--refine", help="Re-ranking with whole latents and 3 rounds of simulated relevance feedback, beside the plain P@k.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Write report.md and PNG plots into this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
@@ -58,6 +59,10 @@ def eval_command(
             )
         if near_duplicates:
             payload["near_duplicates"] = eval_archive.near_duplicates(service, items)
+        if refine:
+            from retrieval.ops.eval_refine import refinement_study
+
+            payload["refinement"] = refinement_study(service, items, ks, exclude_same_patient=exclude_same_patient)
         if report is not None:
             payload["report"] = str(eval_archive.write_report(report, payload))
     if as_json:
@@ -67,6 +72,12 @@ def eval_command(
         out.print(f"{level:5} level, {result['queries']} queries: "
                   + "  ".join(f"P@{k_}={v}" for k_, v in result["precision_at_k"].items())
                   + "  " + "  ".join(f"mAP@{k_}={v}" for k_, v in result["map_at_k"].items()), highlight=False)
+    if "refinement" in payload:
+        study = payload["refinement"]
+        rows = [("plain", study["plain"]), ("rerank=latent", study["rerank_latent"]),
+                *((f"feedback round {n}", p) for n, p in enumerate(study["feedback"], start=1))]
+        for name, precision in rows:
+            out.print(f"{name:17} " + "  ".join(f"P@{k_}={v}" for k_, v in precision.items()), highlight=False)
     if report is not None:
         out.print(f"report: {payload['report']}", highlight=False)
 

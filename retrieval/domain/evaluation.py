@@ -65,12 +65,16 @@ class EvalResult:
 
 
 def rankings(
-    items: list[EvalItem], vectors: np.ndarray, *, level: str = "image", exclude_same_patient: bool = False
+    items: list[EvalItem], vectors: np.ndarray | None, *, level: str = "image", exclude_same_patient: bool = False,
+    scores: np.ndarray | None = None,
 ) -> list[Ranking]:
-    """Leave-one-out rankings by inner product (vectors are L2-normalised: cosine)."""
+    """Leave-one-out rankings by inner product (vectors are L2-normalised: cosine), or by a given
+    ``scores`` matrix (row = query, column = candidate; re-ranking and feedback build their own)."""
     if level not in ("image", "study"):
         raise ValueError("level must be `image` or `study`")
-    scores = vectors @ vectors.T
+    if scores is None:
+        assert vectors is not None
+        scores = vectors @ vectors.T
     study_labels: dict[int, frozenset[str]] = defaultdict(frozenset)
     for item in items:
         study_labels[item.study_id] = study_labels[item.study_id] | item.labels
