@@ -31,6 +31,7 @@ from retrieval.query.inputs import (
 from retrieval.query.rerank import DEFAULT_DEPTH, Rescorer, latent_rescorer
 from retrieval.query.results import ImageHit, StudyHit, results_json
 from retrieval.service import SpaceService
+from retrieval.storage.cohorts import cohort_image_ids
 from retrieval.storage.orm import ImageRecord
 
 
@@ -209,10 +210,13 @@ def search_vector(
     filters = filters or Filters()
     index = service.searchable_index()
     total = index.count
+    cohort = cohort_image_ids(service.store, service.space.id, filters, total) if total else None
+    if cohort is not None:  # a selective cohort: FAISS searches among its images only
+        total = min(total, len(cohort))
     fetch = min(total, max(k * service.settings.query.overfetch, depth if rescore else 0))
     while True:
         tick = time.perf_counter()
-        hits = index.search(vector, fetch)[0] if fetch else []
+        hits = index.search(vector, fetch, among=cohort)[0] if fetch else []
         if rescore is not None:
             hits = rescore(hits)
         service.observe("search_seconds", time.perf_counter() - tick)

@@ -291,16 +291,20 @@ class SpaceIndex:
     # -- queries
 
     def search(
-        self, queries: np.ndarray, k: int, *, ef_search: int | None = None
+        self, queries: np.ndarray, k: int, *, ef_search: int | None = None, among: np.ndarray | None = None
     ) -> list[list[tuple[int, float]]]:
         """Top-``k`` ``(image_id, score)`` per query row, FAISS's ``-1`` padding dropped.
 
-        ``ef_search`` (HNSW only) trades speed for recall for this call alone.
+        ``ef_search`` (HNSW only) trades speed for recall for this call alone; ``among`` (image ids)
+        restricts the search to those images (a FAISS ID selector: a filtered cohort).
         """
         if queries.ndim == 1:
             queries = queries[None, :]
         k = max(1, min(k, max(self.count, 1)))
         params = self.spec.search_params(k, ef_search)
+        if among is not None:
+            params = params or faiss.SearchParameters()
+            params.sel = faiss.IDSelectorBatch(np.ascontiguousarray(among, dtype=np.int64))
         with self._lock:
             scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         return [
