@@ -181,6 +181,7 @@ class SearchResponse(BaseModel):
     space: dict[str, Any]
     query: dict[str, Any]
     group_by: str
+    rerank: str = Field("none", description="`latent` when the top results were re-scored with the whole latents.")
     results: list[StudyResult]
     neighbour_labels: dict[str, float] = Field(
         default_factory=dict, description="Label frequencies among the returned images, weighted by score."

@@ -69,7 +69,7 @@ def test_feedback_over_the_api_and_the_cli(tmp_path: Path) -> None:
         assert form["query"] == {"source": "feedback", "positive": [3, 4], "negative": []}
         reranked = client.post("/v1/search", json={"image_id": 2, "rerank": "latent", "rerank_depth": 5, "k": 8,
                                                    "group_by": "image"}).json()
-        assert len(reranked["results"]) == 5  # nothing beyond the re-ranked depth
+        assert len(reranked["results"]) == 5 and reranked["rerank"] == "latent"  # nothing beyond the re-ranked depth
         assert client.post("/v1/search", json={"image_id": 2, "rerank": "pixels"}).status_code == 422
         missing = client.post("/v1/search", json={"positive": [999]})
         assert missing.status_code == 404 and "999" in missing.json()["error"]["message"]

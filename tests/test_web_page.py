@@ -408,6 +408,13 @@ def test_relevance_feedback_marks_refine_and_travel_in_the_link(site: tuple[str,
     _wait_for_results(shared)
     expect(shared.locator("#feedback")).to_be_visible()
     assert shared.evaluate("() => state.payload.query.negative") == [bad]
+    shared.check("input[name=rerank]")  # re-rank the refined query with the whole latents, from the page too
+    shared.click("#search-button")
+    shared.wait_for_function("() => new URLSearchParams(location.search).get('rerank') === 'latent'")
+    _wait_for_results(shared)
+    assert shared.evaluate("() => state.payload.rerank") == "latent"
+    scores = shared.evaluate("() => state.payload.results.map(r => r.score)")
+    assert scores == sorted(scores, reverse=True) and len(scores) > 0
     shared.click("#clear-feedback")
     _wait_for_results(shared)
     expect(shared.locator("#feedback")).to_be_hidden()

@@ -199,7 +199,7 @@ function pageSize() { return Number($("#filters").elements.page_size.value) || 2
 // On a phone the filters fold away under a summary that says how many are set.
 function updateFilterSummary() {
   const count = Object.keys(currentFilters()).length + ($("#filters").elements.min_score.value ? 1 : 0) +
-    ($("#filters").elements.exclude_same_patient.checked ? 1 : 0);
+    ($("#filters").elements.exclude_same_patient.checked ? 1 : 0) + ($("#filters").elements.rerank.checked ? 1 : 0);
   $("#filter-summary").textContent = count ? `Filters (${count} set)` : "Filters";
 }
 $("#filters").addEventListener("input", updateFilterSummary);
@@ -224,6 +224,7 @@ function searchRequest() {
     exclude_same_patient: form.exclude_same_patient.checked,
     previews: "url",
   };
+  if (form.rerank.checked) common.rerank = "latent";  // the top 100 re-scored with the whole stored latents
   if (state.imageId && !state.file) common.exclude_self = true;  // the query image itself is not a result
   if (state.positive.size) common.positive = [...state.positive];
   if (state.negative.size) common.negative = [...state.negative];
@@ -461,6 +462,7 @@ function writeUrl() {
   const form = $("#filters").elements;
   if (form.min_score.value) params.set("min_score", form.min_score.value);
   if (form.exclude_same_patient.checked) params.set("exclude_same_patient", "1");
+  if (form.rerank.checked) params.set("rerank", "latent");
   if (state.positive.size) params.set("positive", [...state.positive].join(","));
   if (state.negative.size) params.set("negative", [...state.negative].join(","));
   params.set("k", state.k);
@@ -468,7 +470,7 @@ function writeUrl() {
   if (url !== `${location.pathname}${location.search}${location.hash}`) history.pushState(null, "", url);
 }
 
-const URL_PARAMS = new Set(["space", "image_id", "k", "min_score", "exclude_same_patient", "positive", "negative", ...FILTER_FIELDS]);
+const URL_PARAMS = new Set(["space", "image_id", "k", "min_score", "exclude_same_patient", "rerank", "positive", "negative", ...FILTER_FIELDS]);
 
 // What is wrong with a shared link's parameters (a typo must never be ignored silently); [] when none.
 function urlProblems(params) {
@@ -476,6 +478,7 @@ function urlProblems(params) {
   for (const key of params.keys()) if (!URL_PARAMS.has(key)) problems.push(`unknown parameter "${key}"`);
   const whole = (name) => params.has(name) && !/^[1-9][0-9]*$/.test(params.get(name));
   if (whole("k")) problems.push(`k=${params.get("k")} is not a positive whole number`);
+  if (params.has("rerank") && params.get("rerank") !== "latent") problems.push(`rerank=${params.get("rerank")} is not "latent"`);
   if (whole("image_id")) problems.push(`image_id=${params.get("image_id")} is not a positive whole number`);
   for (const name of ["positive", "negative"]) {
     if (params.has(name) && !/^[1-9][0-9]*(,[1-9][0-9]*)*$/.test(params.get(name))) problems.push(`${name}=${params.get(name)} is not a list of image ids`);
@@ -501,6 +504,7 @@ function readUrl() {
   for (const name of FILTER_FIELDS) form[name].value = params.get(name) || "";
   form.min_score.value = params.get("min_score") || "";
   form.exclude_same_patient.checked = params.get("exclude_same_patient") === "1";
+  form.rerank.checked = params.get("rerank") === "latent";
   state.k = Number(params.get("k")) || pageSize();
   if ([...form.page_size.options].some((option) => Number(option.value) === state.k)) form.page_size.value = String(state.k);
   updateFilterSummary();

@@ -108,6 +108,7 @@ def search(service: SpaceService, query: Query, options: SearchOptions) -> dict[
         "space": service.space_info(),
         "query": query.describe(),
         "group_by": options.group_by,
+        "rerank": "latent" if rescore is not None else "none",
         "results": results_json(groups),
         # label frequencies among the returned images, weighted by score: kNN "CAD on latents"
         "neighbour_labels": neighbour_label_scores(
