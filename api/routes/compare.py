@@ -18,7 +18,7 @@ from api.schemas import (
     SimilarityResponse,
     inline_json_schema,
 )
-from retrieval.query.previews import PREVIEW_NOTE, previews_for, to_png
+from retrieval.query.previews import pixels_to_png, previews_for
 from retrieval.query.similarity import query_latent, similarity_map
 from retrieval.service import SpaceService
 
@@ -57,7 +57,7 @@ def _compare(service: SpaceService, data: bytes | None, name: str, params: Simil
     if data is None and params.image_id is not None:  # a stored query: its preview is (or becomes) cached
         query_png = previews_for(service).png(params.image_id)
     else:  # an upload: decoded once, here (the decoder runs in OpenVINO on the CPU)
-        query_png = to_png(service.encoder.decode(z[None])[0], note=PREVIEW_NOTE)
+        query_png = pixels_to_png(service.encoder.decode(z[None])[0])
     rows, cols = result.cells.shape
     return {
         "target_image_id": params.target_image_id,

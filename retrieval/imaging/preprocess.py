@@ -21,7 +21,6 @@ PREPROCESSING_VERSIONS = {"stretch": "v2", "letterbox": "v2-letterbox"}
 v1 (before 2026-11-30) letterboxed and used DICOM's windowed values without min-max scaling;
 v2 stretches to the square as medvae's training loader does (``load_2d_finetune``: bicubic,
 antialiased ``Resize`` then ``ScaleIntensity(0, 1)``) and min-max scales windowed DICOM."""
-PREPROCESSING_VERSION = PREPROCESSING_VERSIONS["stretch"]
 VOLUME_PREPROCESSING_VERSION = "vol-v2"
 """3-D: RAS, medvae CT window / MR min-max, isotropic fit to a cube; vol-v2 pools z itself, as medvae's
 3-D ``encode`` returns it (vol-v1 pooled the untrained stage-2 head: its vectors stay in their own space)."""
@@ -89,8 +88,10 @@ def fit_to_square(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def scale_intensity(pixels: np.ndarray) -> np.ndarray:
-    """medvae's ``ScaleIntensity(0, 1)``: min-max to [0, 1] (a flat image is all zeros). Applied after
-    the resize, it also spreads a DICOM window whose values do not reach 0 or 1 over the full range."""
+    """medvae's ``ScaleIntensity(0, 1)``: min-max to [0, 1]; an image flat to within 1e-12 (interpolation
+    noise) is all zeros. Applied after the resize, it also spreads a DICOM window whose values do not
+    reach 0 or 1 over the full range; MR volumes use it too. (``decode.minmax_scale`` differs on purpose:
+    it refuses non-finite decoded values and keeps any real range, however small.)"""
     low, high = float(pixels.min()), float(pixels.max())
     if high - low < 1e-12:
         return np.zeros(pixels.shape, dtype=np.float32)
@@ -103,10 +104,7 @@ def normalise(volume: Volume) -> np.ndarray:
     if volume.modality == "CT":
         low, high = CT_WINDOW_HU
         return np.clip((voxels - low) / (high - low), 0.0, 1.0).astype(np.float32)
-    low, high = float(voxels.min()), float(voxels.max())
-    if high - low < 1e-12:
-        return np.zeros_like(voxels, dtype=np.float32)
-    return ((voxels - low) / (high - low)).astype(np.float32)
+    return scale_intensity(voxels)
 
 
 def fit_to_cube(voxels: np.ndarray, spacing: tuple[float, float, float], size: int) -> np.ndarray:

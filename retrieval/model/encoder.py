@@ -275,12 +275,12 @@ class MedVAEEncoder:
         if self.openvino is not None:  # 2-D on the CPU: the decoder runs where the encoder does
             with self._lock:
                 out = self._openvino_decoder(tuple(z.shape[1:]))(z.contiguous())
-            return out.float().mean(dim=1).add(1.0).div(2.0).clamp(0.0, 1.0).numpy()
-        with self._lock, self._autocast():
-            if self._needs_sliding_window(tuple(d * self.downsample for d in z.shape[2:])):
-                out = self._sliding_window(z, self.model.decode, roi=self.settings.model.volume_roi // self.downsample)
-            else:
-                out = self.model.decode(z)
+        else:
+            with self._lock, self._autocast():
+                if self._needs_sliding_window(tuple(d * self.downsample for d in z.shape[2:])):
+                    out = self._sliding_window(z, self.model.decode, roi=self.settings.model.volume_roi // self.downsample)
+                else:
+                    out = self.model.decode(z)
         image = out.float().mean(dim=1).add(1.0).div(2.0).clamp(0.0, 1.0)
         return image.cpu().numpy()
 

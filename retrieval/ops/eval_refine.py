@@ -5,7 +5,7 @@ Leave-one-out at image level, like ``retrieval eval``. Re-ranking re-scores each
 ``depth`` (by pooled vectors) with the cosine of the whole latent the space pools, as
 ``rerank=latent`` does. Feedback simulates a reader: in each round the first page (the largest k)
 is judged by the labels, same-label images marked relevant and the others not, and the query
-vector moves by Rocchio (:data:`retrieval.query.search.ROCCHIO`) towards the first query plus
+vector moves by Rocchio (:func:`retrieval.query.search.rocchio_vector`) towards the first query plus
 the marks so far.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from retrieval.domain.evaluation import EvalItem, evaluate, rankings
 from retrieval.errors import InvalidRequestError
-from retrieval.query.search import ROCCHIO
+from retrieval.query.search import rocchio_vector
 from retrieval.service import SpaceService
 
 BELOW = 10.0  # pushes candidates beyond the re-ranked depth below every re-ranked one
@@ -60,21 +60,16 @@ def _reranked(plain: np.ndarray, latent: np.ndarray, depth: int) -> np.ndarray:
 
 
 def _feedback_rounds(items: list[EvalItem], vectors: np.ndarray, plain: np.ndarray, page: int, rounds: int) -> list[np.ndarray]:
-    alpha, beta, gamma = ROCCHIO
     positive: list[set[int]] = [set() for _ in items]
     negative: list[set[int]] = [set() for _ in items]
     scores, out = plain, []
     for _ in range(rounds):
-        moved = np.array(vectors, dtype=np.float64, copy=True) * alpha
+        moved = np.empty_like(vectors, dtype=np.float32)
         for q, query in enumerate(items):
             shown = [j for j in np.argsort(-scores[q], kind="stable") if j != q][:page]
             for j in shown:
                 (positive[q] if items[j].labels & query.labels else negative[q]).add(j)
-            if positive[q]:
-                moved[q] += beta * vectors[sorted(positive[q])].mean(axis=0)
-            if negative[q]:
-                moved[q] -= gamma * vectors[sorted(negative[q])].mean(axis=0)
-        moved /= np.maximum(np.linalg.norm(moved, axis=1, keepdims=True), 1e-12)
-        scores = (moved @ vectors.T).astype(np.float32)
+            moved[q] = rocchio_vector(vectors[q], vectors[sorted(positive[q])], vectors[sorted(negative[q])])
+        scores = moved @ vectors.T
         out.append(scores)
     return out

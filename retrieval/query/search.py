@@ -93,6 +93,8 @@ def search(service: SpaceService, query: Query, options: SearchOptions) -> dict[
     if options.exclude_same_patient:
         warnings += _exclude_same_patient(service, query, patient_hash, filters)
     rescore = None
+    if options.rerank == "latent" and query_z is None and query.image_id is not None:
+        query_z = torch.from_numpy(service.stored_latent(query.image_id))
     if options.rerank == "latent" and query_z is None:
         warnings.append("rerank=latent needs a query image (an upload or an image id): not re-ranked")
     elif options.rerank == "latent":
@@ -175,13 +177,13 @@ def run_search(
 
 
 def _query_vector(service: SpaceService, query: Query) -> tuple[np.ndarray, str | None, Any]:
-    """The query's vector in the service's space, its patient hash (when known) and its z (``None`` for a vector)."""
+    """The query's vector in the service's space, its patient hash (when known) and, for a decoded query, its z
+    (a stored query's z is read only when a re-rank needs it)."""
     if query.image_id is not None:
         rows = service.store.images_by_id([query.image_id])
         if query.image_id not in rows:
             raise NotFoundError(f"image {query.image_id} does not exist", detail={"image_id": query.image_id})
-        z = torch.from_numpy(service.stored_latent(query.image_id))
-        return stored_vector(service, query.image_id), rows[query.image_id].patient_hash, z
+        return stored_vector(service, query.image_id), rows[query.image_id].patient_hash, None  # z: read when re-ranking
     if query.path is not None:
         decoded = decode_query_file(service, query.path)
     elif query.data is not None:
@@ -257,21 +259,31 @@ ROCCHIO = (1.0, 0.75, 0.15)
 """(alpha, beta, gamma): SMART's classic weights, positives pulling four to five times as hard as negatives push."""
 
 
-def rocchio(service: SpaceService, query: np.ndarray | None, positive: tuple[int, ...], negative: tuple[int, ...]) -> np.ndarray:
-    """Rocchio relevance feedback on the space's L2-normalised vectors, renormalised:
-    alpha * query + beta * mean(positive) - gamma * mean(negative) (the query term only when there is one)."""
+def rocchio_vector(query: np.ndarray | None, positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """Rocchio on L2-normalised vectors, renormalised: alpha * query + beta * mean(positive rows) -
+    gamma * mean(negative rows); a term is left out when it has nothing (no query, no rows)."""
     alpha, beta, gamma = ROCCHIO
-    if query is None and not positive:
-        raise InvalidRequestError("feedback without a query needs at least one positive example", detail={"field": "positive"})
-    moved = np.zeros_like(stored_vector(service, (positive or negative)[0]))
+    moved = np.zeros(positive.shape[1] if positive.size else negative.shape[1], dtype=np.float64)
     if query is not None:
         moved += alpha * query
-    if positive:
-        moved += beta * np.mean([stored_vector(service, image_id) for image_id in positive], axis=0)
-    if negative:
-        moved -= gamma * np.mean([stored_vector(service, image_id) for image_id in negative], axis=0)
+    if len(positive):
+        moved += beta * positive.mean(axis=0)
+    if len(negative):
+        moved -= gamma * negative.mean(axis=0)
     norm = float(np.linalg.norm(moved))
-    return (moved / norm).astype(np.float32) if norm > 0 else moved.astype(np.float32)
+    return (moved / norm if norm > 0 else moved).astype(np.float32)
+
+
+def rocchio(service: SpaceService, query: np.ndarray | None, positive: tuple[int, ...], negative: tuple[int, ...]) -> np.ndarray:
+    """:func:`rocchio_vector` with the stored vectors of the example images."""
+    if query is None and not positive:
+        raise InvalidRequestError("feedback without a query needs at least one positive example", detail={"field": "positive"})
+    dim = service.space.dim
+
+    def rows(ids: tuple[int, ...]) -> np.ndarray:
+        return np.array([stored_vector(service, image_id) for image_id in ids], dtype=np.float32).reshape(-1, dim)
+
+    return rocchio_vector(query, rows(positive), rows(negative))
 
 
 def stored_vector(service: SpaceService, image_id: int) -> np.ndarray:

@@ -316,8 +316,10 @@ class Store:
         One transaction; returns how many images changed."""
         changed = 0
         with self.sessions.begin() as session:
+            images = {image.sha256: image for image in session.scalars(
+                select(ImageRecord).where(ImageRecord.sha256.in_([sha256 for sha256, _ in rows])))}
             for sha256, meta in rows:
-                image = session.scalar(select(ImageRecord).where(ImageRecord.sha256 == sha256))
+                image = images.get(sha256)
                 if image is None:
                     continue
                 updates = {name: getattr(meta, name) for name in MANIFEST_FILLED
