@@ -117,11 +117,13 @@ class ModelSettings(SettingsGroup):
     )
     seed: int = Field(0, description="Seed for `random` weights.")
     input_size: int = Field(384, ge=32, le=4096, description="Square model input size in pixels.")
-    volume_size: int = Field(
-        128, ge=16, le=1024, description="3-D models: volumes are fitted into a cube of this edge (voxels)."
+    volume_max_voxels: int = Field(
+        2_097_152, ge=4096, le=2**31 - 1,
+        description="3-D models: voxel budget of a volume's model input (default 128^3). Volumes are encoded at "
+        "native spacing (foreground-cropped, as medvae does) when they fit, else downsampled (antialiased). Part of the space.",
     )
     volume_roi: int = Field(
-        64, ge=16, le=512, description="3-D models: sliding-window size; larger cubes are encoded window by window."
+        64, ge=16, le=512, description="3-D models: sliding-window size; larger volumes are encoded window by window."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -131,7 +133,7 @@ class ModelSettings(SettingsGroup):
         "auto", description="2-D encoding on the CPU: auto = OpenVINO when installed (1.3-1.4x PyTorch, measured), else torch."
     )
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile the encoder; auto = on for CUDA (3.4x there), off on CPU."
+        "auto", description="torch.compile the 2-D encoder; auto = on for CUDA (3.4x there), off on CPU."
     )
     fit: Literal["stretch", "letterbox"] = Field(
         "stretch", description="2-D: how an image becomes the square input: `stretch` (as medvae was trained) or "
@@ -153,9 +155,9 @@ class ModelSettings(SettingsGroup):
         return model_dims(self.name)
 
     @property
-    def input_edge(self) -> int:
-        """Edge of the model's input: ``input_size`` (square images) or ``volume_size`` (cubes)."""
-        return self.volume_size if self.dims == 3 else self.input_size
+    def space_input_size(self) -> int:
+        """A space's ``input_size``: the square's edge for images, the voxel budget for volumes."""
+        return self.volume_max_voxels if self.dims == 3 else self.input_size
 
 
 class IndexSettings(SettingsGroup):
@@ -299,6 +301,12 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
 }
 """Flat name (the environment name without ``RETRIEVAL_``, lower case) -> (group, field)."""
 
+RETIRED_NAMES: dict[str, str] = {
+    "volume_size": "RETRIEVAL_VOLUME_SIZE was retired on 2026-11-30: volumes keep their native spacing now "
+    "(foreground-cropped, as medvae encodes them) up to RETRIEVAL_VOLUME_MAX_VOXELS voxels (default 2097152 = 128^3)",
+}
+"""Settings that no longer exist -> what replaced them (said when one is still set)."""
+
 
 def nest_flat_names(values: dict[str, Any]) -> dict[str, Any]:
     """``{"dicomweb_retries": 5, "model": {...}}`` -> ``{"dicomweb": {"retries": 5}, "model": {...}}``.
@@ -310,6 +318,8 @@ def nest_flat_names(values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         if key in groups:
             continue
+        if key in RETIRED_NAMES:
+            raise ValueError(RETIRED_NAMES[key])
         if key not in FLAT_NAMES:
             raise ValueError(f"unknown setting `{key}` (settings: {', '.join(sorted(FLAT_NAMES))})")
         group, field = FLAT_NAMES[key]
@@ -331,6 +341,10 @@ class _FlatEnvironment(PydanticBaseSettingsSource):
         from_file = dotenv_values(env_file) if env_file and Path(env_file).is_file() else {}
         sources = [{k.upper(): v for k, v in os.environ.items()}, {k.upper(): v for k, v in from_file.items()}]
         found: dict[str, Any] = {}
+        for retired in RETIRED_NAMES:
+            name = f"{ENV_PREFIX}{retired}".upper()
+            if any(source.get(name) is not None for source in sources):
+                found[retired] = "retired"  # refused with its explanation by nest_flat_names
         for flat in FLAT_NAMES:
             name = f"{ENV_PREFIX}{flat}".upper()
             value = next((source[name] for source in sources if source.get(name) is not None), None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,12 @@ from retrieval.domain.architectures import model_dims
 from retrieval.domain.spaces import PreprocessSpec, SpaceIdentity
 from retrieval.errors import ConflictError, InvalidRequestError, NotFoundError
 from retrieval.imaging.decode import DecodedImage
-from retrieval.imaging.preprocess import preprocess_spec, to_model_input
+from retrieval.imaging.preprocess import (
+    FittedVolume,
+    fit_volume,
+    preprocess_spec,
+    to_model_input,
+)
 from retrieval.imaging.volumes import Volume
 from retrieval.model.batching import MicroBatcher
 from retrieval.model.contract import Encoder
@@ -39,6 +44,9 @@ from retrieval.storage.store import Store
 
 logger = logging.getLogger(__name__)
 
+VOLUME_COMPARE_GRID = 16
+"""Cells per axis that volumes' latents are averaged onto for whole-latent comparisons (their shapes differ)."""
+
 
 class SpaceService:
     """One embedding space of an archive: preprocessing, encoder, pooling head and index, over its store."""
@@ -46,7 +54,7 @@ class SpaceService:
     def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
         self.settings = settings
         self.pooling: PoolingSpec = parse_pooling(settings.model.pooling)
-        self.preprocessing: PreprocessSpec = preprocess_spec(settings.model.dims, settings.model.input_edge,
+        self.preprocessing: PreprocessSpec = preprocess_spec(settings.model.dims, settings.model.space_input_size,
                                                              settings.model.fit)
         self.store = store or Store.open(settings)
         self._encoder: Encoder | None = None
@@ -122,6 +130,12 @@ class SpaceService:
         """A decoded image (2-D space) or loaded volume (3-D space) as this space's encoder takes it."""
         return to_model_input(decoded, self.preprocessing)
 
+    def fit_volume(self, volume: Volume) -> FittedVolume:
+        """A loaded volume as this 3-D space's encoder takes it, with the spacing it is encoded at."""
+        if not self.is_volume_space:
+            raise TypeError("fit_volume: this space encodes 2-D images")
+        return fit_volume(volume, max_voxels=self.preprocessing.input_size)
+
     def embed(self, decoded: DecodedImage | Volume) -> tuple[torch.Tensor, np.ndarray]:
         """One decoded query image or volume -> (z, vector) of this space (micro-batched when on)."""
         return self.embed_query(self.model_input(decoded))
@@ -144,6 +158,28 @@ class SpaceService:
         """``(B, C, ...)`` stored latents z -> this space's ``(B, D)`` float32 vectors."""
         return pool(self.head_latent(z), self.pooling).numpy()
 
+    def pooled(self, latents: Sequence[np.ndarray], pooling: PoolingSpec | None = None) -> np.ndarray:
+        """Stored latents of any shapes (volumes differ) -> ``(N, D)`` float32 vectors with ``pooling``
+        (default: the space's), in order; latents of one shape are pooled as one batch."""
+        spec = pooling or self.pooling
+        out = np.empty((len(latents), spec.dimension(self.encoder.latent_channels, self.encoder.dims)), np.float32)
+        for indices, batch in _by_shape(latents):
+            out[indices] = pool(self.head_latent(batch), spec).numpy()
+        return out
+
+    def whole_latents(self, latents: Sequence[np.ndarray | torch.Tensor], *, fast: bool = False) -> torch.Tensor:
+        """``(N, K)`` rows for whole-latent comparisons (re-ranking, evaluation), flattened: an image's stage-2
+        grid as it is (one shape per 2-D space); a volume's z average-pooled onto :data:`VOLUME_COMPARE_GRID`
+        cells per axis, since volumes differ in shape."""
+        rows: list[torch.Tensor] = [torch.empty(0)] * len(latents)
+        for indices, batch in _by_shape(latents):
+            head = self.head_latent(batch, fast=fast)
+            if self.is_volume_space:
+                head = torch.nn.functional.adaptive_avg_pool3d(head, VOLUME_COMPARE_GRID)
+            for position, row in zip(indices, head.flatten(1), strict=True):
+                rows[position] = row
+        return torch.stack(rows)
+
     def embed_query(self, pixels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """One ``(S, S)`` query image -> (z ``(C, h, w)``, vector ``(D,)``).
 
@@ -157,6 +193,8 @@ class SpaceService:
 
     def _query_batching(self) -> bool:
         mode = self.settings.query.batching
+        if self.is_volume_space:  # volumes differ in shape and are encoded one at a time
+            return False
         return mode == "on" or (mode == "auto" and self.encoder.device.type == "cuda")
 
     def _query_batcher(self) -> MicroBatcher:
@@ -225,6 +263,15 @@ class SpaceService:
             self.store.close()
 
 
+def _by_shape(latents: Sequence[np.ndarray | torch.Tensor]) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """``(positions, stacked float32 batch)`` per distinct latent shape, in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for position, latent in enumerate(latents):
+        groups.setdefault(tuple(latent.shape), []).append(position)
+    for positions in groups.values():
+        yield positions, torch.stack([torch.as_tensor(latents[i], dtype=torch.float32) for i in positions])
+
+
 def space_json(space: Space) -> dict[str, Any]:
     """A space as JSON outputs show it; random weights read ``random-init``, the fake encoder ``fake-encoder``."""
     return {
@@ -279,7 +326,7 @@ class SpaceServices:
         return matches[0]
 
     def _build(self, space: Space) -> SpaceService:
-        size_field = "volume_size" if model_dims(space.model) == 3 else "input_size"
+        size_field = "volume_max_voxels" if model_dims(space.model) == 3 else "input_size"
         settings = self.default.settings.replaced(model=space.model, pooling=space.pooling, **{size_field: space.input_size})
         service = SpaceService(settings, store=self.default.store)
         service.observe = self.default.observe

@@ -21,14 +21,14 @@ def test_environment_names_fill_their_groups(tmp_path: Path, monkeypatch: pytest
     settings = Settings(weights="fake")  # arguments take the same flat names
     assert settings.dicomweb.retries == 5 and settings.index.hnsw_m == 16 and settings.jobs.stale_seconds == 30
     assert settings.model.name == "medvae_4_1_3d" and settings.model.dims == 3 and settings.model.weights == "fake"
-    moved = settings.replaced(pooling="grid:2", volume_size=64)
-    assert moved.model.pooling == "grid:2" and moved.model.input_edge == 64 and moved.dicomweb.retries == 5
+    moved = settings.replaced(pooling="grid:2", volume_max_voxels=64**3)
+    assert moved.model.pooling == "grid:2" and moved.model.space_input_size == 64**3 and moved.dicomweb.retries == 5
     assert settings.model.pooling == "spp:1,2,4"  # the original is unchanged (settings are frozen)
 
 
 def test_every_historical_name_is_still_a_setting() -> None:
     names = {"data_dir", "database_url", "model", "weights", "model_config_path", "hub_repo", "hub_revision", "seed",
-             "input_size", "volume_size", "volume_roi", "device", "precision", "runtime", "compile", "batch_size",
+             "input_size", "volume_max_voxels", "volume_roi", "device", "precision", "runtime", "compile", "batch_size",
              "decode_workers", "pooling", "id_secret", "max_image_pixels", "date_shift_days", "overfetch", "api_keys",
              "max_request_bytes", "url_fetch_timeout", "url_allow_hosts", "index_type", "hnsw_min_vectors", "hnsw_m",
              "hnsw_ef_search", "ingest_quality", "ingest_roots", "job_heartbeat_seconds", "job_stale_seconds",

@@ -261,7 +261,7 @@ def test_ct_series_sync_into_a_3d_space_one_volume_per_series(
     series = write_ct_series(tmp_path / "ct", phantom_hu(7, (32, 32, 8)), PatientID="P7", PatientSex="M")
     orthanc.upload(*series, *_xrays(tmp_path / "x", 1, first_seed=40))  # one CT series of 8 slices, one CR image
     fetched = _count_fetches(monkeypatch)
-    service = SpaceService(_settings(tmp_path, model="medvae_4_1_3d", volume_size=32))
+    service = SpaceService(_settings(tmp_path, model="medvae_4_1_3d", volume_max_voxels=32**3))
     report = IngestPipeline(service).run(orthanc.dicomweb_source)
     assert (report.total, report.ingested, report.failed) == (2, 1, 1), report.failures
     assert "at least 2 slices" in report.failures[0].reason  # the lone X-ray is not a volume

@@ -163,20 +163,24 @@ def test_openvino_runtime_equals_torch_and_caches_its_conversion(encoder: MedVAE
 
 def test_openvino_runtime_is_refused_where_it_cannot_run(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="2-D models on the CPU only"):
-        MedVAEEncoder(tiny_settings(tmp_path, runtime="openvino", model="medvae_4_1_3d", volume_size=16))
-    assert MedVAEEncoder(tiny_settings(tmp_path, runtime="auto", model="medvae_4_1_3d", volume_size=16)).openvino is None
+        MedVAEEncoder(tiny_settings(tmp_path, runtime="openvino", model="medvae_4_1_3d", volume_max_voxels=16**3))
+    assert MedVAEEncoder(tiny_settings(tmp_path, runtime="auto", model="medvae_4_1_3d", volume_max_voxels=16**3)).openvino is None
 
 
 @pytest.mark.parametrize(("model", "grid"), [("medvae_4_1_2d", 16), ("medvae_8_1_2d", 8)])
 def test_one_channel_2d_models_ingest_and_search(model: str, grid: int, tmp_path: Path) -> None:
-    """Issue 13.5: the 1-channel 2-D models (no LoRA) build as medvae builds them, ingest and find themselves."""
+    """Issue 13.5: the 1-channel 2-D models (no LoRA) build as medvae builds them, ingest, find themselves,
+    preview, export and run the evaluation harness (pooling study, re-ranking, feedback)."""
     from conftest import make_archive
 
+    from retrieval.domain.evaluation import EvalItem
     from retrieval.ingest.pipeline import IngestPipeline
+    from retrieval.ops.eval_archive import evaluate_archive, pooling_study
+    from retrieval.ops.eval_refine import refinement_study
     from retrieval.query.search import run_search
     from retrieval.service import SpaceService
 
-    service = SpaceService(tiny_settings(tmp_path / "data", model=model, runtime="torch"))
+    service = SpaceService(tiny_settings(tmp_path / "data", model=model, runtime="torch", weights="random"))
     assert service.encoder.architecture.in_channels == 1 and not service.encoder.architecture.lora
     files = make_archive(tmp_path / "archive", studies=3, per_study=1)
     assert IngestPipeline(service).run(tmp_path / "archive").ingested == 3
@@ -192,3 +196,12 @@ def test_one_channel_2d_models_ingest_and_search(model: str, grid: int, tmp_path
     export_latents(service, tmp_path / "export", formats=("npz",), include_s2=True)
     shard = np.load(tmp_path / "export" / "latents-00000.npz")
     assert shard["z"].shape == (3, 1, grid, grid) and shard["s2"].shape[0] == 3
+
+    items = [EvalItem(image_id=i, study_id=i, labels=frozenset({"a" if i % 2 else "b"})) for i in (1, 2, 3)]
+    metrics = evaluate_archive(service, items, [1, 2], exclude_same_patient=False)
+    assert set(metrics) == {"image", "study"} and 0.0 <= metrics["image"]["precision_at_k"]["1"] <= 1.0
+    study = {row["pooling"]: row for row in pooling_study(service, items, ["mean", "spp:1,2"], [1],
+                                                          exclude_same_patient=False)}
+    assert study["mean"]["dim"] == 1 and study["spp:1,2"]["dim"] == 5  # one latent channel
+    refined = refinement_study(service, items, [1], rounds=1)
+    assert set(refined) >= {"plain", "rerank_latent", "feedback"} and len(refined["feedback"]) == 1

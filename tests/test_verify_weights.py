@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from cli_runner import run_cli
@@ -37,10 +38,32 @@ def test_a_real_difference_fails_and_known_departures_are_named(tmp_path: Path, 
     sixteen = tmp_path / "sixteen.png"
     Image.fromarray((synthetic_image(4, size=96) * 65535).astype(np.uint16)).save(sixteen)
     env = tiny_env(tmp_path / "data", RETRIEVAL_WEIGHTS="random", RETRIEVAL_MODEL="medvae_8_1_2d")
-    named = run_cli(env, "verify-weights", str(sixteen))
-    assert "known departure (not counted): 16-bit values above 32767" in named.stdout
     real_stretch = verify.to_model_input  # the letterbox (preprocessing v1's shape) must be caught
     monkeypatch.setattr(verify, "to_model_input",
                         lambda decoded, spec: real_stretch(decoded, verify.preprocess_spec(2, 384, "letterbox")))
-    differs = run_cli(env, "verify-weights", str(wide), check=False)
-    assert differs.returncode == 1 and "DIFFERS" in differs.stdout and "parity does NOT hold" in differs.stdout
+    differs = run_cli(env, "verify-weights", str(sixteen), str(wide), check=False)
+    assert "known departure (not counted): 16-bit values above 32767" in differs.stdout
+    assert differs.returncode == 1 and "parity does NOT hold" in differs.stdout
+    verdicts = [line.split()[0] for line in differs.stdout.splitlines() if line.rstrip().endswith(".png")]
+    assert verdicts == ["known", "DIFFERS"], differs.stdout
+
+
+@pytest.mark.parametrize("model", ["medvae_4_1_3d", "medvae_8_1_3d"])
+def test_random_3d_weights_match_medvae_on_ct_and_mr_volumes(model: str, tmp_path: Path) -> None:
+    """medvae's load_ct_3d / load_mri_3d + sliding window beside fit_volume + our encoder: the same input, the same z."""
+    from retrieval.ops.sample import synthetic_volume
+
+    volumes = []
+    for name, modality, shape in (("ct.nii.gz", "CT", (40, 35, 20)), ("mr.nii.gz", "MR", (30, 37, 18))):
+        volumes.append(tmp_path / name)
+        nib.save(nib.Nifti1Image(synthetic_volume(modality, shape), np.diag([0.8, 0.8, 2.0, 1.0])), str(volumes[-1]))
+    env = tiny_env(tmp_path / "data", RETRIEVAL_WEIGHTS="random", RETRIEVAL_MODEL=model)
+    report = json.loads(run_cli(env, "verify-weights", *map(str, volumes), "--json").stdout)
+    assert report["passed"] and report["window"] == 160
+    assert [("load_ct_3d" in row["source"], "load_mri_3d" in row["source"]) for row in report["images"]] == [
+        (True, False), (False, True)]
+    for row in report["images"]:
+        assert row["departures"] == [] and row["model_input"] == 0.0 and row["s2"] is None, row
+        assert max(row["z"], row["vector"]) <= 1e-4, row
+    budget = run_cli({**env, "RETRIEVAL_VOLUME_MAX_VOXELS": "4096"}, "verify-weights", str(volumes[0]))
+    assert "exceed RETRIEVAL_VOLUME_MAX_VOXELS" in budget.stdout and "not compared" in budget.stdout

@@ -1,4 +1,4 @@
-"""CT/MR volumes with the MedVAE 3-D architecture (random seeded weights, 32^3 cubes)."""
+"""CT/MR volumes with the MedVAE 3-D architecture (random seeded weights, volumes of at most 32^3 voxels)."""
 
 from __future__ import annotations
 
@@ -26,21 +26,23 @@ from retrieval.imaging.volumes import (
 from retrieval.ingest.pipeline import IngestPipeline
 from retrieval.model.encoder import MedVAEEncoder
 from retrieval.model.network import build_medvae_model
+from retrieval.ops.export import export_latents
 from retrieval.query.previews import preview_png
 from retrieval.query.search import run_search
+from retrieval.query.similarity import similarity_map
 from retrieval.service import SpaceService
 
 CUBE = 32
 
 
 def volume_settings(tmp_path: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {"model": "medvae_4_1_3d", "volume_size": CUBE, "volume_roi": CUBE}
+    values: dict[str, object] = {"model": "medvae_4_1_3d", "volume_max_voxels": CUBE**3, "volume_roi": CUBE}
     values.update(overrides)
     return tiny_settings(tmp_path / "data", **values)
 
 
 def test_3d_encoder_is_medvae_3d_with_fused_attention_and_posterior_mode(tmp_path: Path) -> None:
-    encoder = MedVAEEncoder(volume_settings(tmp_path, volume_size=16, volume_roi=16, weights="random"))
+    encoder = MedVAEEncoder(volume_settings(tmp_path, volume_max_voxels=16**3, volume_roi=16, weights="random"))
     torch.manual_seed(0)
     reference = build_medvae_model(encoder.architecture, encoder.architecture.ddconfig, 1).eval()
     reference.load_state_dict(encoder.model.state_dict())
@@ -61,19 +63,19 @@ def test_volume_vectors_pool_z_and_a_checkpoint_without_the_untrained_head_loads
     from retrieval.model.network import save_state_dict
     from retrieval.model.pooling import pool
 
-    service = SpaceService(volume_settings(tmp_path, volume_size=16, volume_roi=16, weights="random"))
+    service = SpaceService(volume_settings(tmp_path, volume_max_voxels=16**3, volume_roi=16, weights="random"))
     cube = np.random.default_rng(3).random((1, 16, 16, 16), dtype=np.float32)
     z, vectors = service.embed_pixels(cube)
     assert np.allclose(vectors, pool(z.float(), service.pooling).numpy(), atol=1e-6)
     assert not np.allclose(vectors, pool(service.encoder.s2_latent(z), service.pooling).numpy(), atol=1e-3)
-    assert service.preprocessing.version == "vol-v2"  # vol-v1 vectors (pooled s2) keep their own space
+    assert service.preprocessing.version == "vol-v3"  # older versions (vol-v1 pooled s2) keep their own spaces
 
     without_head = tmp_path / "vae_4x_1c_3D_no_head.ckpt"
     save_state_dict(service.encoder.model, without_head)
     state = torch.load(without_head, weights_only=True)
     state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith(("channel_ds.", "channel_proj."))}
     torch.save(state, without_head)
-    loaded = MedVAEEncoder(volume_settings(tmp_path / "b", volume_size=16, volume_roi=16, weights=str(without_head)))
+    loaded = MedVAEEncoder(volume_settings(tmp_path / "b", volume_max_voxels=16**3, volume_roi=16, weights=str(without_head)))
     assert torch.equal(loaded.encode(cube), z)
     flat = MedVAEEncoder(tiny_settings(tmp_path / "c", weights="random", runtime="torch"))
     flat_ckpt = tmp_path / "vae_8x_4c_2D_no_head.ckpt"
@@ -86,12 +88,12 @@ def test_volume_vectors_pool_z_and_a_checkpoint_without_the_untrained_head_loads
 
 
 def test_sliding_window_covers_cubes_larger_than_the_window(tmp_path: Path) -> None:
-    encoder = MedVAEEncoder(volume_settings(tmp_path, volume_size=40, volume_roi=24, weights="random"))
-    cube = np.random.default_rng(2).random((1, 40, 40, 40), dtype=np.float32)
-    z = encoder.encode(cube)
-    assert z.shape == (1, 1, 10, 10, 10) and torch.isfinite(z).all()
-    assert torch.equal(z, encoder.encode(cube))
-    assert encoder.decode(z).shape == (1, 40, 40, 40)
+    encoder = MedVAEEncoder(volume_settings(tmp_path, volume_max_voxels=48 * 32 * 16, volume_roi=24, weights="random"))
+    volume = np.random.default_rng(2).random((1, 48, 32, 16), dtype=np.float32)  # 3 x 2 windows; z below one
+    z = encoder.encode(volume)
+    assert z.shape == (1, 1, 12, 8, 4) and torch.isfinite(z).all()
+    assert torch.equal(z, encoder.encode(volume))
+    assert encoder.decode(z).shape == (1, 48, 32, 16)
 
 
 def test_dicom_series_and_nifti_of_the_same_data_load_identically(tmp_path: Path) -> None:
@@ -153,11 +155,29 @@ def test_volumes_ingest_retrieve_themselves_and_preview_three_planes(tmp_path: P
     by_folder = run_search(service, path=archive / "ct0", k=1)["results"][0]["images"][0]
     assert "/ct0#" in by_folder["source"] and by_folder["score"] == pytest.approx(1.0, abs=1e-4)
 
+    # 32 x 32 x 24 voxels of 1 x 1 x 2 mm: the body fills the slices, so the crop grows to 32 x 32 x 32 at native
+    # spacing (the budget is 32^3), stored with z; the preview shows millimetres true: its panels are 64 mm tall
+    assert service.store.latent_spacings([series.id], service.space.encoder_key) == {series.id: (1.0, 1.0, 2.0)}
+    assert service.stored_latent(series.id).shape == (1, 8, 8, 8)
     png = Image.open(io.BytesIO(preview_png(service, series.id)))
-    assert png.size == (3 * CUBE, CUBE) and "sagittal, coronal and axial" in png.text["Description"]
+    assert png.size == (3 * CUBE, 2 * CUBE) and "sagittal, coronal and axial" in png.text["Description"]
+    with pytest.raises(InvalidRequestError, match="compare 2-D images"):  # grids of volumes do not line up
+        similarity_map(service, torch.from_numpy(service.stored_latent(series.id)), series.id)
 
     again = IngestPipeline(service).run(archive)
     assert (again.ingested, again.skipped, again.failed) == (0, 4, 1)
+
+    # volumes' z differ in shape: the export is ragged, and gives every z and spacing back
+    manifest = export_latents(service, tmp_path / "export", formats=("npz", "hdf5"))
+    assert manifest["z_layout"].startswith("ragged") and manifest["images"] == 4
+    shard = np.load(tmp_path / "export" / manifest["shards"][0])
+    restored = np.split(shard["z"], np.cumsum(shard["z_shape"].prod(1))[:-1])
+    for image_id, flat, shape, spacing in zip(shard["image_ids"], restored, shard["z_shape"], shard["spacing"],
+                                              strict=True):
+        assert np.array_equal(flat.reshape(shape), service.stored_latent(int(image_id)).astype(np.float16))
+        assert tuple(spacing) == service.store.latent_spacings([int(image_id)], service.space.encoder_key)[int(image_id)]
+    whole = service.whole_latents([service.stored_latent(v.id) for v in volumes])  # re-ranking / eval rows
+    assert whole.shape == (4, 16**3)
     service.close()
 
 
@@ -182,7 +202,7 @@ def test_2d_and_3d_spaces_coexist_and_the_api_searches_either(tmp_path: Path) ->
     volume_id = next(image.id for chunk in service_3d.store.iter_images() for image in chunk if image.kind == "nifti")
     service_3d.close()
 
-    with TestClient(create_app(settings_2d.replaced(volume_size=CUBE, volume_roi=CUBE),
+    with TestClient(create_app(settings_2d.replaced(volume_max_voxels=CUBE**3, volume_roi=CUBE),
                                service=service_2d)) as client:
         spaces = client.get("/v1/spaces").json()
         assert sorted((s["dims"], s["images"], s["active"]) for s in spaces) == [(2, 2, True), (3, 2, False)]
@@ -193,7 +213,9 @@ def test_2d_and_3d_spaces_coexist_and_the_api_searches_either(tmp_path: Path) ->
         body = by_id.json()
         assert body["space"]["key"] == volume_space and body["results"][0]["images"][0]["image_id"] == volume_id
         preview = client.get(body["results"][0]["images"][0]["preview_url"])
-        assert preview.status_code == 200 and Image.open(io.BytesIO(preview.content)).size == (3 * CUBE, CUBE)
+        assert preview.status_code == 200 and Image.open(io.BytesIO(preview.content)).size == (3 * CUBE, 2 * CUBE)
+        latent = client.get(f"/v1/images/{volume_id}/latent.npy", params={"space": volume_space})
+        assert latent.headers["X-Voxel-Spacing-Mm"] == "1,1,2" and np.load(io.BytesIO(latent.content)).ndim == 4
 
         upload = (tmp_path / "volumes" / "subject1.nii.gz").read_bytes()
         by_file = client.post("/v1/search", files={"file": ("q.nii.gz", upload, "application/gzip")},
@@ -220,3 +242,38 @@ def test_volume_scan_confined_to_roots_never_opens_a_file_outside(tmp_path: Path
     assert failed == ["scan.nii.gz", "slice.dcm"] and all("outside the allowed" in i.error for i in items if i.error)
     assert [Path(item.path).name for item in items if not item.error] == ["inside.nii.gz"]
     assert len(scan_volumes(root)) == 3  # a CLI ingest (no roots) follows the links as before
+
+
+def test_fit_volume_is_medvaes_crop_at_native_spacing_within_the_budget(tmp_path: Path) -> None:
+    """Issue 13.4: the model input is medvae's own (``load_ct_3d``: RAS, window, CropForeground(k_divisible=16),
+    padded where the box leaves the volume) at native spacing; above the budget it shrinks, antialiased."""
+    import warnings
+
+    from medvae.utils.loaders import load_ct_3d
+
+    from retrieval.imaging.preprocess import fit_volume
+    from retrieval.ops.sample import synthetic_volume
+
+    path = write_nifti(tmp_path / "ct.nii.gz", synthetic_volume("CT", (45, 38, 21)), spacing=(0.7, 0.7, 1.25))
+    volume = load_nifti(path, max_voxels=10**8)
+    fitted = fit_volume(volume, max_voxels=10**6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = load_ct_3d(str(path))[0].numpy()
+    assert fitted.voxels.shape == expected.shape == (48, 32, 32) and fitted.spacing == (0.7, 0.7, 1.25)
+    assert np.array_equal(fitted.voxels * 2.0 - 1.0, expected)
+    assert fitted.box[0][1] > volume.voxels.shape[0]  # the body touches +x: the box leaves the volume (padded)
+
+    small = fit_volume(volume, max_voxels=16 * 16 * 16 * 4)
+    assert all(n % 16 == 0 for n in small.voxels.shape) and small.voxels.size <= 16**3 * 4
+    assert small.spacing == pytest.approx(tuple(s * n / m for s, n, m in
+                                                zip(fitted.spacing, fitted.voxels.shape, small.voxels.shape)))
+
+    stripes = np.zeros((64, 32, 32), np.float32)
+    stripes[::2] = 1000.0  # one-voxel stripes of MR signal: what naive subsampling aliases into bands
+    striped = load_nifti(write_nifti(tmp_path / "stripes.nii.gz", stripes), max_voxels=10**8)
+    reduced = fit_volume(striped, max_voxels=32 * 16 * 16).voxels
+    assert reduced.shape == (32, 16, 16) and abs(float(reduced.mean()) - 0.5) < 0.05 and float(reduced.std()) < 0.1
+
+    air = load_nifti(write_nifti(tmp_path / "air.nii.gz", np.full((20, 20, 10), -1000.0, np.float32)), max_voxels=10**8)
+    assert fit_volume(air, max_voxels=10**6).voxels.shape == (32, 32, 16)  # nothing above 0 HU: the whole extent

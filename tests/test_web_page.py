@@ -47,7 +47,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
     service.close()
     for seed in range(2):  # a 3-D space beside the 2-D one, in the same archive
         write_nifti(root / "volumes" / f"subject{seed}.nii.gz", phantom_hu(50 + seed).transpose(1, 0, 2))
-    volumes = SpaceService(tiny_settings(root / "data", model="medvae_4_1_3d", volume_size=32))
+    volumes = SpaceService(tiny_settings(root / "data", model="medvae_4_1_3d", volume_max_voxels=32**3))
     assert IngestPipeline(volumes).run(root / "volumes").ingested == 2
     volumes.close()
     env = tiny_env(root / "data", RETRIEVAL_MAX_REQUEST_BYTES=str(MAX_BYTES))

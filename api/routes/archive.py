@@ -80,16 +80,19 @@ async def get_preview(image_id: RowId, spaces: SpacesDep, space: SpaceParam = No
     responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(401, 404, 409)},
 )
 def get_latent(image_id: RowId, spaces: SpacesDep, space: SpaceParam = None) -> Response:
-    """The stored posterior-mode z of the image, ``(C, h, w)`` float16 (``(C, d, h, w)`` for a volume), as ``.npy``."""
+    """The stored posterior-mode z of the image, ``(C, h, w)`` float16 (``(C, X, Y, Z)`` for a volume), as ``.npy``.
+
+    For a volume, ``X-Voxel-Spacing-Mm`` gives the mm per voxel of the model input it encodes (``x,y,z``;
+    one z cell spans the model's downsampling factor of them)."""
     service = spaces.get(space)
     z = service.stored_latent(image_id)
     buffer = io.BytesIO()
     np.save(buffer, z.astype(np.float16))
-    return Response(
-        content=buffer.getvalue(),
-        media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="image-{image_id}-z.npy"'},
-    )
+    headers = {"Content-Disposition": f'attachment; filename="image-{image_id}-z.npy"'}
+    spacing = service.store.latent_spacings([image_id], service.space.encoder_key).get(image_id)
+    if spacing is not None:
+        headers["X-Voxel-Spacing-Mm"] = ",".join(f"{value:.6g}" for value in spacing)
+    return Response(content=buffer.getvalue(), media_type="application/octet-stream", headers=headers)
 
 
 @router.get("/spaces", response_model=list[SpaceInfo], responses=error_responses(401))

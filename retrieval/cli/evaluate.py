@@ -127,9 +127,18 @@ def _split_poolings(text: str) -> list[str]:
     return specs
 
 
+PARITY_COLUMNS = (("model_input", "input"), ("z", "z"), ("s2", "s2"), ("vector", "vector"))
+
+
+def _figure(value: float | None) -> str:
+    return "   —    " if value is None else f"{value:.2e}"
+
+
 @app.command("verify-weights")
 def verify_weights_command(
-    images: Annotated[Optional[list[Path]], typer.Argument(help="Images to compare (default: the bundled sample's PNGs).")] = None,
+    images: Annotated[Optional[list[Path]], typer.Argument(
+        help="Images to compare, or NIfTI volumes for a 3-D model (default: the bundled sample's PNGs, or two "
+        "generated phantoms, a CT and an MR).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
 ) -> None:
     """Run medvae's own loader and model beside this project's path on the same images; exit 1 when they differ.
@@ -138,12 +147,14 @@ def verify_weights_command(
     """
     import tempfile
 
-    from retrieval.ops.sample import write_sample_set
+    from retrieval.ops.sample import write_sample_set, write_sample_volumes
     from retrieval.ops.verify import verify_weights
 
     current = model_settings()
     with reported_errors(as_json=as_json), tempfile.TemporaryDirectory() as folder:
-        if not images:
+        if not images and current.model.dims == 3:
+            images = write_sample_volumes(Path(folder) / "volumes")
+        elif not images:
             sample = write_sample_set(Path(folder) / "sample", studies=2, images_per_study=2)
             images = sorted(p for p in sample.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         missing = [str(path) for path in images if not path.is_file()]
@@ -157,8 +168,9 @@ def verify_weights_command(
                   highlight=False)
         for row in result["images"]:
             verdict = "known" if row["departures"] else "ok" if row["passed"] else "DIFFERS"
-            out.print(f"  {verdict:7} z {row['z']:.2e}  s2 {row['s2']:.2e}  vector {row['vector']:.2e}  {row['source']}",
-                      highlight=False, markup=False)
+            figures = "  ".join(f"{name} {_figure(row[key])}" for key, name in PARITY_COLUMNS
+                                if row[key] is not None or key != "model_input")
+            out.print(f"  {verdict:7} {figures}  {row['source']}", highlight=False, markup=False)
             for departure in row["departures"]:
                 out.print(f"          known departure (not counted): {departure}", highlight=False, markup=False)
         out.print("parity holds" if result["passed"] else "parity does NOT hold", highlight=False)

@@ -2,11 +2,14 @@
 
 :func:`to_model_input` takes what :mod:`retrieval.imaging.decode` or :mod:`retrieval.imaging.volumes`
 returned and a :class:`~retrieval.domain.spaces.PreprocessSpec`, and returns the normalised
-array the encoder takes: ``(S, S)`` for images, ``(S, S, S)`` for volumes, float32 in ``[0, 1]``.
-Torch is imported only for volumes (trilinear resampling), so 2-D decode workers stay light.
+array the encoder takes: ``(S, S)`` for images, ``(X, Y, Z)`` for volumes (:func:`fit_volume`: sides
+multiples of 16, at most the spec's voxel budget), float32 in ``[0, 1]``. Torch and MONAI are
+imported only to downsample volumes, so 2-D decode workers stay light.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -21,9 +24,28 @@ PREPROCESSING_VERSIONS = {"stretch": "v2", "letterbox": "v2-letterbox"}
 v1 (before 2026-11-30) letterboxed and used DICOM's windowed values without min-max scaling;
 v2 stretches to the square as medvae's training loader does (``load_2d_finetune``: bicubic,
 antialiased ``Resize`` then ``ScaleIntensity(0, 1)``) and min-max scales windowed DICOM."""
-VOLUME_PREPROCESSING_VERSION = "vol-v2"
-"""3-D: RAS, medvae CT window / MR min-max, isotropic fit to a cube; vol-v2 pools z itself, as medvae's
-3-D ``encode`` returns it (vol-v1 pooled the untrained stage-2 head: its vectors stay in their own space)."""
+VOLUME_PREPROCESSING_VERSION = "vol-v3"
+"""3-D pixel path version. vol-v3 follows medvae's ``load_ct_3d`` / ``load_mri_3d``: RAS, CT window or MR
+min-max, foreground crop with sides divisible by 16, at native spacing up to a voxel budget (antialiased
+downsampling only above it). vol-v2 resampled every volume to an isotropic 128^3 cube; vol-v1 also pooled
+the untrained stage-2 head. Vectors of older versions stay in their own spaces."""
+VOLUME_DIVISIBLE = 16
+"""medvae's ``CropForeground(k_divisible=[16, 16, 16])``: every side of the model input is a multiple of 16."""
+FOREGROUND_LEVEL = 0.5
+"""medvae crops to the voxels its normalised input (``2x - 1``) holds above 0: x > 0.5 here (CT: above 0 HU)."""
+OUTSIDE_VALUE = 0.5
+"""What medvae's crop pads with where the box leaves the volume: 0 in its [-1, 1] input, 0.5 in our [0, 1]."""
+
+
+@dataclass(frozen=True)
+class FittedVolume:
+    """A volume as the 3-D encoder takes it: ``voxels`` ``(X, Y, Z)`` float32 in [0, 1], each side a multiple
+    of 16; ``spacing`` the mm of one of its voxels (the source's spacing unless the budget downsampled it);
+    ``box`` the ``(start, end)`` source voxels it covers per axis (may reach outside: padded)."""
+
+    voxels: np.ndarray = field(repr=False)
+    spacing: tuple[float, float, float]
+    box: tuple[tuple[int, int], ...]
 
 
 def preprocess_spec(dims: int, input_size: int, fit: str = "stretch") -> PreprocessSpec:
@@ -38,7 +60,7 @@ def to_model_input(decoded: DecodedImage | Volume, spec: PreprocessSpec) -> np.n
     if spec.dims == 3:
         if not isinstance(decoded, Volume):
             raise TypeError(f"a 3-D space takes a volume, not {type(decoded).__name__}")
-        return fit_to_cube(normalise(decoded), decoded.spacing, spec.input_size)
+        return fit_volume(decoded, max_voxels=spec.input_size).voxels
     if not isinstance(decoded, DecodedImage):
         raise TypeError(f"a 2-D space takes a decoded image, not {type(decoded).__name__}")
     if spec.version == PREPROCESSING_VERSIONS["letterbox"]:
@@ -107,19 +129,61 @@ def normalise(volume: Volume) -> np.ndarray:
     return scale_intensity(voxels)
 
 
-def fit_to_cube(voxels: np.ndarray, spacing: tuple[float, float, float], size: int) -> np.ndarray:
-    """Isotropic trilinear resample with the longest physical side ``size``, centred in a zero cube."""
-    import torch
-    import torch.nn.functional as F
+def fit_volume(volume: Volume, *, max_voxels: int) -> FittedVolume:
+    """medvae's 3-D input (``load_ct_3d`` / ``load_mri_3d``), within a budget of ``max_voxels``.
 
-    extent = np.array(voxels.shape, dtype=np.float64) * np.array(spacing, dtype=np.float64)
-    target = tuple(max(1, int(round(n))) for n in extent * (size / extent.max()))
-    tensor = torch.from_numpy(np.ascontiguousarray(voxels, dtype=np.float32))[None, None]
-    if target != voxels.shape:
-        tensor = F.interpolate(tensor, size=target, mode="trilinear", align_corners=False, antialias=False)
-    cube = np.zeros((size, size, size), dtype=np.float32)
-    offsets = [(size - n) // 2 for n in target]
-    cube[offsets[0] : offsets[0] + target[0], offsets[1] : offsets[1] + target[1], offsets[2] : offsets[2] + target[2]] = (
-        np.clip(tensor[0, 0].numpy(), 0.0, 1.0)
-    )
-    return cube
+    Intensities as :func:`normalise`; then medvae's ``CropForeground(k_divisible=16)``: the bounding
+    box of the voxels above :data:`FOREGROUND_LEVEL`, grown about its centre to sides divisible by 16
+    (into the volume where it can, padded with :data:`OUTSIDE_VALUE` where it leaves it). A volume with
+    no such voxel keeps its whole extent (medvae's crop would leave nothing). At native spacing, as
+    medvae encodes, while the box holds at most ``max_voxels``; above that, every axis is reduced by
+    the same factor (native anisotropy kept) to multiples of 16, with Gaussian antialiasing
+    (MONAI ``Resize(anti_aliasing=True)``), and the spacing grows accordingly.
+    """
+    voxels = normalise(volume)
+    box = _foreground_box(voxels)
+    cropped = _crop_padded(voxels, box)
+    spacing = tuple(float(s) for s in volume.spacing)
+    count = int(np.prod(cropped.shape))
+    if count > max_voxels:
+        factor = (max_voxels / count) ** (1.0 / 3.0)
+        target = tuple(max(VOLUME_DIVISIBLE, int(n * factor) // VOLUME_DIVISIBLE * VOLUME_DIVISIBLE)
+                       for n in cropped.shape)
+        spacing = tuple(s * n / t for s, n, t in zip(spacing, cropped.shape, target, strict=True))
+        cropped = _downsample(cropped, target)
+    return FittedVolume(voxels=cropped, spacing=spacing, box=box)  # type: ignore[arg-type]
+
+
+def _foreground_box(voxels: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """medvae's crop box (MONAI ``CropForeground.compute_bounding_box`` with ``k_divisible=16``)."""
+    foreground = voxels > FOREGROUND_LEVEL
+    box = []
+    for axis, size in enumerate(voxels.shape):
+        others = tuple(a for a in range(voxels.ndim) if a != axis)
+        present = np.flatnonzero(foreground.any(axis=others))
+        start, end = (int(present[0]), int(present[-1]) + 1) if present.size else (0, size)
+        grown = -(-(end - start) // VOLUME_DIVISIBLE) * VOLUME_DIVISIBLE
+        start -= (grown - (end - start)) // 2
+        box.append((start, start + grown))
+    return tuple(box)
+
+
+def _crop_padded(voxels: np.ndarray, box: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """``voxels[box]``, with :data:`OUTSIDE_VALUE` where the box leaves the volume."""
+    out = np.full([end - start for start, end in box], OUTSIDE_VALUE, dtype=np.float32)
+    source = tuple(slice(max(0, start), min(size, end)) for (start, end), size in zip(box, voxels.shape, strict=True))
+    target = tuple(slice(max(0, start) - start, min(size, end) - start)
+                   for (start, end), size in zip(box, voxels.shape, strict=True))
+    out[target] = voxels[source]
+    return out
+
+
+def _downsample(voxels: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+    """Antialiased trilinear resize to ``target`` (MONAI's Gaussian prefilter, sigma as scikit-image's)."""
+    import torch
+    from monai.transforms import Resize
+
+    resize = Resize(spatial_size=target, mode="trilinear", align_corners=False, anti_aliasing=True)
+    with torch.inference_mode():
+        out = resize(torch.from_numpy(np.ascontiguousarray(voxels))[None])
+    return np.clip(np.asarray(out[0], dtype=np.float32), 0.0, 1.0)

@@ -12,9 +12,8 @@ Contract:
   the first slice's header for metadata. A series whose slice spacing is not uniform (a gap,
   a duplicate position, a mixed series) raises :class:`~retrieval.errors.ImageDecodeError`
   with the positions that break it.
-* :func:`normalise` follows the ``medvae`` 3-D loaders: CT clipped to [-1000, 1000] HU and
-  scaled to [0, 1]; MR min-max scaled to [0, 1]. :func:`fit_to_cube` resamples to isotropic
-  voxels with the longest side ``size`` (trilinear) and centres it in a zero-padded cube.
+* :mod:`retrieval.imaging.preprocess` turns a :class:`Volume` into model input (medvae's
+  intensities, foreground crop, native spacing up to a voxel budget).
 """
 
 from __future__ import annotations
@@ -152,7 +151,7 @@ def load_nifti(path: str | Path, *, max_voxels: int) -> Volume:
                                    detail={"path": str(path)})
         canonical = nib.as_closest_canonical(nib.squeeze_image(image))
         voxels = np.asarray(canonical.get_fdata(dtype=np.float32), dtype=np.float32)
-        spacing = tuple(float(z) for z in canonical.header.get_zooms()[:3])
+        spacing = tuple(round(float(z), 6) for z in canonical.header.get_zooms()[:3])  # header floats are float32
     except ImageDecodeError:
         raise
     except Exception as exc:
@@ -205,7 +204,7 @@ def _load_dicom_series(label: str, files: list[str], *, max_voxels: int) -> Volu
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     canonical = nib.as_closest_canonical(nib.Nifti1Image(stack.transpose(1, 0, 2), affine))
     voxels = np.asarray(canonical.get_fdata(dtype=np.float32), dtype=np.float32)
-    spacing = tuple(float(z) for z in canonical.header.get_zooms()[:3])
+    spacing = tuple(round(float(z), 6) for z in canonical.header.get_zooms()[:3])  # header floats are float32
     _check_shape(label, voxels, spacing)
     modality = str(slices[0].get("Modality", "") or "").upper()
     header = pydicom.dcmread(files[int(order[0])], stop_before_pixels=True, force=True)
@@ -259,12 +258,37 @@ def guess_modality(voxels: np.ndarray) -> str:
 # --------------------------------------------------------------------------- model input
 
 
-def orthogonal_slices(cube: np.ndarray) -> np.ndarray:
-    """The three middle slices (sagittal, coronal, axial) of a ``(S, S, S)`` cube side by side, ``(S, 3S)``."""
-    x, y, z = (n // 2 for n in cube.shape)
+def orthogonal_slices(voxels: np.ndarray, spacing: tuple[float, float, float] | None = None) -> np.ndarray:
+    """The three middle slices (sagittal, coronal, axial) of an ``(X, Y, Z)`` volume side by side.
+
+    With ``spacing`` (mm per voxel) each panel is resized so that a millimetre has one length in
+    every direction (the finest spacing keeps its voxels). Panels are centred vertically on a
+    black strip as tall as the tallest.
+    """
+    if spacing is not None:
+        finest = min(spacing)
+        shape = tuple(max(1, round(n * s / finest)) for n, s in zip(voxels.shape, spacing, strict=True))
+        if shape != voxels.shape:
+            voxels = _resized(voxels, shape)
+    x, y, z = (n // 2 for n in voxels.shape)
     # display convention: superior up, anterior/right as radiologists view them
-    panels = [np.rot90(cube[x, :, :]), np.rot90(cube[:, y, :]), np.rot90(cube[:, :, z])]
-    return np.concatenate(panels, axis=1)
+    panels = [np.rot90(voxels[x, :, :]), np.rot90(voxels[:, y, :]), np.rot90(voxels[:, :, z])]
+    height = max(panel.shape[0] for panel in panels)
+    strip = np.zeros((height, sum(panel.shape[1] for panel in panels)), dtype=np.float32)
+    left = 0
+    for panel in panels:
+        top = (height - panel.shape[0]) // 2
+        strip[top : top + panel.shape[0], left : left + panel.shape[1]] = panel
+        left += panel.shape[1]
+    return strip
+
+
+def _resized(voxels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(np.ascontiguousarray(voxels, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
 def volume_metadata(volume: Volume, *, secret: str, date_shift_days: int) -> ImageMetadata:

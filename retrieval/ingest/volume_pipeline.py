@@ -2,8 +2,8 @@
 
 Same contract as the 2-D pipeline (:mod:`retrieval.ingest.pipeline`): idempotent by content hash (a
 series' hash covers all its files; checked before decoding, so a re-run reads no voxels twice), one transaction per volume, one bad volume never stops the
-run, failures recorded with their stage and reason. Volumes are encoded one at a time: a
-single 128^3 cube already fills the encoder.
+run, failures recorded with their stage and reason. Volumes are encoded one at a time (their
+shapes differ, and one already fills the encoder); the spacing of the model input is stored with z.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-
 from retrieval.config import Settings
 from retrieval.domain.items import SourceItem, printable_path
 from retrieval.errors import RetrievalError, reason_of
+from retrieval.imaging.preprocess import FittedVolume
 from retrieval.imaging.volumes import (
     Volume,
     content_sha256,
@@ -123,7 +122,7 @@ def _load_and_store(pipeline: PipelineContext, item: SourceItem, report: IngestR
     tick = time.perf_counter()
     try:
         volume = load_volume(item, max_voxels=pipeline.settings.ingest.max_image_pixels)
-        cube = pipeline.service.model_input(volume)
+        fitted = pipeline.service.fit_volume(volume)
     except RetrievalError as exc:
         report.failures.append(Failure(item.display, "decode", exc.message.removeprefix(f"{item.path}: ")))
         return
@@ -132,17 +131,18 @@ def _load_and_store(pipeline: PipelineContext, item: SourceItem, report: IngestR
         return
     report.seconds["decode_cpu"] += time.perf_counter() - tick
     pipeline.volumes_seen.add(sha256)
-    _store_volume(pipeline, item, volume, cube, sha256, report)
+    _store_volume(pipeline, item, volume, fitted, sha256, report)
 
 
 def _store_volume(
-    pipeline: PipelineContext, item: SourceItem, volume: Volume, cube: np.ndarray, sha256: str, report: IngestReport
+    pipeline: PipelineContext, item: SourceItem, volume: Volume, fitted: FittedVolume, sha256: str,
+    report: IngestReport,
 ) -> None:
-    """Encode one fitted volume and store it (row, latent, vector) in one transaction."""
+    """Encode one fitted volume and store it (row, latent with its spacing, vector) in one transaction."""
     service, settings = pipeline.service, pipeline.settings
     tick = time.perf_counter()
     try:
-        z, vectors = service.embed_pixels(cube[None])
+        z, vectors = service.embed_pixels(fitted.voxels[None])
     except Exception as exc:  # noqa: BLE001
         logger.exception("encode failed for %s", item.display)
         report.failures.append(Failure(item.display, "encode", f"{type(exc).__name__}: {exc}"))
@@ -173,6 +173,7 @@ def _store_volume(
         z=z[0].numpy(),
         vector=vectors[0],
         quality=None,
+        spacing=fitted.spacing,
     )
     try:
         service.store.write_batch(space=service.space, images=[row], job_id=pipeline.job_id)

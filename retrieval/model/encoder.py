@@ -4,9 +4,9 @@ Contract:
 
 * :meth:`MedVAEEncoder.encode` takes normalised square pixels ``(B, S, S)`` in ``[0, 1]`` and
   returns the posterior **mode** z ``(B, C, S/f, S/f)`` as float32 on the CPU. Never sampled, so
-  encoding the same pixels twice gives the same z (bitwise on CPU fp32). A 3-D model takes cubes
-  ``(B, S, S, S)`` and returns ``(B, C, S/f, S/f, S/f)``; cubes larger than ``volume_roi`` are
-  encoded (and decoded) by sliding-window inference, as ``medvae`` does for 3-D.
+  encoding the same pixels twice gives the same z (bitwise on CPU fp32). A 3-D model takes volumes
+  ``(B, X, Y, Z)`` (sides multiples of f) and returns ``(B, C, X/f, Y/f, Z/f)``; a volume with a side
+  larger than ``volume_roi`` is encoded (and decoded) by sliding-window inference, as ``medvae`` does for 3-D.
 * :meth:`MedVAEEncoder.s2_latent` maps z to the stage-2 latent ``channel_proj(channel_ds(z) + z)``.
 * :meth:`MedVAEEncoder.decode` maps z back to ``(B, S, S)`` pixels in ``[0, 1]``.
 
@@ -79,12 +79,14 @@ class MedVAEEncoder:
         self.device = self._pick_device(settings.model.device)
         self.autocast_dtype = self._pick_precision(settings.model.precision)
         self._lock = threading.Lock()
-        self.compiled = settings.model.compile == "on" or (settings.model.compile == "auto" and self.device.type == "cuda")
+        # 2-D only: volumes come in many shapes, and each new shape would compile again
+        self.compiled = self.dims == 2 and (
+            settings.model.compile == "on" or (settings.model.compile == "auto" and self.device.type == "cuda"))
         self.model = self._build(fold=fold, fused_attention=fused_attention)
         self.openvino = self._openvino(settings.model.runtime)
         self._decoder_ov: OpenVinoModule | None = None
         if self.compiled:
-            self.encode(np.zeros((settings.model.batch_size, *([settings.model.input_edge] * self.dims)), np.float32))
+            self.encode(np.zeros((settings.model.batch_size, settings.model.input_size, settings.model.input_size), np.float32))
         logger.info(
             "MedVAE %s loaded (%s) on %s, precision %s",
             self.architecture.name,
@@ -201,7 +203,7 @@ class MedVAEEncoder:
         """``(B, S, S[, S])`` in [0, 1] -> ``(B, in_channels, S, S[, S])`` in [-1, 1] on the device."""
         tensor = torch.as_tensor(pixels, dtype=torch.float32)
         if tensor.ndim != self.dims + 1:
-            shape = "(B, S, S)" if self.dims == 2 else "(B, S, S, S)"
+            shape = "(B, S, S)" if self.dims == 2 else "(B, X, Y, Z)"
             raise ValueError(f"expected {shape} pixels for {self.architecture.name}, got shape {tuple(tensor.shape)}")
         tensor = tensor.to(self.device, non_blocking=True).mul(2.0).sub(1.0)
         tensor = tensor.unsqueeze(1).expand(-1, self.architecture.in_channels, *([-1] * self.dims))

@@ -27,7 +27,7 @@ import torch
 from retrieval.domain.evaluation import EvalItem, evaluate, rankings, recall_of_exact
 from retrieval.errors import InvalidRequestError
 from retrieval.ingest.sources import scan
-from retrieval.model.pooling import parse_pooling, pool
+from retrieval.model.pooling import parse_pooling
 from retrieval.service import SpaceService
 
 
@@ -68,26 +68,25 @@ def evaluate_archive(
     }
 
 
-def _head_latents(service: SpaceService, items: list[EvalItem]) -> torch.Tensor:
-    """The latents the space pools (stage-2 for images, z for volumes) of ``items``."""
-    encoder_key = service.space.encoder_key
-    z = [service.store.latent(item.image_id, encoder_key) for item in items]
-    missing = [item.image_id for item, latent in zip(items, z, strict=True) if latent is None]
+def _stored_latents(service: SpaceService, items: list[EvalItem]) -> list[np.ndarray]:
+    """The stored z of ``items``, in order (volumes' shapes differ)."""
+    stored = service.store.latents_of([item.image_id for item in items], service.space.encoder_key)
+    missing = [item.image_id for item in items if item.image_id not in stored]
     if missing:
         raise InvalidRequestError(f"images without a stored latent for this encoder: {missing[:10]}")
-    return service.head_latent(torch.from_numpy(np.stack(z)))
+    return [stored[item.image_id] for item in items]
 
 
 def pooling_study(
     service: SpaceService, items: list[EvalItem], poolings: list[str], ks: list[int], *, exclude_same_patient: bool
 ) -> list[dict[str, Any]]:
     """One row per pooling: metrics, dimension, exact-search ms/query, fidelity to the full S2 latent."""
-    s2 = _head_latents(service, items)
-    reference = torch.nn.functional.normalize(s2.flatten(1), dim=1).numpy()
+    latents = _stored_latents(service, items)
+    reference = torch.nn.functional.normalize(service.whole_latents(latents), dim=1).numpy()
     rows = []
     for spec_text in poolings:
         spec = parse_pooling(spec_text)
-        vectors = pool(s2, spec).numpy()
+        vectors = service.pooled(latents, spec)
         tick = time.perf_counter()
         _ = vectors @ vectors.T  # exact search of every item against every item
         search_ms = (time.perf_counter() - tick) * 1e3 / max(1, len(items))

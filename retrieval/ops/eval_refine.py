@@ -34,7 +34,7 @@ def refinement_study(
     stored = service.store.latents_of(ids, service.space.encoder_key)
     if len(stored) != len(ids):
         raise InvalidRequestError("some labelled images have no stored latent in this space")
-    whole = service.head_latent(torch.from_numpy(np.stack([stored[i] for i in ids]))).flatten(1)
+    whole = service.whole_latents([stored[i] for i in ids])
     whole = torch.nn.functional.normalize(whole, dim=1).numpy()
     plain = vectors @ vectors.T
 

@@ -5,6 +5,10 @@ Layout of ``OUT/`` (streamed chunk by chunk; memory stays bounded by one chunk):
 * ``latents-00000.npz`` ... (format ``npz``): arrays ``image_ids`` int64, ``z`` float16
   ``(N, C, h, w)``, ``vectors`` float32 ``(N, D)`` of the configured space, and with ``include_s2``
   ``s2`` float16 ``(N, C, h, w)`` (the stage-2 latent, ``channel_proj(channel_ds(z) + z)``);
+* a 3-D space's volumes differ in shape, so its ``z`` is ragged: one float16 array, each volume's z
+  raveled in C order one after another, with ``z_shape`` int64 ``(N, 4)`` (each one's ``C, X, Y, Z``:
+  ``np.split(z, np.cumsum(z_shape.prod(1))[:-1])`` gives them back) and ``spacing`` float32 ``(N, 3)``
+  (mm per model-input voxel of each; NaN where unknown);
 * ``latents.h5`` (format ``hdf5``, h5py): the same arrays as resizable datasets over all images,
   plus ``metadata_json`` (one JSON object per row, labels included) and the manifest as attributes;
 * ``metadata.csv``: one row per image (image/study ids, shard, source, metadata, ``|``-joined labels);
@@ -32,6 +36,19 @@ METADATA_COLUMNS = [
     "laterality", "study_date", "width", "height", "labels",
 ]
 FORMATS = ("npz", "hdf5")
+ARRAY_DTYPES = {"image_ids": "int64", "vectors": "float32", "z_shape": "int64", "spacing": "float32"}
+
+
+def _latent_arrays(service: SpaceService, chunk: list[tuple[int, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``z`` of a chunk: stacked for images; ragged (with ``z_shape`` and ``spacing``) for volumes."""
+    if not service.is_volume_space:
+        return {"z": np.stack([latent for _, latent in chunk]).astype(np.float16)}
+    spacings = service.store.latent_spacings([image_id for image_id, _ in chunk], service.space.encoder_key)
+    return {
+        "z": np.concatenate([latent.astype(np.float16).ravel() for _, latent in chunk]),
+        "z_shape": np.array([latent.shape for _, latent in chunk], dtype=np.int64),
+        "spacing": np.array([spacings.get(image_id, (np.nan,) * 3) for image_id, _ in chunk], dtype=np.float32),
+    }
 
 
 def _metadata_row(image: ImageRecord, shard: str) -> dict[str, Any]:
@@ -110,14 +127,14 @@ def export_latents(
         writer.writeheader()
         for number, chunk in enumerate(service.store.latents(space.encoder_key, chunk=shard_size)):
             ids = np.array([image_id for image_id, _ in chunk], dtype=np.int64)
-            z32 = np.stack([latent for _, latent in chunk])
             arrays: dict[str, np.ndarray] = {
                 "image_ids": ids,
-                "z": z32.astype(np.float16),
+                **_latent_arrays(service, chunk),
                 "vectors": service.store.vectors_of(space.id, ids.tolist()).astype(np.float32),
             }
             if include_s2:  # refused for 3-D spaces above: their stage-2 head is never trained
-                arrays["s2"] = service.encoder.s2_latent(torch.from_numpy(z32)).numpy().astype(np.float16)
+                z32 = torch.from_numpy(np.stack([latent for _, latent in chunk]))
+                arrays["s2"] = service.encoder.s2_latent(z32).numpy().astype(np.float16)
             shard = f"latents-{number:05d}.npz" if "npz" in formats else "latents.h5"
             if "npz" in formats:
                 np.savez(out / shard, **arrays)
@@ -138,9 +155,10 @@ def export_latents(
         "formats": list(formats),
         "shards": shards,
         "hdf5": "latents.h5" if hdf5 is not None else None,
-        "arrays": {name: {"shape": shape, "dtype": {"image_ids": "int64", "vectors": "float32"}.get(name, "float16")}
-                   for name, shape in shapes.items()},
+        "arrays": {name: {"shape": shape, "dtype": ARRAY_DTYPES.get(name, "float16")} for name, shape in shapes.items()},
     }
+    if service.is_volume_space:
+        manifest["z_layout"] = "ragged: z holds each volume's z raveled in C order, one after another; z_shape gives their shapes"
     if hdf5 is not None:
         hdf5.close({"manifest": manifest})
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -10,11 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
-import torch
 from sqlalchemy import select
 
-from retrieval.model.pooling import PoolingSpec, pool
+from retrieval.model.pooling import PoolingSpec
 from retrieval.service import SpaceService
 from retrieval.storage.index import SpaceIndex, choose_index_spec
 from retrieval.storage.orm import Vector
@@ -54,8 +52,7 @@ def _pool_missing(service: SpaceService, *, space_id: int, encoder_key: str, spe
         todo = [(image_id, z) for image_id, z in chunk if image_id not in done]
         if not todo:
             continue
-        z = torch.from_numpy(np.stack([latent for _, latent in todo]))
-        vectors = pool(service.head_latent(z), spec).numpy()
+        vectors = service.pooled([latent for _, latent in todo], spec)
         service.store.add_vectors(space=space, vectors=[(image_id, vectors[i]) for i, (image_id, _) in enumerate(todo)])
         added += len(todo)
     return added

@@ -88,3 +88,42 @@ def write_sample_set(target: Path, *, studies: int = 6, images_per_study: int = 
         writer.writeheader()
         writer.writerows(rows)
     return target
+
+
+SAMPLE_VOLUMES = {  # name: (modality, voxels, mm spacing); sides not multiples of 16, the body off-centre
+    "ct_chest.nii.gz": ("CT", (72, 60, 40), (0.8, 0.8, 2.0)),
+    "mr_head.nii.gz": ("MR", (58, 66, 36), (1.0, 1.0, 1.5)),
+}
+
+
+def synthetic_volume(modality: str, shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """A float32 body-like phantom ``(X, Y, Z)``: CT in Hounsfield units (air, soft tissue, fat rim, bone,
+    a lesion), MR in positive arbitrary units. Its foreground touches one edge, so a crop box leaves it."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    body = ((x - 0.15) / 0.9) ** 2 + (y / 0.7) ** 2 < 1.0
+    core = ((x - 0.15) / 0.8) ** 2 + (y / 0.6) ** 2 < 1.0
+    bone = ((x - 0.15) / 0.12) ** 2 + ((y + 0.4) / 0.12) ** 2 < 1.0
+    lesion = (x - 0.4) ** 2 + (y - 0.1) ** 2 + (z - 0.2) ** 2 < 0.05
+    if modality == "CT":
+        volume = np.where(body, -90.0, -1000.0) + np.where(core, 130.0, 0.0) + np.where(bone, 700.0, 0.0)
+        volume = np.where(lesion & core, 180.0, volume)
+        noise = 15.0
+    else:
+        volume = np.where(body, 300.0, 5.0) + np.where(core, 500.0, 0.0) - np.where(bone, 600.0, 0.0)
+        volume = np.where(lesion & core, 1400.0, volume)
+        noise = 20.0
+    return (volume + rng.normal(0.0, noise, shape)).astype(np.float32)
+
+
+def write_sample_volumes(target: Path) -> list[Path]:
+    """Two small NIfTI phantoms (a CT, an MR) for the 3-D parity check; deterministic."""
+    import nibabel as nib
+
+    target.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed, (name, (modality, shape, spacing)) in enumerate(SAMPLE_VOLUMES.items()):
+        path = target / name
+        nib.save(nib.Nifti1Image(synthetic_volume(modality, shape, seed), np.diag([*spacing, 1.0])), str(path))
+        paths.append(path)
+    return paths

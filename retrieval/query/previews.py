@@ -55,10 +55,11 @@ def previews_for(service: SpaceService) -> PreviewStore:
         return store
 
 
-def pixels_to_png(pixels: np.ndarray) -> bytes:
-    """A decoded image (or, for a volume, its three middle slices) as the preview PNG."""
+def pixels_to_png(pixels: np.ndarray, spacing: tuple[float, float, float] | None = None) -> bytes:
+    """A decoded image (or, for a volume, its three middle slices, in true proportions when its voxel
+    ``spacing`` is known) as the preview PNG."""
     if pixels.ndim == 3:
-        return to_png(orthogonal_slices(pixels), note=VOLUME_PREVIEW_NOTE)
+        return to_png(orthogonal_slices(pixels, spacing), note=VOLUME_PREVIEW_NOTE)
     return to_png(pixels)
 
 
@@ -130,13 +131,15 @@ class PreviewStore:
             except Exception as exc:  # noqa: BLE001 - the waiting request gets it (a 404)
                 self._settle(image_id, future, error=exc)
         ids = list(latents)
-        step = max(1, self.service.settings.model.batch_size)
+        volumes = self.service.is_volume_space  # decoded one by one: their shapes differ
+        spacings = self.service.store.latent_spacings(ids, self.service.space.encoder_key) if volumes else {}
+        step = 1 if volumes else max(1, self.service.settings.model.batch_size)
         for start in range(0, len(ids), step):
             chunk = ids[start : start + step]
             try:
                 decoded = self.service.encoder.decode(torch.from_numpy(np.stack([latents[i] for i in chunk])))
                 for image_id, pixels in zip(chunk, decoded, strict=True):
-                    png = pixels_to_png(pixels)
+                    png = pixels_to_png(pixels, spacings.get(image_id))
                     self._write(image_id, png)
                     self._settle(image_id, futures[image_id], result=png)
             except Exception as exc:  # noqa: BLE001 - every waiter of the chunk learns why

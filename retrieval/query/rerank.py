@@ -2,8 +2,9 @@
 
 Pooling keeps a few numbers per latent cell; every image's whole latent is stored. For the top
 ``depth`` candidates of the ANN search, :func:`latent_rescorer` replaces the pooled score by the
-cosine of the whole latent the space pools (MedVAE's stage-2 grid for images, z for volumes),
-flattened: spatial layout included, which pooling throws away. Candidates beyond ``depth`` are not
+cosine of the whole latent the space pools (MedVAE's stage-2 grid for images; for volumes z, averaged
+onto a fixed grid since volumes differ in shape: :meth:`SpaceService.whole_latents`), flattened:
+spatial layout included, which pooling throws away. Candidates beyond ``depth`` are not
 returned. The query needs a latent: an uploaded image or a stored one (feedback-only queries
 have none, and are not re-ranked).
 """
@@ -21,14 +22,13 @@ Rescorer = Callable[[list[tuple[int, float]]], list[tuple[int, float]]]
 DEFAULT_DEPTH = 100
 
 
-def _unit_rows(latents: torch.Tensor) -> np.ndarray:
-    flat = latents.float().flatten(1)
-    return torch.nn.functional.normalize(flat, dim=1).numpy()
+def _unit_rows(rows: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(rows.float(), dim=1).numpy()
 
 
 def latent_rescorer(service: SpaceService, query_z: torch.Tensor, depth: int = DEFAULT_DEPTH) -> Rescorer:
     """A function that re-scores ANN hits (best first) with whole-latent cosines, keeping the top ``depth``."""
-    query = _unit_rows(service.head_latent(torch.as_tensor(query_z)[None], fast=True))[0]
+    query = _unit_rows(service.whole_latents([torch.as_tensor(query_z)], fast=True))[0]
 
     def rescore(hits: list[tuple[int, float]]) -> list[tuple[int, float]]:
         top = hits[:depth]
@@ -36,8 +36,7 @@ def latent_rescorer(service: SpaceService, query_z: torch.Tensor, depth: int = D
         ids = [image_id for image_id, _ in top if image_id in stored]
         if not ids:
             return []
-        latents = torch.from_numpy(np.stack([stored[i] for i in ids]))
-        scores = _unit_rows(service.head_latent(latents, fast=True)) @ query
+        scores = _unit_rows(service.whole_latents([stored[i] for i in ids], fast=True)) @ query
         return sorted(zip(ids, (float(score) for score in scores), strict=True), key=lambda hit: -hit[1])
 
     return rescore

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from retrieval.errors import InvalidRequestError
 from retrieval.service import SpaceService
 
 
@@ -35,7 +36,10 @@ def stored_z(service: SpaceService, image_id: int) -> torch.Tensor:
 
 
 def similarity_map(service: SpaceService, query_z: torch.Tensor, target_id: int) -> SimilarityMap:
-    """Cell-wise similarity between a query latent and a stored image, plus their search score."""
+    """Cell-wise similarity between a query latent and a stored image, plus their search score (2-D spaces:
+    volumes differ in shape, so their grids do not line up cell by cell)."""
+    if service.is_volume_space:
+        raise InvalidRequestError("similarity maps compare 2-D images; this is a 3-D space", detail={"field": "space"})
     target_z = stored_z(service, target_id)
     s2 = service.head_latent(torch.stack([query_z, target_z]))
     vectors = service.vectors_of(torch.stack([query_z, target_z]))

@@ -116,6 +116,8 @@ class Latent(Base):
     shape: Mapped[str] = mapped_column(String(64))  # "C,h,w" (images) or "C,d,h,w" (volumes)
     dtype: Mapped[str] = mapped_column(String(16))  # "float16"
     data: Mapped[bytes] = mapped_column(LargeBinary)
+    #: volumes: mm per voxel of the model input this z encodes (a z voxel spans f of them); None for images
+    spacing: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
 
 
 class Vector(Base):

@@ -31,6 +31,7 @@ class NewImage:
     z: np.ndarray  # (C, h, w) float32; stored as float16
     vector: np.ndarray  # (D,) float32, L2-normalised
     quality: tuple[float, float] | None = None  # (PSNR dB, SSIM) of decode(z), when scored at ingest
+    spacing: tuple[float, float, float] | None = None  # volumes: mm per model-input voxel (stored with z)
 
 
 def check_arrays(new: NewImage, dim: int) -> None:

@@ -161,6 +161,7 @@ class Store:
                             shape=",".join(str(d) for d in z16.shape),
                             dtype="float16",
                             data=z16.tobytes(),
+                            spacing=list(new.spacing) if new.spacing is not None else None,
                         )
                     )
                 has_vector = session.scalar(
@@ -277,6 +278,13 @@ class Store:
             rows = session.execute(select(Latent.image_id, Latent.shape, Latent.data).where(
                 Latent.encoder_key == encoder_key, Latent.image_id.in_(list(image_ids))))
             return {int(row[0]): decode_latent(row[1], row[2]) for row in rows}
+
+    def latent_spacings(self, image_ids: Sequence[int], encoder_key: str) -> dict[int, tuple[float, float, float]]:
+        """Volumes: mm per model-input voxel of the stored z of ``image_ids`` (images and older rows are absent)."""
+        with self.sessions() as session:
+            rows = session.execute(select(Latent.image_id, Latent.spacing).where(
+                Latent.encoder_key == encoder_key, Latent.image_id.in_(list(image_ids)), Latent.spacing.is_not(None)))
+            return {int(row[0]): (float(row[1][0]), float(row[1][1]), float(row[1][2])) for row in rows if row[1]}
 
     def latent(self, image_id: int, encoder_key: str) -> np.ndarray | None:
         return self.latents_of([image_id], encoder_key).get(image_id)
