@@ -14,7 +14,8 @@ from fastapi import Depends, Path, Request
 from api.schemas import MAX_ROW_ID
 from retrieval.config import Settings
 from retrieval.errors import RetrievalError
-from retrieval.service import SpaceService, SpaceServices
+from retrieval.service import SpaceService
+from retrieval.spaces import SpaceServices
 
 
 class UnauthorizedError(RetrievalError):

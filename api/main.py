@@ -18,7 +18,8 @@ from api.routes import archive, compare, docs, health, jobs, score, search
 from api.web import SecurityHeadersMiddleware
 from retrieval.config import Settings
 from retrieval.model.weights import weights_warning
-from retrieval.service import SpaceService, SpaceServices
+from retrieval.service import SpaceService
+from retrieval.spaces import SpaceServices
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ For each size and index type it reports build time, index bytes, batch-1 latency
 thread: the API serves one query per request), batch-1 QPS, and recall@10 against exact search.
 
     python -m bench.search --sizes 10000,100000,1000000
+    python -m bench.search --filtered 1000000 --queries 200   # cohorts at 50 / 10 / 1 / 0.1 %
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import faiss
 import numpy as np
 
 from bench.results_io import write_result
-from retrieval.storage.index import IndexSpec, SpaceIndex
+from retrieval.storage.index import EXACT_COHORT_MAX, IndexSpec, SpaceIndex
 from retrieval.storage.store import StoredVector
 
 DIM = 84  # spp:1,2,4 over 4 channels, the default pooling
@@ -125,13 +126,121 @@ def run(sizes: list[int], queries_count: int, ef_values: list[int], out_dir: Pat
     }
 
 
+# -- filtered cohorts (issue 15): the service's path per selectivity, against exact filtered search
+
+MODALITY_SHARES = (("NM", 0.001), ("XA", 0.009), ("CT", 0.09), ("MR", 0.4), ("CR", 0.5))
+COHORTS = {0.001: {"NM"}, 0.01: {"NM", "XA"}, 0.1: {"NM", "XA", "CT"}, 0.5: {"NM", "XA", "CT", "MR"}}
+"""Selectivity -> the modality filter that selects exactly that fraction of the archive."""
+
+
+def _fill_store(store: Any, space: Any, modalities: np.ndarray) -> None:
+    """``len(modalities)`` image rows (ids 1..n), one study per 10, and a vector row each, by bulk insert."""
+    from sqlalchemy import insert
+
+    from retrieval.storage.orm import ImageRecord, Study, Vector
+
+    n, step = len(modalities), 100_000
+    with store.engine.begin() as connection:
+        connection.execute(insert(Study), [{"id": i + 1, "study_key": f"s{i}", "label": f"s{i}"} for i in range(n // 10 + 1)])
+        for start in range(0, n, step):
+            ids = range(start + 1, min(n, start + step) + 1)
+            connection.execute(insert(ImageRecord), [
+                {"id": i, "study_id": (i - 1) // 10 + 1, "source_uri": f"/a/{i}.png", "sha256": f"{i:064x}", "kind": "png",
+                 "modality": str(modalities[i - 1]), "width": 1, "height": 1, "frames": 1, "labels": [], "extra": {}}
+                for i in ids])
+            connection.execute(insert(Vector), [{"image_id": i, "space_id": space.id, "data": b""} for i in ids])
+
+
+def run_filtered(size: int, queries_count: int, out_dir: Path) -> dict[str, Any]:
+    """The service's filtered search at 50 / 10 / 1 / 0.1 % selectivity on ``size`` vectors (HNSW, as the
+    service chooses at this size): the SQL half (``cohort_image_ids`` on SQLite), then the index half
+    (exact among a cohort of at most ``EXACT_COHORT_MAX``, FAISS's ID selector up to 10 %, post-filtering
+    with a widening fetch above), with recall@10 against exact search restricted to the cohort."""
+    import tempfile
+
+    from retrieval.config import Settings
+    from retrieval.domain.filters import Filters
+    from retrieval.domain.spaces import SpaceIdentity
+    from retrieval.storage.cohorts import cohort_image_ids
+    from retrieval.storage.store import Store
+
+    rng = np.random.default_rng(3)
+    names, shares = zip(*MODALITY_SHARES, strict=True)
+    modalities = np.array(names)[rng.permutation(np.repeat(np.arange(len(names)), np.round(np.array(shares) * size).astype(int)))]
+    data = structured_vectors(size, seed=1, clusters=max(10, size // 100))
+    queries = structured_vectors(queries_count, seed=2, clusters=max(10, size // 100))
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-search"
+    index, build_s = build(IndexSpec.hnsw(), data, workdir)
+    faiss.omp_set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        store = Store.open(Settings(data_dir=Path(folder), id_secret="bench"))
+        space = store.ensure_space(SpaceIdentity("bench", "bench", 384, "v2", "spp:1,2,4", DIM))
+        tick = time.perf_counter()
+        _fill_store(store, space, modalities)
+        print(f"{size:,} rows stored in {time.perf_counter() - tick:.0f} s; HNSW built in {build_s:.0f} s", flush=True)
+        for selectivity, wanted in sorted(COHORTS.items(), reverse=True):
+            members = np.flatnonzero(np.isin(modalities, sorted(wanted))) + 1  # image ids
+            exact = data[members - 1] @ queries.T
+            truth = [set(members[np.argsort(-exact[:, q])[:10]].tolist()) for q in range(len(queries))]
+            sql_ms, index_ms, found = [], [], []
+            for query in queries:
+                tick = time.perf_counter()
+                cohort = cohort_image_ids(store, space.id, Filters(modality=wanted), size)
+                sql_ms.append((time.perf_counter() - tick) * 1e3)
+                tick = time.perf_counter()
+                hits = _service_search(index, query, cohort, set(members.tolist()))
+                index_ms.append((time.perf_counter() - tick) * 1e3)
+                found.append(hits)
+            path = ("post-filter" if cohort is None else "exact-among" if len(cohort) <= EXACT_COHORT_MAX
+                    else "hnsw-selector")
+            total = np.array(sql_ms) + np.array(index_ms)
+            row = {"vectors": size, "selectivity": selectivity, "index": IndexSpec.hnsw().name, "path": path,
+                   "p50_ms": round(float(np.percentile(total, 50)), 3), "p99_ms": round(float(np.percentile(total, 99)), 3),
+                   "index_p50_ms": round(float(np.percentile(index_ms, 50)), 3),
+                   "index_p99_ms": round(float(np.percentile(index_ms, 99)), 3),
+                   "sql_p50_ms": round(float(np.percentile(sql_ms, 50)), 3),
+                   "sql_p99_ms": round(float(np.percentile(sql_ms, 99)), 3),
+                   "recall_at_10": round(float(np.mean([len(set(f) & t) / 10 for f, t in zip(found, truth, strict=True)])), 4)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        store.close()
+    return {"benchmark": "search-filtered", "date": dt.date.today().isoformat(),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "faiss": faiss.__version__,
+            "dim": DIM, "queries": queries_count, "build_s": round(build_s, 1), "rows": rows}
+
+
+def _service_search(index: SpaceIndex, query: np.ndarray, cohort: np.ndarray | None, members: set[int]) -> list[int]:
+    """What :func:`retrieval.query.search.search_vector` does with the index for k = 10 (overfetch 4)."""
+    fetch = 40
+    while True:
+        hits = index.search(query, fetch, among=cohort)[0]
+        passing = [image_id for image_id, _ in hits if image_id in members]
+        if len(passing) >= 10 or fetch >= index.count:
+            return passing[:10]
+        fetch = min(index.count, fetch * 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--ef", default="32,64,128,256", help="HNSW efSearch values to sweep")
+    parser.add_argument("--filtered", type=int, default=0, metavar="N",
+                        help="instead: filtered searches at 50/10/1/0.1 %% selectivity on N vectors (e.g. 1000000)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
+    if args.filtered:
+        result = run_filtered(args.filtered, args.queries, Path(args.out))
+        print("\n| vectors | selectivity | path | p50 ms | p99 ms | index p50 / p99 ms | SQL p50 / p99 ms | recall@10 |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for row in result["rows"]:
+            print(f"| {row['vectors']:,} | {row['selectivity']:.1%} | {row['path']} | {row['p50_ms']} | {row['p99_ms']} "
+                  f"| {row['index_p50_ms']} / {row['index_p99_ms']} | {row['sql_p50_ms']} / {row['sql_p99_ms']} "
+                  f"| {row['recall_at_10']} |")
+        print(f"\nwrote {write_result(args.out, 'search-filtered', result)}")
+        return
     result = run([int(s) for s in args.sizes.split(",")], args.queries, [int(e) for e in args.ef.split(",")],
                  Path(args.out))
     print("\n| vectors | index | efSearch | build s | MB | p50 ms | p99 ms | QPS | recall@10 |")

@@ -22,9 +22,12 @@ import numpy as np
 import torch
 
 from retrieval.config import Settings
-from retrieval.domain.architectures import model_dims
 from retrieval.domain.spaces import PreprocessSpec, SpaceIdentity
-from retrieval.errors import ConflictError, InvalidRequestError, NotFoundError
+from retrieval.domain.whitening import VectorTransform
+from retrieval.errors import (
+    ConfigurationError,
+    NotFoundError,
+)
 from retrieval.imaging.decode import DecodedImage
 from retrieval.imaging.preprocess import (
     FittedVolume,
@@ -37,10 +40,10 @@ from retrieval.model.batching import MicroBatcher
 from retrieval.model.contract import Encoder
 from retrieval.model.loader import load_encoder
 from retrieval.model.pooling import PoolingSpec, parse_pooling, pool
-from retrieval.model.weights import placeholder_label
 from retrieval.storage.index import OpenReport, SpaceIndex, choose_index_spec
 from retrieval.storage.orm import Space
 from retrieval.storage.store import Store
+from retrieval.storage.transforms import load_transform
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class SpaceService:
         self.index_report: OpenReport | None = None
         self._lock = threading.RLock()
         self._batcher: MicroBatcher | None = None
+        self._transforms: dict[str, VectorTransform] = {}
         #: optional ``(name, value)`` hook for timings (the API feeds Prometheus with it)
         self.observe: Callable[[str, float], None] = lambda _name, _value: None
 
@@ -142,11 +146,18 @@ class SpaceService:
 
     def embed_pixels(self, pixels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """``(B, S, S)`` normalised pixels -> (z ``(B, C, h, w)``, vectors ``(B, D)`` float32)."""
+        z, _head, vectors = self.encode_for_storage(pixels)
+        return z, vectors
+
+    def encode_for_storage(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+        """``(B, S, S)`` normalised pixels (volumes: ``(B, X, Y, Z)``) -> (z, the stage-2 latent stored beside it
+        for re-ranking (None for volumes, whose pooled latent is z itself), vectors ``(B, D)`` float32)."""
         tick = time.perf_counter()
         z = self.encoder.encode(pixels)
-        vectors = self.vectors_of(z)
+        head = self.head_latent(z)
+        vectors = self._vectorise(head, self.pooling)
         self.observe("encode_seconds", time.perf_counter() - tick)
-        return z, vectors
+        return z, None if self.is_volume_space else head, vectors
 
     def head_latent(self, z: torch.Tensor, *, fast: bool = False) -> torch.Tensor:
         """The latent this space pools: MedVAE's stage-2 latent for images; z itself for volumes, as
@@ -156,7 +167,27 @@ class SpaceService:
 
     def vectors_of(self, z: torch.Tensor) -> np.ndarray:
         """``(B, C, ...)`` stored latents z -> this space's ``(B, D)`` float32 vectors."""
-        return pool(self.head_latent(z), self.pooling).numpy()
+        return self._vectorise(self.head_latent(z), self.pooling)
+
+    def _vectorise(self, head: torch.Tensor, spec: PoolingSpec) -> np.ndarray:
+        """Pooled latents -> vectors of ``spec``: pooled, then the archive-fitted transform it names, if any."""
+        vectors = pool(head, spec).numpy()
+        return vectors if spec.transform_key is None else self._transform(spec).apply(vectors)
+
+    def _transform(self, spec: PoolingSpec) -> VectorTransform:
+        key = spec.transform_key
+        assert key is not None
+        with self._lock:
+            found = self._transforms.get(key)
+            if found is None:
+                found = load_transform(self.store, key)
+                if found is None:
+                    raise ConfigurationError(
+                        f"pooling {spec.canonical}: this database has no fitted transform {key} "
+                        "(`retrieval reindex --transform whiten` fits one on a space's vectors)",
+                        detail={"field": "pooling"})
+                self._transforms[key] = found
+            return found
 
     def pooled(self, latents: Sequence[np.ndarray], pooling: PoolingSpec | None = None) -> np.ndarray:
         """Stored latents of any shapes (volumes differ) -> ``(N, D)`` float32 vectors with ``pooling``
@@ -164,21 +195,46 @@ class SpaceService:
         spec = pooling or self.pooling
         out = np.empty((len(latents), spec.dimension(self.encoder.latent_channels, self.encoder.dims)), np.float32)
         for indices, batch in _by_shape(latents):
-            out[indices] = pool(self.head_latent(batch), spec).numpy()
+            out[indices] = self._vectorise(self.head_latent(batch), spec)
         return out
 
-    def whole_latents(self, latents: Sequence[np.ndarray | torch.Tensor], *, fast: bool = False) -> torch.Tensor:
+    def whole_latents(self, latents: Sequence[np.ndarray | torch.Tensor], *, fast: bool = False,
+                      heads: bool = False) -> torch.Tensor:
         """``(N, K)`` rows for whole-latent comparisons (re-ranking, evaluation), flattened: an image's stage-2
         grid as it is (one shape per 2-D space); a volume's z average-pooled onto :data:`VOLUME_COMPARE_GRID`
-        cells per axis, since volumes differ in shape."""
+        cells per axis, since volumes differ in shape. ``heads``: the latents given are already the pooled
+        latents (stored stage-2 latents), so the head is not run again."""
         rows: list[torch.Tensor] = [torch.empty(0)] * len(latents)
         for indices, batch in _by_shape(latents):
-            head = self.head_latent(batch, fast=fast)
+            head = batch if heads else self.head_latent(batch, fast=fast)
             if self.is_volume_space:
                 head = torch.nn.functional.adaptive_avg_pool3d(head, VOLUME_COMPARE_GRID)
             for position, row in zip(indices, head.flatten(1), strict=True):
                 rows[position] = row
         return torch.stack(rows)
+
+    def stored_whole_latents(self, image_ids: Sequence[int]) -> tuple[list[int], torch.Tensor]:
+        """Whole-latent rows (:meth:`whole_latents`) of stored images, in the order given: from the stage-2
+        latents ingest stored beside z where it did (one SQL read, no model), else from z through the head
+        (rows stored before 2026-11-30; bf16 where the encoder runs bf16). Ids without a latent in this
+        space are dropped; returns the ids kept and their rows."""
+        key = self.space.encoder_key
+        heads = {} if self.is_volume_space else self.store.heads_of(image_ids, key)
+        missing = [image_id for image_id in image_ids if image_id not in heads]
+        latents = self.store.latents_of(missing, key) if missing else {}
+        ids = [image_id for image_id in image_ids if image_id in heads or image_id in latents]
+        if not ids:
+            return [], torch.empty(0)
+        rows = torch.empty(0)
+        if heads:
+            stored = self.whole_latents([heads[i] for i in ids if i in heads], heads=True)
+            rows = stored.new_empty((len(ids), stored.shape[1]))
+            rows[[n for n, i in enumerate(ids) if i in heads]] = stored
+        if latents:
+            computed = self.whole_latents([latents[i] for i in ids if i in latents], fast=True)
+            rows = rows if heads else computed.new_empty((len(ids), computed.shape[1]))
+            rows[[n for n, i in enumerate(ids) if i in latents]] = computed
+        return ids, rows
 
     def embed_query(self, pixels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """One ``(S, S)`` query image -> (z ``(C, h, w)``, vector ``(D,)``).
@@ -251,6 +307,8 @@ class SpaceService:
         return {"name": self.settings.model.name, "weights": weights.public_label, "weights_identity": weights.identity}
 
     def space_info(self) -> dict[str, Any]:
+        from retrieval.spaces import space_json  # spaces.py builds on this module
+
         return space_json(self.space)
 
     def close(self, *, keep_store: bool = False) -> None:
@@ -270,79 +328,3 @@ def _by_shape(latents: Sequence[np.ndarray | torch.Tensor]) -> Iterator[tuple[li
         groups.setdefault(tuple(latent.shape), []).append(position)
     for positions in groups.values():
         yield positions, torch.stack([torch.as_tensor(latents[i], dtype=torch.float32) for i in positions])
-
-
-def space_json(space: Space) -> dict[str, Any]:
-    """A space as JSON outputs show it; random weights read ``random-init``, the fake encoder ``fake-encoder``."""
-    return {
-        "key": space.key,
-        "model": space.model,
-        "weights": placeholder_label(space.weights) or space.weights,
-        "input_size": space.input_size,
-        "dims": model_dims(space.model),
-        "preprocessing": space.preprocessing,
-        "pooling": space.pooling,
-        "dim": space.dim,
-    }
-
-
-class SpaceServices:
-    """The configured space's service, plus one per other stored space, built on first use.
-
-    2-D and 3-D spaces (or spaces with other poolings) share one database; a request names the
-    space it searches by key (or a prefix of at least 8 characters). Another space is served
-    with this server's settings changed to that space's model, input size and pooling, and only
-    when those settings reproduce the space exactly (same weights identity): a server never
-    encodes queries into a space with a different encoder than the one that built it.
-    """
-
-    def __init__(self, default: SpaceService) -> None:
-        self.default = default
-        self._others: dict[str, SpaceService] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: str | None) -> SpaceService:
-        if not key:
-            return self.default
-        space = self._find(key.strip().lower())
-        if space.key == self.default.space.key:
-            return self.default
-        with self._lock:
-            service = self._others.get(space.key)
-            if service is None:
-                service = self._build(space)
-                self._others[space.key] = service
-            return service
-
-    def _find(self, key: str) -> Space:
-        if len(key) < 8:
-            raise InvalidRequestError("space: give the space key or at least its first 8 characters",
-                                      detail={"field": "space"})
-        matches = [space for space in self.default.store.list_spaces() if space.key.startswith(key)]
-        if not matches:
-            raise NotFoundError(f"space {key!r} does not exist (GET /v1/spaces lists them)", detail={"field": "space"})
-        if len(matches) > 1:
-            raise InvalidRequestError(f"space {key!r} is ambiguous: give more characters", detail={"field": "space"})
-        return matches[0]
-
-    def _build(self, space: Space) -> SpaceService:
-        size_field = "volume_max_voxels" if model_dims(space.model) == 3 else "input_size"
-        settings = self.default.settings.replaced(model=space.model, pooling=space.pooling, **{size_field: space.input_size})
-        service = SpaceService(settings, store=self.default.store)
-        service.observe = self.default.observe
-        identity = service.identity()
-        if identity.key != space.key:
-            raise ConflictError(
-                f"space {space.key[:12]} was built with weights {space.weights!r} and preprocessing "
-                f"{space.preprocessing!r}; this server's settings give {identity.weights!r} / {identity.preprocessing!r}, "
-                "so it cannot encode queries for that space",
-                detail={"field": "space", "space": space.key},
-            )
-        logger.info("serving space %s (%s, %s) beside %s", space.key[:12], space.model, space.pooling,
-                    self.default.space.key[:12])
-        return service
-
-    def close(self) -> None:
-        """Close the services of other spaces; their store is the default service's, closed by its owner."""
-        for service in self._others.values():
-            service.close(keep_store=True)

@@ -26,6 +26,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from volume_factory import phantom_hu, write_nifti
 
 from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.ops.reindex import reindex
 from retrieval.service import SpaceService
 
 CHROMIUM = os.environ.get("RETRIEVAL_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -44,6 +45,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
     service = SpaceService(tiny_settings(root / "data"))
     report = IngestPipeline(service).run(root / "archive")
     assert report.failed == 0
+    reindex(service, transform="whiten")  # an archive-fitted, PCA-whitened space beside the plain one
     service.close()
     for seed in range(2):  # a 3-D space beside the 2-D one, in the same archive
         write_nifti(root / "volumes" / f"subject{seed}.nii.gz", phantom_hu(50 + seed).transpose(1, 0, 2))
@@ -219,7 +221,7 @@ def test_pick_the_3d_space_and_search_by_a_volume(site: tuple[str, Path], browse
     page = _page(browser)
     page.goto(base)
     options = page.locator("#space-select option")
-    expect(options).to_have_count(2)
+    expect(options).to_have_count(3)
     expect(options.first).to_contain_text("2-D")
     expect(options.first).to_contain_text("(server default)")
     volume_option = page.locator("#space-select option", has_text="3-D")
@@ -420,3 +422,24 @@ def test_relevance_feedback_marks_refine_and_travel_in_the_link(site: tuple[str,
     expect(shared.locator("#feedback")).to_be_hidden()
     page.context.close()
     shared.context.close()
+
+
+def test_search_the_whitened_space_from_the_picker(site: tuple[str, Path], browser: Browser) -> None:
+    """Issue 15: an archive-fitted PCA-whitened space is one pick away; its scores no longer pile up near 1."""
+    base, root = site
+    page = _page(browser)
+    page.goto(base)
+    whitened = page.locator("#space-select option", has_text="PCA-whitened")
+    expect(whitened).to_contain_text("spp:1,2,4")
+    expect(whitened).to_contain_text("16 images")
+    query = sorted((root / "archive").rglob("*.png"))[0]
+    scores = {}
+    for option in ("", whitened.get_attribute("value")):
+        page.select_option("#space-select", value=option)
+        page.set_input_files("#file-input", str(query))
+        _wait_for_results(page)
+        texts = page.locator("#results > li .score").all_inner_texts()
+        scores[option] = [float(re.search(r"-?\d+\.\d+", text).group()) for text in texts]  # type: ignore[union-attr]
+    plain, white = scores[""], scores[whitened.get_attribute("value")]
+    assert min(plain[:5]) > 0.9 and min(white[:5]) < min(plain[:5]) - 0.2, (plain, white)
+    expect(page).to_have_url(re.compile(r"space=[0-9a-f]{64}"))

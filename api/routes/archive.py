@@ -15,7 +15,7 @@ from api.schemas import SPACE_KEY_PATTERN, ImageDetail, SpaceInfo, StudyDetail
 from retrieval.errors import NotFoundError
 from retrieval.query.previews import PREVIEW_NOTE, preview_png
 from retrieval.query.results import image_json, study_json
-from retrieval.service import space_json
+from retrieval.spaces import space_json
 
 router = APIRouter(prefix="/v1", tags=["archive"], dependencies=[Depends(require_api_key)])
 

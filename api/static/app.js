@@ -121,11 +121,19 @@ async function loadSpaces(wanted) {
     if (!space.images && !space.active) continue;
     const option = document.createElement("option");
     option.value = space.active ? "" : space.key;
-    option.textContent = `${space.dims}-D · ${space.model} · ${space.pooling} · ${space.images} ${space.dims === 3 ? "volumes" : "images"}` +
+    option.textContent = `${space.dims}-D · ${space.model} · ${poolingLabel(space.pooling)} · ${space.images} ${space.dims === 3 ? "volumes" : "images"}` +
       (space.active ? " (server default)" : "");
     option.selected = wanted ? space.key === wanted : space.active;
     select.append(option);
   }
+}
+
+// "spp:1,2,4+whiten:47f11673e2f3" -> "spp:1,2,4 · PCA-whitened (47f116…)": a transform fitted on this archive
+function poolingLabel(pooling) {
+  const [base, transform] = pooling.split("+");
+  if (!transform) return base;
+  const [method, key] = transform.split(":");
+  return `${base} · ${method === "whiten" ? "PCA-whitened" : "centred"} (${key.slice(0, 6)}…)`;
 }
 
 function selectedSpace() {

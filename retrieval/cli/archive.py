@@ -23,20 +23,26 @@ from retrieval.cli.common import (
 @app.command()
 def reindex(
     pooling: Annotated[Optional[str], typer.Option("--to-pooling", help="Build a space with this pooling from stored z.")] = None,
+    transform: Annotated[Optional[str], typer.Option(
+        "--transform", help="Fit `whiten` (PCA-whitening) or `center` on the space's vectors and build the transformed "
+        "space from stored z (a refit is a new space).")] = None,
 ) -> None:
-    """Rebuild the index from stored vectors, or (with --to-pooling) derive a new space from stored z."""
+    """Rebuild the index from stored vectors, derive a new pooling from stored z, or fit an archive transform."""
     from retrieval.model.pooling import parse_pooling
     from retrieval.ops.reindex import reindex as run_reindex
 
     with reported_errors():
-        report = run_reindex(service_for(model_settings()), pooling=parse_pooling(pooling) if pooling else None)
+        report = run_reindex(service_for(model_settings()), pooling=parse_pooling(pooling) if pooling else None,
+                             transform=transform)
     out.print(
         f"space {report.space_key[:12]} (pooling {report.pooling}): {report.vectors_added} vectors derived from stored z, "
         f"index holds {report.index_count}",
         highlight=False,
     )
-    if pooling:
-        out.print(f"search it with RETRIEVAL_POOLING={report.pooling} (or --pooling {report.pooling})", highlight=False)
+    if pooling or transform:
+        out.print(f"search it with `retrieval search --space {report.space_key[:12]}` (API and page: space "
+                  f"{report.space_key[:12]}), or make it the default with RETRIEVAL_POOLING={report.pooling}",
+                  highlight=False)
 
 
 @app.command()

@@ -27,7 +27,7 @@ def eval_command(
     exclude_same_patient: Annotated[bool, typer.Option(help="Never count an image of the query's patient.")] = False,
     poolings: Annotated[Optional[str], typer.Option(help="Pooling study: e.g. mean,spp:1,2,4,grid:4,gem:3 (from stored z).")] = None,
     near_duplicates: Annotated[bool, typer.Option("--near-duplicates", help="Robustness: transformed copies find their originals?")] = False,
-    refine: Annotated[bool, typer.Option("--refine", help="Re-ranking with whole latents and 3 rounds of simulated relevance feedback, beside the plain P@k.")] = False,
+    refine: Annotated[bool, typer.Option("--refine", help="Re-ranking with whole latents, 3 rounds of simulated relevance feedback and archive-fitted transforms (center, whiten), beside the plain P@k.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Write report.md and PNG plots into this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
@@ -75,9 +75,12 @@ def eval_command(
     if "refinement" in payload:
         study = payload["refinement"]
         rows = [("plain", study["plain"]), ("rerank=latent", study["rerank_latent"]),
-                *((f"feedback round {n}", p) for n, p in enumerate(study["feedback"], start=1))]
+                *((f"feedback round {n}", p) for n, p in enumerate(study["feedback"], start=1)),
+                ("transform center", study["center"]), ("transform whiten", study["whiten"])]
         for name, precision in rows:
             out.print(f"{name:17} " + "  ".join(f"P@{k_}={v}" for k_, v in precision.items()), highlight=False)
+        out.print("scores between images: " + "  ".join(
+            f"{name} {row['mean']:.3f} ± {row['std']:.3f}" for name, row in study["scores"].items()), highlight=False)
     if report is not None:
         out.print(f"report: {payload['report']}", highlight=False)
 

@@ -36,6 +36,8 @@ def search(
     less_like: Annotated[Optional[list[int]], typer.Option("--less-like", help="A stored image the results should not resemble (repeatable).")] = None,
     exclude_self: Annotated[bool, typer.Option(help="With --image-id: leave the query image out of the results.")] = False,
     rerank: Annotated[str, typer.Option(help="none | latent: re-score the ANN's top 100 with the whole stored latent.")] = "none",
+    space: Annotated[Optional[str], typer.Option(help="Search another stored space of this archive (its key or first 8+ "
+                                                 "characters; `retrieval doctor` lists them), e.g. a whitened one.")] = None,
 ) -> None:
     """Find the studies most similar to IMAGE (or to --image-id), optionally refined by --more-like / --less-like."""
     from retrieval.errors import InvalidRequestError
@@ -49,6 +51,10 @@ def search(
         if image is None and image_id is None and not more_like:
             raise InvalidRequestError("give IMAGE, --image-id or --more-like", detail={"field": "image"})
         service = service_for(current)
+        if space:
+            from retrieval.spaces import SpaceServices
+
+            service = SpaceServices(service).get(space)
         payload = run_search(
             service, path=image, image_id=image_id, k=k, filter_pairs=filters or [], group_by=group_by,
             exclude_same_patient=exclude_same_patient, sort=sort, exclude_self=exclude_self, rerank=rerank,

@@ -333,7 +333,7 @@ class IngestPipeline:
         try:
             # every batched item decoded (errors never enter a batch); no filter here, so z[i] is batch[i]
             pixels = np.stack([p.pixels for p in batch])
-            z, vectors = self.service.embed_pixels(pixels)
+            z, heads, vectors = self.service.encode_for_storage(pixels)
         except Exception as exc:  # noqa: BLE001 - record and carry on with the next batch
             logger.exception("encode failed for a batch of %d", len(batch))
             report.failures.extend(Failure(p.item.display, "encode", f"{type(exc).__name__}: {exc}") for p in batch)
@@ -359,6 +359,7 @@ class IngestPipeline:
                 z=z[i].numpy(),
                 vector=vectors[i],
                 quality=quality[i],
+                head=heads[i].numpy() if heads is not None else None,
             )
             for i, p in enumerate(batch)
         ]

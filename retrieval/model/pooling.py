@@ -12,15 +12,21 @@ A pooling is named by a spec string that is part of the embedding space's identi
   ``mean`` of magnitudes; large P approaches max-pooling.
 
 Every pooled vector is L2-normalised, so inner product = cosine similarity.
+
+A spec may end in an archive-fitted transform, ``+center:<key>`` or ``+whiten:<key>``
+(:mod:`retrieval.domain.whitening`): :func:`pool` ignores it; the space's service applies the
+stored transform after pooling.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from retrieval.domain.whitening import METHODS
 from retrieval.errors import ConfigurationError
 
 
@@ -30,10 +36,24 @@ class PoolingSpec:
 
     name: str
     params: tuple[int, ...] = ()
+    transform: str | None = None  # "whiten:<key>" / "center:<key>": applied after pooling, by the service
 
     @property
     def canonical(self) -> str:
-        return self.name if not self.params else f"{self.name}:{','.join(str(p) for p in self.params)}"
+        base = self.name if not self.params else f"{self.name}:{','.join(str(p) for p in self.params)}"
+        return f"{base}+{self.transform}" if self.transform else base
+
+    @property
+    def transform_key(self) -> str | None:
+        return self.transform.partition(":")[2] if self.transform else None
+
+    @property
+    def base(self) -> PoolingSpec:
+        """The pooling without its transform."""
+        return PoolingSpec(self.name, self.params)
+
+    def with_transform(self, suffix: str) -> PoolingSpec:
+        return PoolingSpec(self.name, self.params, suffix)
 
     def dimension(self, channels: int, spatial_dims: int = 2) -> int:
         """Vector length for a latent with ``channels`` channels and 2 (images) or 3 (volumes) spatial axes."""
@@ -47,7 +67,16 @@ class PoolingSpec:
 
 
 def parse_pooling(spec: str) -> PoolingSpec:
-    """Parse ``mean`` / ``spp:1,2,4`` / ``grid:8``; raises :class:`ConfigurationError` naming the field."""
+    """Parse ``mean`` / ``spp:1,2,4`` / ``grid:8`` (optionally ``+whiten:<key>`` / ``+center:<key>``); raises
+    :class:`ConfigurationError` naming the field."""
+    spec, plus, transform = spec.strip().partition("+")
+    if plus:
+        method, _, key = transform.strip().partition(":")
+        if method not in METHODS or not re.fullmatch(r"[0-9a-f]{12}", key):
+            raise ConfigurationError(
+                f"pooling transform {transform!r} is not `whiten:<12 hex>` or `center:<12 hex>` "
+                "(`retrieval reindex --transform` fits one and prints it)", detail={"field": "pooling"})
+        return parse_pooling(spec).with_transform(f"{method}:{key}")
     name, _, raw = spec.strip().partition(":")
     try:
         params = tuple(int(p) for p in raw.split(",") if p.strip()) if raw else ()

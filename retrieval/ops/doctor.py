@@ -89,6 +89,9 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
             "sidecar": sidecar.__dict__ if sidecar else None,
             "consistent": bool(sidecar and sidecar.count == count and sidecar.watermark == top),
         }
+        # every stored space, for `search --space` / the API's `space` (key prefix: pooling, images)
+        report["spaces"] = {stored.key[:12]: f"{stored.model} {stored.pooling}, {store.vector_stats(stored.id)[0]} images"
+                            for stored in store.list_spaces()}
     except RetrievalError as exc:
         report["weights"] = {"error": exc.message}
     finally:

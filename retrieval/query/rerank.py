@@ -6,7 +6,8 @@ cosine of the whole latent the space pools (MedVAE's stage-2 grid for images; fo
 onto a fixed grid since volumes differ in shape: :meth:`SpaceService.whole_latents`), flattened:
 spatial layout included, which pooling throws away. Candidates beyond ``depth`` are not
 returned. The query needs a latent: an uploaded image or a stored one (feedback-only queries
-have none, and are not re-ranked).
+have none, and are not re-ranked). The candidates' stage-2 latents were stored at ingest, so a
+re-rank is one SQL read and one matrix product, without the model.
 """
 
 from __future__ import annotations
@@ -28,15 +29,13 @@ def _unit_rows(rows: torch.Tensor) -> np.ndarray:
 
 def latent_rescorer(service: SpaceService, query_z: torch.Tensor, depth: int = DEFAULT_DEPTH) -> Rescorer:
     """A function that re-scores ANN hits (best first) with whole-latent cosines, keeping the top ``depth``."""
-    query = _unit_rows(service.whole_latents([torch.as_tensor(query_z)], fast=True))[0]
+    query = _unit_rows(service.whole_latents([torch.as_tensor(query_z)]))[0]
 
     def rescore(hits: list[tuple[int, float]]) -> list[tuple[int, float]]:
-        top = hits[:depth]
-        stored = service.store.latents_of([image_id for image_id, _ in top], service.space.encoder_key)
-        ids = [image_id for image_id, _ in top if image_id in stored]
+        ids, rows = service.stored_whole_latents([image_id for image_id, _ in hits[:depth]])
         if not ids:
             return []
-        scores = _unit_rows(service.whole_latents([stored[i] for i in ids], fast=True)) @ query
+        scores = _unit_rows(rows) @ query
         return sorted(zip(ids, (float(score) for score in scores), strict=True), key=lambda hit: -hit[1])
 
     return rescore

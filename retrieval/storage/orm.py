@@ -1,7 +1,8 @@
 """SQLAlchemy 2.0 typed ORM: the database is the source of truth (design decision 1).
 
 Tables: embedding spaces, studies, images (metadata, never direct identifiers), latents (z as fp16
-bytes + shape, one per image and encoder), vectors (one per image and space), ingest errors, and
+bytes + shape, one per image and encoder), vectors (one per image and space), archive-fitted vector
+transforms, ingest errors, and
 ingest jobs (the queue that ``retrieval worker`` processes claim from).
 The schema itself is created by Alembic (``migrations/``), never by ``create_all`` at runtime.
 """
@@ -25,6 +26,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    literal_column,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -104,6 +106,20 @@ class ImageRecord(Base):
     study: Mapped[Study] = relationship(back_populates="images")
 
 
+FILTER_COLUMNS = ("modality", "body_part", "view", "laterality", "patient_sex")
+"""Filtered case-insensitively (``upper(coalesce(column, ''))``): each has an index on that expression, so a
+selective cohort is found through it (``storage/cohorts.py``) instead of by scanning every image."""
+
+
+def filter_expression(column: str) -> Any:
+    """The expression a filter on ``column`` compares (and its index holds): ``upper(coalesce(column, ''))``."""
+    return func.upper(func.coalesce(getattr(ImageRecord, column), literal_column("''")))
+
+
+for _column in FILTER_COLUMNS:
+    Index(f"ix_images_{_column}_filter", filter_expression(_column))
+
+
 class Latent(Base):
     """The posterior-mode z of an image under one encoder (model + weights + input size)."""
 
@@ -118,6 +134,9 @@ class Latent(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
     #: volumes: mm per voxel of the model input this z encodes (a z voxel spans f of them); None for images
     spacing: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
+    #: images: the stage-2 latent (z's shape, float16) computed at ingest, read by re-ranking instead of
+    #: running the head per query; None for volumes (their pooled latent is z) and rows from before
+    head: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class Vector(Base):
@@ -133,6 +152,23 @@ class Vector(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
     space_id: Mapped[int] = mapped_column(ForeignKey("spaces.id", ondelete="CASCADE"))
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class VectorTransformRecord(Base):
+    """An archive-fitted transform of pooled vectors (centring or PCA-whitening), named by its key in the
+    pooling of the spaces that use it (``spp:1,2,4+whiten:<key>``; design decision 28)."""
+
+    __tablename__ = "vector_transforms"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(32), unique=True)
+    method: Mapped[str] = mapped_column(String(16))
+    dim: Mapped[int] = mapped_column(Integer)
+    mean: Mapped[bytes] = mapped_column(LargeBinary)  # float32 (dim,)
+    matrix: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 (dim, dim); None for centring
+    fitted_space: Mapped[str] = mapped_column(String(64))  # key of the space whose vectors it was fitted on
+    fitted_vectors: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, server_default=func.now())
 
 
 class IngestError(Base):

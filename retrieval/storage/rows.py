@@ -32,6 +32,7 @@ class NewImage:
     vector: np.ndarray  # (D,) float32, L2-normalised
     quality: tuple[float, float] | None = None  # (PSNR dB, SSIM) of decode(z), when scored at ingest
     spacing: tuple[float, float, float] | None = None  # volumes: mm per model-input voxel (stored with z)
+    head: np.ndarray | None = None  # images: the stage-2 latent (z's shape), stored for re-ranking
 
 
 def check_arrays(new: NewImage, dim: int) -> None:

@@ -162,6 +162,8 @@ class Store:
                             dtype="float16",
                             data=z16.tobytes(),
                             spacing=list(new.spacing) if new.spacing is not None else None,
+                            head=(np.ascontiguousarray(new.head, dtype=np.float16).tobytes()
+                                  if new.head is not None else None),
                         )
                     )
                 has_vector = session.scalar(
@@ -277,6 +279,13 @@ class Store:
         with self.sessions() as session:
             rows = session.execute(select(Latent.image_id, Latent.shape, Latent.data).where(
                 Latent.encoder_key == encoder_key, Latent.image_id.in_(list(image_ids))))
+            return {int(row[0]): decode_latent(row[1], row[2]) for row in rows}
+
+    def heads_of(self, image_ids: Sequence[int], encoder_key: str) -> dict[int, np.ndarray]:
+        """Stored stage-2 latents (float32) of ``image_ids`` under ``encoder_key``; ids without one are absent."""
+        with self.sessions() as session:
+            rows = session.execute(select(Latent.image_id, Latent.shape, Latent.head).where(
+                Latent.encoder_key == encoder_key, Latent.image_id.in_(list(image_ids)), Latent.head.is_not(None)))
             return {int(row[0]): decode_latent(row[1], row[2]) for row in rows}
 
     def latent_spacings(self, image_ids: Sequence[int], encoder_key: str) -> dict[int, tuple[float, float, float]]:
