@@ -187,7 +187,7 @@ def run_filtered(size: int, queries_count: int, out_dir: Path) -> dict[str, Any]
             sql_ms, index_ms, found = [], [], []
             for query in queries:
                 tick = time.perf_counter()
-                cohort = cohort_image_ids(store, space.id, Filters(modality=wanted), size)
+                cohort = cohort_image_ids(store, index, Filters(modality=wanted))
                 sql_ms.append((time.perf_counter() - tick) * 1e3)
                 tick = time.perf_counter()
                 hits = _service_search(index, query, cohort, set(members.tolist()))

@@ -3,6 +3,7 @@ found among the cohort only (issue 15, cohorts filtered before the ANN)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,33 @@ def test_a_broad_filter_stays_a_post_filter(cohort_service: SpaceService, monkey
     dated = run_search(cohort_service, image_id=5, k=40, filter_pairs=["date_from=2024-01-27", "date_to=2024-01-28"],
                        group_by="image")
     assert sorted(r["images"][0]["image_id"] for r in dated["results"]) == [27, 28]  # files 26 and 27
+
+
+@pytest.mark.postgres
+def test_cohort_ids_on_postgresql_match_sqlite(postgres_url: str, tmp_path: Path) -> None:
+    """The cohort query runs on the DB-API cursor (expanded IN lists, both parameter styles): PostgreSQL too."""
+    import numpy as np
+    from conftest import tiny_settings
+
+    from retrieval.domain.filters import Filters
+    from retrieval.storage.cohorts import cohort_image_ids
+
+    rows = ["path,study,modality,study_date"]
+    for i in range(12):
+        write_png(tmp_path / "files" / f"{i}.png", synthetic_image(700 + i))
+        rows.append(f"files/{i}.png,S{i},{'cr' if i % 6 == 0 else 'DX'},2024-02-{1 + i:02d}")
+    (tmp_path / "cohort.csv").write_text("\n".join(rows) + "\n")
+    found = {}
+    for name, url in (("sqlite", None), ("postgres", postgres_url)):
+        # a pooling of its own: the shared PostgreSQL database holds other tests' spaces
+        service = SpaceService(tiny_settings(tmp_path / name, database_url=url, pooling="spp:1,3"))
+        assert IngestPipeline(service).run(tmp_path / "cohort.csv").ingested == 12
+        ids = {image.sha256: image.id for chunk in service.store.iter_images() for image in chunk}
+        index = service.searchable_index()
+        by_modality = cohort_image_ids(service.store, index, Filters(modality={"CR"}))
+        by_date = cohort_image_ids(service.store, index, Filters(modality={"DX", "CR"}, date_to=dt.date(2024, 2, 1)))
+        assert by_modality is not None and by_date is not None and by_modality.dtype == np.int64
+        back = {image_id: sha for sha, image_id in ids.items()}
+        found[name] = (sorted(back[i] for i in by_modality.tolist()), [back[i] for i in by_date.tolist()])
+        service.close()
+    assert found["sqlite"] == found["postgres"] and len(found["sqlite"][0]) == 2 and len(found["sqlite"][1]) == 1

@@ -68,7 +68,10 @@ def test_eval_command_report_pooling_study_and_near_duplicates(cli_env: dict[str
     refined = out["refinement"]  # issue 15: plain, re-ranked and three rounds of simulated feedback, side by side
     assert refined["plain"] == out["results"]["image"]["precision_at_k"]  # the same leave-one-out protocol
     assert len(refined["feedback"]) == 3 and refined["rounds"] == 3
-    assert all(0.0 <= value <= 1.0 for row in [refined["rerank_latent"], *refined["feedback"]] for value in row.values())
+    assert all(0.0 <= value <= 1.0 for row in [refined["rerank_latent"], *refined["feedback"], refined["center"],
+                                               refined["whiten"]] for value in row.values())
+    spread = refined["scores"]  # archive-fitted transforms: the scores between images stop piling up near 1
+    assert spread["plain"]["mean"] > spread["center"]["mean"] and spread["plain"]["std"] < spread["whiten"]["std"]
     assert out["items"] == 12 and out["not_in_archive"] == 0
     assert set(out["results"]) == {"image", "study"}
     assert 0.0 <= out["results"]["image"]["precision_at_k"]["1"] <= 1.0

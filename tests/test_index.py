@@ -134,3 +134,20 @@ def test_hnsw_index_is_chosen_by_size_recalls_and_persists_its_type(tmp_path: Pa
     assert SpaceIndex.open(store=store, space=space, directory=tmp_path / "index", spec=spec)[1].action == "loaded"
     flat, report = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index", spec=IndexSpec.flat())
     assert report.action == "rebuilt" and "differs" in report.reason and flat.count == 2000
+
+
+def test_a_cohort_is_searched_exactly_and_membership_follows_adds(tmp_path: Path) -> None:
+    """Issue 15: a small cohort is scored exactly (its vectors gathered); ``holds`` knows the index's ids."""
+    store, space, vectors = _store_with_vectors(tmp_path, 200)
+    index, _ = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index")
+    cohort = np.arange(5, 200, 7, dtype=np.int64)  # image ids
+    query = _unit(np.random.default_rng(3).normal(size=(1, DIM)))[0]
+    exact = vectors[cohort - 1] @ query
+    hits = index.search(query, 5, among=cohort)[0]
+    assert [image_id for image_id, _ in hits] == [int(cohort[i]) for i in np.argsort(-exact)[:5]]
+    assert np.allclose([score for _, score in hits], np.sort(exact)[::-1][:5], atol=1e-5)
+    assert index.holds(np.array([1, 200, 201, 0, 10**9])).tolist() == [True, True, False, False, False]
+    _add(store, space, _unit(np.random.default_rng(4).normal(size=(3, DIM))), start=200)
+    index.catch_up(store)
+    assert index.holds(np.array([201, 203, 204])).tolist() == [True, True, False]
+    assert index.search(query, 3, among=np.array([203, 999], dtype=np.int64))[0][0][0] == 203  # 999: selector path

@@ -213,7 +213,7 @@ def search_vector(
     filters = filters or Filters()
     index = service.searchable_index()
     total = index.count
-    cohort = cohort_image_ids(service.store, service.space.id, filters, total) if total else None
+    cohort = cohort_image_ids(service.store, index, filters) if total else None
     if cohort is not None:  # a selective cohort: FAISS searches among its images only
         total = min(total, len(cohort))
     fetch = min(total, max(k * service.settings.query.overfetch, depth if rescore else 0))

@@ -82,6 +82,14 @@ class IndexSpec:
         return params
 
 
+def _marked(members: np.ndarray, ids: np.ndarray, top: int) -> np.ndarray:
+    """``members`` grown to hold id ``top``, with ``ids`` set."""
+    if len(members) <= top:
+        members = np.concatenate([members, np.zeros(top + 1 - len(members) + (top + 1) // 4, dtype=bool)])
+    members[ids] = True
+    return members
+
+
 EXACT_COHORT_MAX = 20_000
 """A filtered cohort of at most this many images is searched exactly (gathered, one matrix product: ~3 ms for
 10,000 vectors on one core, recall 1.0); a larger one through FAISS's ID selector (bench/search.py --filtered)."""
@@ -159,6 +167,7 @@ class SpaceIndex:
         self.index = self._empty()
         self.watermark = 0
         self.max_image_id = 0
+        self._members: np.ndarray | None = None  # bool by image id, built on first `holds`
         self._lock = threading.RLock()
 
     # -- paths
@@ -234,6 +243,7 @@ class SpaceIndex:
         self.index = loaded
         self.watermark = sidecar.watermark
         self.max_image_id = sidecar.max_image_id
+        self._members = None
         return ""
 
     def rebuild(self, store: Store) -> None:
@@ -243,6 +253,7 @@ class SpaceIndex:
             fresh.add(chunk)
         with self._lock:
             self.index, self.watermark, self.max_image_id = fresh.index, fresh.watermark, fresh.max_image_id
+            self._members = None
         self.save(force=True)
 
     def catch_up(self, store: Store) -> int:
@@ -267,6 +278,23 @@ class SpaceIndex:
             self.index.add_with_ids(matrix, ids)
             self.watermark = max(self.watermark, max(v.row_id for v in vectors))
             self.max_image_id = max(self.max_image_id, int(ids.max()))
+            if self._members is not None:
+                self._members = _marked(self._members, ids, self.max_image_id)
+
+    def holds(self, image_ids: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of ``image_ids`` have a vector in this index (a bitmap by image id, O(len))."""
+        ids = np.asarray(image_ids, dtype=np.int64)
+        with self._lock:
+            if self._members is None:
+                self._members = _marked(np.zeros(0, dtype=bool), self._index_ids(), self.max_image_id)
+            members = self._members
+        inside = (ids >= 0) & (ids < len(members))
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[inside] = members[ids[inside]]
+        return mask
+
+    def _index_ids(self) -> np.ndarray:
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64) if self.count else np.zeros(0, np.int64)
 
     def save(self, *, force: bool = False) -> None:
         """Persist atomically: index file, then sidecar.
