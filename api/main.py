@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -25,12 +26,19 @@ logger = logging.getLogger(__name__)
 
 
 def _warm_up(service: SpaceService) -> None:
-    """Load the model and open the index in the background; requests needing them wait on its lock."""
+    """Load the model and open the index in the background; requests needing them wait on its lock.
+
+    Then ``gc.freeze()``: the objects made while loading (torch, the model, the index) leave the cyclic
+    collector's reach, so a full collection during a request no longer walks them (it took ~130 ms
+    now and then in a re-rank otherwise at 5 ms; bench/rerank.py, docs/benchmarks.md).
+    """
     try:
         service.index  # noqa: B018 - loads encoder, space and index
         warning = weights_warning(service.settings.model.weights)
         if warning:
             logger.warning(warning)
+        gc.collect()
+        gc.freeze()
     except Exception:  # noqa: BLE001 - /readyz reports it; requests will raise the typed error
         logger.exception("model or index failed to load")
 
