@@ -14,8 +14,8 @@ p50 / p95 in ms for both and writes JSON to ``bench/results/``.
 from __future__ import annotations
 
 import argparse
-import gc
 import datetime as dt
+import gc
 import platform
 import tempfile
 import time
