@@ -117,11 +117,9 @@ class ModelSettings(SettingsGroup):
     )
     seed: int = Field(0, description="Seed for `random` weights.")
     input_size: int = Field(384, ge=32, le=4096, description="Square model input size in pixels.")
-    volume_max_voxels: int = Field(
-        2_097_152, ge=4096, le=2**31 - 1,
-        description="3-D models: voxel budget of a volume's model input (default 128^3). Volumes are encoded at "
-        "native spacing (foreground-cropped, as medvae does) when they fit, else downsampled (antialiased). Part of the space.",
-    )
+    volume_max_voxels: int = Field(2_097_152, ge=4096, le=2**31 - 1, description="3-D models: voxel budget of a "
+        "volume's model input (default 128^3): native spacing (foreground-cropped, as medvae does) when it fits, else "
+        "downsampled (antialiased). Part of the space.")
     volume_roi: int = Field(
         64, ge=16, le=512, description="3-D models: sliding-window size; larger volumes are encoded window by window."
     )
@@ -301,11 +299,9 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
 }
 """Flat name (the environment name without ``RETRIEVAL_``, lower case) -> (group, field)."""
 
-RETIRED_NAMES: dict[str, str] = {
+RETIRED_NAMES: dict[str, str] = {  # settings that no longer exist -> what replaced them (said when one is still set)
     "volume_size": "RETRIEVAL_VOLUME_SIZE was retired on 2026-11-30: volumes keep their native spacing now "
-    "(foreground-cropped, as medvae encodes them) up to RETRIEVAL_VOLUME_MAX_VOXELS voxels (default 2097152 = 128^3)",
-}
-"""Settings that no longer exist -> what replaced them (said when one is still set)."""
+    "(foreground-cropped, as medvae encodes them) up to RETRIEVAL_VOLUME_MAX_VOXELS voxels (default 2097152 = 128^3)"}
 
 
 def nest_flat_names(values: dict[str, Any]) -> dict[str, Any]:
@@ -341,11 +337,7 @@ class _FlatEnvironment(PydanticBaseSettingsSource):
         from_file = dotenv_values(env_file) if env_file and Path(env_file).is_file() else {}
         sources = [{k.upper(): v for k, v in os.environ.items()}, {k.upper(): v for k, v in from_file.items()}]
         found: dict[str, Any] = {}
-        for retired in RETIRED_NAMES:
-            name = f"{ENV_PREFIX}{retired}".upper()
-            if any(source.get(name) is not None for source in sources):
-                found[retired] = "retired"  # refused with its explanation by nest_flat_names
-        for flat in FLAT_NAMES:
+        for flat in (*FLAT_NAMES, *RETIRED_NAMES):  # a retired one is refused, with its reason, by nest_flat_names
             name = f"{ENV_PREFIX}{flat}".upper()
             value = next((source[name] for source in sources if source.get(name) is not None), None)
             if value is not None:

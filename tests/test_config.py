@@ -9,7 +9,7 @@ from cli_runner import run_cli
 from pydantic import ValidationError
 
 from retrieval.cli.common import settings_error_message
-from retrieval.config import FLAT_NAMES, Settings
+from retrieval.config import FLAT_NAMES, RETIRED_NAMES, Settings
 
 
 def test_environment_names_fill_their_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -26,16 +26,20 @@ def test_environment_names_fill_their_groups(tmp_path: Path, monkeypatch: pytest
     assert settings.model.pooling == "spp:1,2,4"  # the original is unchanged (settings are frozen)
 
 
-def test_every_historical_name_is_still_a_setting() -> None:
+def test_every_historical_name_is_still_a_setting_or_retired_with_its_reason(tmp_path: Path) -> None:
     names = {"data_dir", "database_url", "model", "weights", "model_config_path", "hub_repo", "hub_revision", "seed",
-             "input_size", "volume_max_voxels", "volume_roi", "device", "precision", "runtime", "compile", "batch_size",
+             "input_size", "volume_size", "volume_roi", "device", "precision", "runtime", "compile", "batch_size",
              "decode_workers", "pooling", "id_secret", "max_image_pixels", "date_shift_days", "overfetch", "api_keys",
              "max_request_bytes", "url_fetch_timeout", "url_allow_hosts", "index_type", "hnsw_min_vectors", "hnsw_m",
              "hnsw_ef_search", "ingest_quality", "ingest_roots", "job_heartbeat_seconds", "job_stale_seconds",
              "query_batching", "query_batch_wait_ms", "dicomweb_username", "dicomweb_password", "dicomweb_token",
              "dicomweb_retries", "dicomweb_backoff", "dicomweb_timeout", "dicomweb_fetch_workers", "dicomweb_allowed_urls"}
-    assert set(FLAT_NAMES) - names == {"manifest_columns", "fit"}  # added since, never renamed
-    assert names <= set(FLAT_NAMES)
+    assert set(FLAT_NAMES) - names == {"manifest_columns", "fit", "volume_max_voxels"}  # added since
+    assert names - set(FLAT_NAMES) == set(RETIRED_NAMES) == {"volume_size"}  # vol-v3: native spacing, a voxel budget
+    with pytest.raises(ValidationError, match="RETRIEVAL_VOLUME_SIZE was retired .* RETRIEVAL_VOLUME_MAX_VOXELS"):
+        Settings(volume_size=128)
+    refused = run_cli({"RETRIEVAL_DATA_DIR": str(tmp_path), "RETRIEVAL_VOLUME_SIZE": "64"}, "doctor", check=False)
+    assert refused.returncode == 2 and "RETRIEVAL_VOLUME_SIZE was retired" in refused.stderr
 
 
 def test_a_typo_or_a_bad_value_is_named_as_the_user_wrote_it(tmp_path: Path) -> None:

@@ -72,8 +72,9 @@ def score_stored(service: SpaceService, *, limit: int, batch: int = 16) -> tuple
     """
     from retrieval.errors import RetrievalError
     from retrieval.imaging.decode import decode_path
+    from retrieval.storage.quality import images_without_quality, set_quality
 
-    images = service.store.images_without_quality(limit)
+    images = images_without_quality(service.store, limit)
     scored, unreadable = 0, 0
     for start in range(0, len(images), batch):
         ids, pixels, latents = [], [], []
@@ -91,6 +92,6 @@ def score_stored(service: SpaceService, *, limit: int, batch: int = 16) -> tuple
             latents.append(z)
         if ids:
             scores = score_latents(service, np.stack(latents), np.stack(pixels))
-            service.store.set_quality([(i, p, s) for i, (p, s) in zip(ids, scores, strict=True)])
+            set_quality(service.store, [(i, p, s) for i, (p, s) in zip(ids, scores, strict=True)])
             scored += len(ids)
     return scored, unreadable

@@ -364,22 +364,6 @@ class Store:
             raise KeyError(f"images without a vector in space {space_id}: {missing[:10]}")
         return np.stack([found[image_id] for image_id in image_ids])
 
-    def images_without_quality(self, limit: int) -> list[ImageRecord]:
-        with self.sessions() as session:
-            return list(session.scalars(
-                select(ImageRecord).where(ImageRecord.recon_psnr.is_(None)).order_by(ImageRecord.id).limit(limit)
-            ))
-
-    def set_quality(self, scores: Sequence[tuple[int, float, float]]) -> None:
-        """Store ``(image_id, PSNR, SSIM)`` rows in one transaction."""
-        with self.sessions.begin() as session:
-            for image_id, psnr_db, ssim_value in scores:
-                session.execute(
-                    update(ImageRecord).where(ImageRecord.id == image_id)
-                    .values(recon_psnr=float(psnr_db), recon_ssim=float(ssim_value))
-                    .execution_options(synchronize_session=False)
-                )
-
     def iter_images(self, chunk: int = 1000) -> Iterator[list[ImageRecord]]:
         last = 0
         while True:
