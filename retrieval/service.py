@@ -198,15 +198,14 @@ class SpaceService:
             out[indices] = self._vectorise(self.head_latent(batch), spec)
         return out
 
-    def whole_latents(self, latents: Sequence[np.ndarray | torch.Tensor], *, fast: bool = False,
-                      heads: bool = False) -> torch.Tensor:
+    def whole_latents(self, latents: Sequence[np.ndarray | torch.Tensor], *, heads: bool = False) -> torch.Tensor:
         """``(N, K)`` rows for whole-latent comparisons (re-ranking, evaluation), flattened: an image's stage-2
         grid as it is (one shape per 2-D space); a volume's z average-pooled onto :data:`VOLUME_COMPARE_GRID`
         cells per axis, since volumes differ in shape. ``heads``: the latents given are already the pooled
         latents (stored stage-2 latents), so the head is not run again."""
         rows: list[torch.Tensor] = [torch.empty(0)] * len(latents)
         for indices, batch in _by_shape(latents):
-            head = batch if heads else self.head_latent(batch, fast=fast)
+            head = batch if heads else self.head_latent(batch)
             if self.is_volume_space:
                 head = torch.nn.functional.adaptive_avg_pool3d(head, VOLUME_COMPARE_GRID)
             for position, row in zip(indices, head.flatten(1), strict=True):
@@ -216,25 +215,21 @@ class SpaceService:
     def stored_whole_latents(self, image_ids: Sequence[int]) -> tuple[list[int], torch.Tensor]:
         """Whole-latent rows (:meth:`whole_latents`) of stored images, in the order given: from the stage-2
         latents ingest stored beside z where it did (one SQL read, no model), else from z through the head
-        (rows stored before 2026-11-30; bf16 where the encoder runs bf16). Ids without a latent in this
-        space are dropped; returns the ids kept and their rows."""
+        (rows stored before 2026-11-30; bf16 where the encoder runs bf16). A volume's pooled latent is its
+        z. Ids without a latent in this space are dropped; returns the ids kept and their rows."""
         key = self.space.encoder_key
-        heads = {} if self.is_volume_space else self.store.heads_of(image_ids, key)
-        missing = [image_id for image_id in image_ids if image_id not in heads]
-        latents = self.store.latents_of(missing, key) if missing else {}
-        ids = [image_id for image_id in image_ids if image_id in heads or image_id in latents]
+        if self.is_volume_space:
+            heads: dict[int, Any] = self.store.latents_of(image_ids, key)
+        else:
+            heads = self.store.heads_of(image_ids, key)
+            older = self.store.latents_of([i for i in image_ids if i not in heads], key)
+            if older:  # one 2-D space, one latent shape: one batch through the head
+                computed = self.head_latent(torch.from_numpy(np.stack(list(older.values()))), fast=True)
+                heads.update(zip(older, computed, strict=True))
+        ids = [image_id for image_id in image_ids if image_id in heads]
         if not ids:
             return [], torch.empty(0)
-        rows = torch.empty(0)
-        if heads:
-            stored = self.whole_latents([heads[i] for i in ids if i in heads], heads=True)
-            rows = stored.new_empty((len(ids), stored.shape[1]))
-            rows[[n for n, i in enumerate(ids) if i in heads]] = stored
-        if latents:
-            computed = self.whole_latents([latents[i] for i in ids if i in latents], fast=True)
-            rows = rows if heads else computed.new_empty((len(ids), computed.shape[1]))
-            rows[[n for n, i in enumerate(ids) if i in latents]] = computed
-        return ids, rows
+        return ids, self.whole_latents([heads[i] for i in ids], heads=True)
 
     def embed_query(self, pixels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """One ``(S, S)`` query image -> (z ``(C, h, w)``, vector ``(D,)``).

@@ -24,6 +24,7 @@ from retrieval.domain.whitening import METHODS, fit_transform
 from retrieval.errors import InvalidRequestError
 from retrieval.query.search import rocchio_vector
 from retrieval.service import SpaceService
+from retrieval.storage.transforms import space_vectors
 
 BELOW = 10.0  # pushes candidates beyond the re-ranked depth below every re-ranked one
 
@@ -60,8 +61,7 @@ def refinement_study(
 
 def _transformed(service: SpaceService, vectors: np.ndarray) -> dict[str, np.ndarray]:
     """``vectors`` under each transform (:data:`~retrieval.domain.whitening.METHODS`) fitted on the whole space."""
-    archive = np.concatenate([np.stack([row.vector for row in chunk])
-                              for chunk in service.store.vectors_after(service.space.id)])
+    archive = space_vectors(service.store, service.space)
     return {method: fit_transform(archive, method).apply(vectors) for method in METHODS}
 
 

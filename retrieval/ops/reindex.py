@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 from sqlalchemy import select
 
 from retrieval.domain.whitening import fit_transform, stable_fit
@@ -20,7 +19,7 @@ from retrieval.model.pooling import PoolingSpec
 from retrieval.service import SpaceService
 from retrieval.storage.index import SpaceIndex, choose_index_spec
 from retrieval.storage.orm import Space, Vector
-from retrieval.storage.transforms import save_transform
+from retrieval.storage.transforms import save_transform, space_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +43,7 @@ def reindex(service: SpaceService, *, pooling: PoolingSpec | None = None, transf
     target, added = pooling or service.pooling, 0
     if transform is not None:
         base, added = _filled_space(service, target.base, batch)
-        vectors = np.concatenate([np.stack([row.vector for row in chunk])
-                                  for chunk in service.store.vectors_after(base.id)] or [np.empty((0, base.dim))])
+        vectors = space_vectors(service.store, base)
         try:
             fitted = fit_transform(vectors, transform)
         except ValueError as exc:

@@ -276,16 +276,17 @@ class Store:
 
     def latents_of(self, image_ids: Sequence[int], encoder_key: str) -> dict[int, np.ndarray]:
         """Stored z of ``image_ids`` under ``encoder_key``, in one query; ids without one are absent."""
-        with self.sessions() as session:
-            rows = session.execute(select(Latent.image_id, Latent.shape, Latent.data).where(
-                Latent.encoder_key == encoder_key, Latent.image_id.in_(list(image_ids))))
-            return {int(row[0]): decode_latent(row[1], row[2]) for row in rows}
+        return self._latent_arrays(image_ids, encoder_key, Latent.data)
 
     def heads_of(self, image_ids: Sequence[int], encoder_key: str) -> dict[int, np.ndarray]:
         """Stored stage-2 latents (float32) of ``image_ids`` under ``encoder_key``; ids without one are absent."""
+        return self._latent_arrays(image_ids, encoder_key, Latent.head)
+
+    def _latent_arrays(self, image_ids: Sequence[int], encoder_key: str, column: Any) -> dict[int, np.ndarray]:
+        """One float16 array column of ``latents`` (z's shape) for ``image_ids``, decoded; NULLs are absent."""
         with self.sessions() as session:
-            rows = session.execute(select(Latent.image_id, Latent.shape, Latent.head).where(
-                Latent.encoder_key == encoder_key, Latent.image_id.in_(list(image_ids)), Latent.head.is_not(None)))
+            rows = session.execute(select(Latent.image_id, Latent.shape, column).where(
+                Latent.encoder_key == encoder_key, Latent.image_id.in_(list(image_ids)), column.is_not(None)))
             return {int(row[0]): decode_latent(row[1], row[2]) for row in rows}
 
     def latent_spacings(self, image_ids: Sequence[int], encoder_key: str) -> dict[int, tuple[float, float, float]]:

@@ -10,8 +10,14 @@ import numpy as np
 from sqlalchemy import select
 
 from retrieval.domain.whitening import VectorTransform
-from retrieval.storage.orm import VectorTransformRecord
+from retrieval.storage.orm import Space, VectorTransformRecord
 from retrieval.storage.store import Store
+
+
+def space_vectors(store: Store, space: Space) -> np.ndarray:
+    """Every stored vector of ``space`` as one ``(N, dim)`` float32 matrix: what a transform is fitted on."""
+    chunks = [np.stack([row.vector for row in chunk]) for chunk in store.vectors_after(space.id)]
+    return np.concatenate(chunks) if chunks else np.empty((0, space.dim), dtype=np.float32)
 
 
 def save_transform(store: Store, transform: VectorTransform, *, fitted_space: str, fitted_vectors: int) -> None:
