@@ -18,7 +18,6 @@ from api.metrics import Metrics, RequestTimingMiddleware
 from api.routes import archive, compare, docs, health, jobs, score, search
 from api.web import SecurityHeadersMiddleware
 from retrieval.config import Settings
-from retrieval.model.weights import weights_warning
 from retrieval.service import SpaceService
 from retrieval.spaces import SpaceServices
 
@@ -34,8 +33,7 @@ def _warm_up(service: SpaceService) -> None:
     """
     try:
         service.index  # noqa: B018 - loads encoder, space and index
-        warning = weights_warning(service.settings.model.weights)
-        if warning:
+        for warning in service.placeholder_warnings():
             logger.warning(warning)
         gc.collect()
         gc.freeze()

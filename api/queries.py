@@ -84,8 +84,9 @@ async def parse_query_request(request: Request, model: type[Params]) -> tuple[Pa
                 values[name] = [part.strip() for part in str(values[name]).split(",") if part.strip()]
         params = _validated(model, values)
         if upload is None or isinstance(upload, str):
-            feedback = getattr(params, "positive", None)  # search only: positive examples are a query of their own
-            if params.image_id is None and not params.image_url and not params.image_base64 and not feedback:
+            # search only: positive examples and a text are queries of their own
+            alone = getattr(params, "positive", None) or getattr(params, "text", None)
+            if params.image_id is None and not params.image_url and not params.image_base64 and not alone:
                 raise InvalidRequestError("a multipart request needs a `file` field", detail={"field": "file"})
             return params, None, ""
         return params, await upload.read(), upload.filename or "upload"

@@ -128,6 +128,12 @@ class SearchParams(QueryImage):
         "(cosine of the stage-2 grid); needs a query image.",
     )
     rerank_depth: int = Field(100, ge=1, le=1000)
+    text: str | None = Field(
+        None, min_length=1, max_length=2000,
+        description="A text query (`right pleural effusion`) for a space with a text tower (pooling `biomedclip`); "
+        "alone, or with a query image, combined as normalise((1 - text_weight) * image + text_weight * text).",
+    )
+    text_weight: float = Field(0.5, ge=0.0, le=1.0, description="With an image and a text: the text's share.")
     previews: Literal["none", "url", "inline"] = "url"
     sort: Literal["score", "psnr", "ssim"] = "score"
     space: str | None = Field(
@@ -162,8 +168,10 @@ class ServiceInfo(BaseModel):
     version: str
     model: str
     weights: str
-    random_weights: bool = Field(..., description="True when the weights are not MedVAE's trained ones (random, or the fake test encoder).")
+    random_weights: bool = Field(..., description="True when the weights are not the trained ones: MedVAE's (random, "
+                                 "or the fake test encoder) or, in a `biomedclip` space, BiomedCLIP's or its tokenizer.")
     warning: str | None = None
+    text_search: bool = Field(False, description="True when the server's space has a text tower (pooling `biomedclip`).")
     space: dict[str, Any]
     max_request_bytes: int
     ingest_enabled: bool
@@ -174,6 +182,10 @@ class ModelInfo(BaseModel):
     name: str
     weights: str
     weights_identity: str
+    clip_weights: str | None = Field(None, description="Spaces with pooling `biomedclip`: BiomedCLIP's weights "
+                                     "(`random-init` for random ones).")
+    clip_weights_identity: str | None = None
+    clip_tokenizer: str | None = Field(None, description="`generated-vocabulary` for the loud test vocabulary.")
 
 
 class SearchResponse(BaseModel):

@@ -138,7 +138,10 @@ class ModelSettings(SettingsGroup):
         "`letterbox` (aspect kept, zero padding). Part of the space.",
     )
     batch_size: int = Field(8, ge=1, le=4096)
-    pooling: str = Field("spp:1,2,4", description="Pooling name with parameters, e.g. `spp:1,2,4`, `mean`.")
+    pooling: str = Field("spp:1,2,4", description="The space's head: a pooling with parameters (`spp:1,2,4`, `mean`) or "
+                         "`biomedclip` (BiomedCLIP's image tower on the stage-2 latent, as MedVAE was trained; 2-D).")
+    extra_poolings: str = Field("", alias="extra_poolings", description="More heads filled by the same ingest, "
+                                "separated by spaces or `;` (e.g. `biomedclip`): the encoder runs once, the heads fan out.")
 
     @field_validator("weights")
     @classmethod
@@ -153,9 +156,27 @@ class ModelSettings(SettingsGroup):
         return model_dims(self.name)
 
     @property
+    def extra_pooling_list(self) -> list[str]:
+        """``extra_poolings`` split on spaces and ``;`` (pooling specs hold commas: ``spp:1,2,4``)."""
+        return [part for part in self.extra_poolings.replace(";", " ").split() if part]
+
+    @property
     def space_input_size(self) -> int:
         """A space's ``input_size``: the square's edge for images, the voxel budget for volumes."""
         return self.volume_max_voxels if self.dims == 3 else self.input_size
+
+
+class ClipSettings(SettingsGroup):
+    """BiomedCLIP, the semantic head (``pooling=biomedclip``): its weights and tokenizer, chosen like MedVAE's."""
+
+    env_prefix: ClassVar[str] = "clip_"
+    weights: str = Field("hub", description="`hub` (open_clip's hub checkpoint at clip_revision), a local folder "
+                         "(open_clip_config.json + checkpoint) or checkpoint file, or `random` (seeded, exact architecture).")
+    repo: str = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    revision: str = Field("main", description="Hub revision of the BiomedCLIP weights (a commit sha pins it).")
+    seed: int = Field(0, description="Seed for `random` BiomedCLIP weights.")
+    tokenizer: str = Field("auto", description="`auto` (the hub's PubMedBERT tokenizer, or the weights folder's; a "
+                           "generated vocabulary with random weights), a tokenizer folder, or `generated` (loud).")
 
 
 class IndexSettings(SettingsGroup):
@@ -278,6 +299,7 @@ class DicomwebSettings(SettingsGroup):
 GROUPS: dict[str, type[SettingsGroup]] = {
     "storage": StorageSettings,
     "model": ModelSettings,
+    "clip": ClipSettings,
     "index": IndexSettings,
     "ingest": IngestSettings,
     "privacy": PrivacySettings,
@@ -356,6 +378,7 @@ class Settings(BaseSettings):
 
     storage: StorageSettings = Field(default_factory=StorageSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    clip: ClipSettings = Field(default_factory=ClipSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)

@@ -66,6 +66,13 @@ class InvalidRequestError(RetrievalError):
     http_status = 400
 
 
+class UnsupportedQueryError(InvalidRequestError):
+    """A well-formed query this space cannot answer (a text query on a space without a text tower)."""
+
+    code = "unsupported_query"
+    http_status = 422
+
+
 class IndexStateError(RetrievalError):
     """The on-disk index disagrees with the database in a way that cannot be repaired in place."""
 

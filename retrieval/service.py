@@ -27,6 +27,7 @@ from retrieval.domain.whitening import VectorTransform
 from retrieval.errors import (
     ConfigurationError,
     NotFoundError,
+    UnsupportedQueryError,
 )
 from retrieval.imaging.decode import DecodedImage
 from retrieval.imaging.preprocess import (
@@ -37,9 +38,11 @@ from retrieval.imaging.preprocess import (
 )
 from retrieval.imaging.volumes import Volume
 from retrieval.model.batching import MicroBatcher
+from retrieval.model.biomedclip import BiomedClip, load_clip
 from retrieval.model.contract import Encoder
 from retrieval.model.loader import load_encoder
-from retrieval.model.pooling import PoolingSpec, parse_pooling, pool
+from retrieval.model.pooling import CLIP_HEAD, PoolingSpec, parse_pooling, pool
+from retrieval.model.weights import weights_warning
 from retrieval.storage.index import OpenReport, SpaceIndex, choose_index_spec
 from retrieval.storage.orm import Space
 from retrieval.storage.store import Store
@@ -57,6 +60,8 @@ class SpaceService:
     def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
         self.settings = settings
         self.pooling: PoolingSpec = parse_pooling(settings.model.pooling)
+        #: more heads an ingest fills from the same encode (``extra_poolings``): the encoder runs once
+        self.extra_poolings: list[PoolingSpec] = [parse_pooling(text) for text in settings.model.extra_pooling_list]
         self.preprocessing: PreprocessSpec = preprocess_spec(settings.model.dims, settings.model.space_input_size,
                                                              settings.model.fit)
         self.store = store or Store.open(settings)
@@ -67,6 +72,10 @@ class SpaceService:
         self._lock = threading.RLock()
         self._batcher: MicroBatcher | None = None
         self._transforms: dict[str, VectorTransform] = {}
+        self._extra_spaces: list[tuple[Space, PoolingSpec]] | None = None
+        if self.is_volume_space and any(spec.is_model_head for spec in (self.pooling, *self.extra_poolings)):
+            raise ConfigurationError(f"pooling {CLIP_HEAD}: BiomedCLIP's head is trained on 2-D stage-2 latents; "
+                                     f"{settings.model.name} is a 3-D model", detail={"field": "pooling"})
         #: optional ``(name, value)`` hook for timings (the API feeds Prometheus with it)
         self.observe: Callable[[str, float], None] = lambda _name, _value: None
 
@@ -78,6 +87,16 @@ class SpaceService:
             if self._encoder is None:
                 self._encoder = load_encoder(self.settings)
             return self._encoder
+
+    @property
+    def clip(self) -> BiomedClip:
+        """BiomedCLIP (the ``biomedclip`` head and the text tower), loaded on first use, shared in the process."""
+        return load_clip(self.settings.clip, self.encoder.device)
+
+    @property
+    def has_text_tower(self) -> bool:
+        """True when this space's vectors live in BiomedCLIP's image-text space (text queries work)."""
+        return self.pooling.is_model_head
 
     @property
     def is_volume_space(self) -> bool:
@@ -92,6 +111,12 @@ class SpaceService:
         """The identity of the configured space (or of the same encoder with another pooling)."""
         spec = pooling or self.pooling
         encoder = self.encoder
+        if spec.is_model_head:
+            if spec.head_weights not in (None, self.clip.identity):
+                raise ConfigurationError(
+                    f"pooling {spec.canonical}: that space was made with BiomedCLIP weights {spec.head_weights}; this "
+                    f"server's RETRIEVAL_CLIP_* settings give {self.clip.identity}", detail={"field": "pooling"})
+            spec = spec.with_head_weights(self.clip.identity)
         return SpaceIdentity(
             model=self.settings.model.name,
             weights=encoder.weights.identity,
@@ -159,6 +184,39 @@ class SpaceService:
         self.observe("encode_seconds", time.perf_counter() - tick)
         return z, None if self.is_volume_space else head, vectors
 
+    @property
+    def extra_spaces(self) -> list[tuple[Space, PoolingSpec]]:
+        """The spaces of ``extra_poolings`` (same encoder, other heads), created on first use."""
+        with self._lock:
+            if self._extra_spaces is None:
+                self._extra_spaces = [(self.store.ensure_space(self.identity(spec)), spec) for spec in self.extra_poolings]
+            return self._extra_spaces
+
+    def fan_out(self, head: torch.Tensor) -> list[tuple[Space, np.ndarray]]:
+        """The vectors of every extra space for a batch's pooled latents (one encode, several heads)."""
+        return [(space, self._vectorise(head, spec)) for space, spec in self.extra_spaces]
+
+    def text_vectors(self, texts: list[str]) -> np.ndarray:
+        """Texts -> ``(N, 512)`` vectors of this space (BiomedCLIP's text tower, then the space's transform if any);
+        an :class:`InvalidRequestError` naming the spaces with a text tower when this space has none."""
+        if not self.has_text_tower:
+            with_text = [f"{space.key[:12]} ({space.pooling})" for space in self.store.list_spaces()
+                         if parse_pooling(space.pooling).is_model_head]
+            raise UnsupportedQueryError(
+                f"text queries need a space with a text tower (pooling {CLIP_HEAD}); this space's pooling is "
+                f"{self.pooling.canonical}. " + (f"Spaces with one: {', '.join(with_text)}" if with_text else
+                f"This archive has none: `retrieval reindex --to-pooling {CLIP_HEAD}` builds one from stored z"),
+                detail={"field": "text", "spaces": [text.split()[0] for text in with_text]})
+        vectors = self.clip.embed_texts(texts)
+        return vectors if self.pooling.transform_key is None else self._transform(self.pooling).apply(vectors)
+
+    def placeholder_warnings(self) -> list[str]:
+        """What every output of this space says about weights that are not the trained ones (random, fake,
+        a generated vocabulary); empty for the real weights."""
+        warning = weights_warning(self.settings.model.weights)
+        clip = self.clip.source.warnings() if self.has_text_tower else []
+        return ([warning] if warning else []) + clip
+
     def head_latent(self, z: torch.Tensor, *, fast: bool = False) -> torch.Tensor:
         """The latent this space pools: MedVAE's stage-2 latent for images; z itself for volumes, as
         medvae's own 3-D ``encode`` returns (its 3-D stage-2 head is never trained). ``fast``: bf16 where
@@ -170,8 +228,9 @@ class SpaceService:
         return self._vectorise(self.head_latent(z), self.pooling)
 
     def _vectorise(self, head: torch.Tensor, spec: PoolingSpec) -> np.ndarray:
-        """Pooled latents -> vectors of ``spec``: pooled, then the archive-fitted transform it names, if any."""
-        vectors = pool(head, spec).numpy()
+        """Pooled latents -> vectors of ``spec``: pooled (or BiomedCLIP's head), then the archive-fitted transform
+        it names, if any."""
+        vectors = self.clip.embed_latents(head) if spec.is_model_head else pool(head, spec).numpy()
         return vectors if spec.transform_key is None else self._transform(spec).apply(vectors)
 
     def _transform(self, spec: PoolingSpec) -> VectorTransform:
@@ -299,7 +358,12 @@ class SpaceService:
 
     def model_info(self) -> dict[str, Any]:
         weights = self.encoder.weights
-        return {"name": self.settings.model.name, "weights": weights.public_label, "weights_identity": weights.identity}
+        info = {"name": self.settings.model.name, "weights": weights.public_label, "weights_identity": weights.identity}
+        if self.has_text_tower:
+            clip = self.clip.source
+            info |= {"clip_weights": clip.public_label, "clip_weights_identity": clip.identity,
+                     "clip_tokenizer": clip.tokenizer_label}
+        return info
 
     def space_info(self) -> dict[str, Any]:
         from retrieval.spaces import space_json  # spaces.py builds on this module

@@ -26,6 +26,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from volume_factory import phantom_hu, write_nifti
 
 from retrieval.ingest.pipeline import IngestPipeline
+from retrieval.model.pooling import parse_pooling
 from retrieval.ops.reindex import reindex
 from retrieval.service import SpaceService
 
@@ -42,17 +43,18 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
     make_archive(root / "archive", studies=5, per_study=3)
     write_dicom(root / "archive" / "dicom_study" / "a.dcm", (synthetic_image(77) * 4000).astype(np.uint16),
                 window=(2000, 4000), BodyPartExamined="CHEST", ViewPosition="PA", Modality="DX")
-    service = SpaceService(tiny_settings(root / "data"))
+    service = SpaceService(tiny_settings(root / "data", clip_weights="random"))
     report = IngestPipeline(service).run(root / "archive")
     assert report.failed == 0
     reindex(service, transform="whiten")  # an archive-fitted, PCA-whitened space beside the plain one
+    reindex(service, pooling=parse_pooling("biomedclip"))  # the semantic space with a text tower (random BiomedCLIP)
     service.close()
     for seed in range(2):  # a 3-D space beside the 2-D one, in the same archive
         write_nifti(root / "volumes" / f"subject{seed}.nii.gz", phantom_hu(50 + seed).transpose(1, 0, 2))
     volumes = SpaceService(tiny_settings(root / "data", model="medvae_4_1_3d", volume_max_voxels=32**3))
     assert IngestPipeline(volumes).run(root / "volumes").ingested == 2
     volumes.close()
-    env = tiny_env(root / "data", RETRIEVAL_MAX_REQUEST_BYTES=str(MAX_BYTES))
+    env = tiny_env(root / "data", RETRIEVAL_MAX_REQUEST_BYTES=str(MAX_BYTES), RETRIEVAL_CLIP_WEIGHTS="random")
     with running_server(env, root / "serve.log") as base:
         yield base, root
 
@@ -73,9 +75,9 @@ def _page(browser: Browser, width: int = 1280, height: int = 900) -> Page:
     return page
 
 
-def _wait_for_results(page: Page) -> None:
-    expect(page.locator("#results")).to_have_attribute("aria-busy", "false")
-    expect(page.locator("#results > li").first).to_be_visible()
+def _wait_for_results(page: Page, timeout: float = 5_000) -> None:
+    expect(page.locator("#results")).to_have_attribute("aria-busy", "false", timeout=timeout)
+    expect(page.locator("#results > li").first).to_be_visible(timeout=timeout)
 
 
 def _wait_for_previews(page: Page, scope: str = "#results") -> None:
@@ -221,7 +223,7 @@ def test_pick_the_3d_space_and_search_by_a_volume(site: tuple[str, Path], browse
     page = _page(browser)
     page.goto(base)
     options = page.locator("#space-select option")
-    expect(options).to_have_count(3)
+    expect(options).to_have_count(4)  # 2-D plain, whitened and BiomedCLIP spaces, and the 3-D one
     expect(options.first).to_contain_text("2-D")
     expect(options.first).to_contain_text("(server default)")
     volume_option = page.locator("#space-select option", has_text="3-D")
@@ -443,3 +445,31 @@ def test_search_the_whitened_space_from_the_picker(site: tuple[str, Path], brows
     plain, white = scores[""], scores[whitened.get_attribute("value")]
     assert white[0] == pytest.approx(1.0, abs=1e-3) and max(white[1:]) < min(plain[1:]) - 0.2, (plain, white)
     expect(page).to_have_url(re.compile(r"space=[0-9a-f]{64}"))
+
+
+def test_text_search_in_the_semantic_space_and_the_link_keeps_the_text(site: tuple[str, Path], browser: Browser) -> None:
+    """Issue 14: a text box beside the upload; the text travels in the URL; a space without a text tower says so."""
+    base, _root = site
+    page = _page(browser)
+    page.goto(base)
+    page.fill("#text-query", "right pleural effusion")
+    page.press("#text-query", "Enter")  # the server's default space (spp) has no text tower
+    expect(page.locator("#error")).to_contain_text("text tower")
+    semantic = page.locator("#space-select option", has_text="BiomedCLIP semantic")
+    expect(semantic).to_contain_text("RANDOM weights")
+    page.select_option("#space-select", value=semantic.get_attribute("value"))
+    page.fill("#text-query", "right pleural effusion")
+    page.click("#search-button")
+    _wait_for_results(page, timeout=120_000)  # the server loads BiomedCLIP (~200 M parameters) for the first one
+    expect(page.locator("#query-summary")).to_contain_text("right pleural effusion")
+    expect(page.locator("#status")).to_contain_text("RANDOM-INITIALISED")  # BiomedCLIP's random weights, said
+    expect(page).to_have_url(re.compile(r"text=right\+pleural\+effusion"))
+    first = page.locator("#results > li").first.inner_text()
+    page.screenshot(path=str(SCREENSHOTS / "text-search.png"))
+    shared = _page(browser)  # the link alone brings back the same text search
+    shared.goto(page.url)
+    _wait_for_results(shared)
+    expect(shared.locator("#text-query")).to_have_value("right pleural effusion")
+    assert shared.locator("#results > li").first.inner_text() == first
+    shared.goto(f"{base}/?text=nodule&text_weight=3&space={semantic.get_attribute('value')}")
+    expect(shared.locator("#error")).to_contain_text("text weight")

@@ -10,7 +10,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import MetricsDep, ServiceDep, SettingsDep, require_api_key
 from api.schemas import ServiceInfo
-from retrieval.model.weights import weights_warning
 
 router = APIRouter(tags=["health"])
 
@@ -46,13 +45,14 @@ def metrics(collector: MetricsDep) -> Response:
 @router.get("/v1/info", dependencies=[Depends(require_api_key)], response_model=ServiceInfo)
 def info(request: Request, service: ServiceDep, settings: SettingsDep) -> dict[str, Any]:
     """What the web page needs at start: model, whether the weights are MedVAE's, the active space, limits."""
-    warning = weights_warning(settings.model.weights)
+    warnings = service.placeholder_warnings()
     return {
         "version": request.app.version,
         "model": settings.model.name,
         "weights": service.model_info()["weights"],
-        "random_weights": warning is not None,
-        "warning": warning,
+        "random_weights": bool(warnings),
+        "warning": " ".join(warnings) or None,
+        "text_search": service.has_text_tower,
         "space": service.space_info(),
         "max_request_bytes": settings.api.max_request_bytes,
         "ingest_enabled": bool(settings.ingest.root_list or settings.dicomweb.allowed_url_list),

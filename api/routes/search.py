@@ -1,4 +1,4 @@
-"""``POST /v1/search``: multipart upload or JSON (image_base64 | image_url | image_id)."""
+"""``POST /v1/search``: multipart upload or JSON (image_base64 | image_url | image_id | text, or an image and a text)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from api.deps import SpacesDep, require_api_key
 from api.errors import error_responses
 from api.queries import parse_query_request, query_image_bytes
 from api.schemas import SearchParams, SearchResponse, inline_json_schema
+from retrieval.errors import InvalidRequestError
 from retrieval.query.previews import previews_for
 from retrieval.query.search import Query, SearchOptions
 from retrieval.query.search import search as run_query
@@ -41,6 +42,8 @@ _REQUEST_BODY: dict[str, Any] = {
                         "exclude_self": {"type": "boolean"},
                         "rerank": {"type": "string", "enum": ["none", "latent"]},
                         "rerank_depth": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "text": {"type": "string", "description": "text query combined with the file (pooling biomedclip)"},
+                        "text_weight": {"type": "number", "minimum": 0, "maximum": 1},
                     },
                     "required": ["file"],
                 }
@@ -62,10 +65,14 @@ async def search(request: Request, spaces: SpacesDep, background_tasks: Backgrou
     started = time.perf_counter()
     params, upload, upload_name = await parse_query_request(request, SearchParams)
     service = await run_in_threadpool(spaces.get, params.space)
-    feedback_only = upload is None and params.positive and not (params.image_base64 or params.image_url or params.image_id)
-    data, name = (None, "") if feedback_only else await query_image_bytes(params, upload, upload_name, service.settings)
+    no_image = upload is None and not (params.image_base64 or params.image_url or params.image_id)
+    if no_image and not (params.positive or params.text):
+        raise InvalidRequestError("give exactly one of image_base64, image_url, image_id, text (or upload a file)",
+                                  detail={"field": "image"})
+    data, name = (None, "") if no_image else await query_image_bytes(params, upload, upload_name, service.settings)
     query = Query(data=data, data_name=name, image_id=params.image_id if data is None else None,
-                  positive=tuple(params.positive), negative=tuple(params.negative))
+                  positive=tuple(params.positive), negative=tuple(params.negative), text=params.text,
+                  text_weight=params.text_weight)
     options = SearchOptions(
         k=params.k,
         filters=params.filters.to_filters(params.min_score),

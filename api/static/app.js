@@ -13,6 +13,9 @@ const state = {
   positive: new Set(),  // relevance feedback: stored image ids marked relevant / not relevant
   negative: new Set(),
 };
+// the text box: a query of its own, or combined with the image (text_weight) in a space with a text tower
+const queryText = () => $("#text-query").value.trim();
+const hasQuery = () => Boolean(state.file || state.imageId || queryText());
 const FILTER_FIELDS = ["modality", "body_part", "view", "laterality", "labels", "date_from", "date_to",
   "patient_sex", "age_from", "age_to"];
 
@@ -128,9 +131,12 @@ async function loadSpaces(wanted) {
   }
 }
 
-// "spp:1,2,4+whiten:47f11673e2f3" -> "spp:1,2,4 · PCA-whitened (47f116…)": a transform fitted on this archive
+// "spp:1,2,4+whiten:47f11673e2f3" -> "spp:1,2,4 · PCA-whitened (47f116…)": a transform fitted on this archive;
+// "biomedclip[random-init:seed=0]" -> "BiomedCLIP semantic + text (RANDOM weights)"
 function poolingLabel(pooling) {
-  const [base, transform] = pooling.split("+");
+  let [base, transform] = pooling.split("+");
+  const clip = base.match(/^biomedclip\[(.*)\]$/);
+  if (clip) base = `BiomedCLIP semantic + text (${clip[1].startsWith("random-init") ? "RANDOM weights" : clip[1].slice(0, 24)})`;
   if (!transform) return base;
   const [method, key] = transform.split(":");
   return `${base} · ${method === "whiten" ? "PCA-whitened" : "centred"} (${key.slice(0, 6)}…)`;
@@ -161,7 +167,7 @@ $("#key-form").addEventListener("submit", async (event) => {
   showError("");
   await loadInfo();
   await loadSpaces($("#space-select").value);
-  if (state.file || state.imageId) runSearch();
+  if (hasQuery()) runSearch();
 });
 
 // ---------- query input: drop, choose, paste ----------
@@ -238,6 +244,10 @@ function searchRequest() {
   if (state.negative.size) common.negative = [...state.negative];
   if (form.space.value) common.space = form.space.value;
   if (minScore) common.min_score = Number(minScore);
+  if (queryText()) {
+    common.text = queryText();
+    if (state.file || state.imageId) common.text_weight = Number(form.text_weight.value);
+  }
   if (state.file) {
     const body = new FormData();
     body.append("file", state.file, state.file.name);
@@ -249,12 +259,12 @@ function searchRequest() {
   return {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ ...common, image_id: state.imageId }),
+    body: JSON.stringify(state.imageId ? { ...common, image_id: state.imageId } : common),
   };
 }
 
 async function runSearch({ push = true } = {}) {
-  if (!state.file && !state.imageId) return;
+  if (!hasQuery()) return;
   showError("");
   busy(true, "Searching…");
   try {
@@ -281,6 +291,8 @@ function formProblems() {
   if (form.date_from.value && form.date_to.value && form.date_from.value > form.date_to.value) {
     problems.push(`date from (${form.date_from.value}) is after date to (${form.date_to.value})`);
   }
+  const weight = form.text_weight.value;
+  if (weight === "" || !(Number(weight) >= 0 && Number(weight) <= 1)) problems.push(`text weight ${weight} is not a number from 0 to 1`);
   const ageFrom = form.age_from.value, ageTo = form.age_to.value;
   if (ageFrom && ageTo && Number(ageFrom) > Number(ageTo)) problems.push(`age from (${ageFrom}) is above age to (${ageTo})`);
   return problems;
@@ -289,7 +301,8 @@ function formProblems() {
 $("#filters").addEventListener("submit", (event) => {
   event.preventDefault();
   state.k = pageSize();
-  if (!state.file && !state.imageId) { showError("Choose a query image first."); return; }
+  if (!hasQuery()) { showError("Choose a query image or describe what you look for first."); return; }
+  if (!state.file && !state.imageId) $("#query-summary").textContent = `Query: text “${queryText()}”.`;
   const problems = formProblems();
   if (problems.length) { clearResults(); showError(`Not searched: ${problems.join("; ")}.`); return; }
   runSearch();
@@ -456,6 +469,7 @@ function moreLikeThis(imageId) {
   state.file = null;
   state.imageId = imageId;
   state.k = pageSize();
+  $("#text-query").value = "";  // "more like this" is the image alone
   $("#query-summary").textContent = `Query: stored image #${imageId}.`;
   runSearch();
 }
@@ -473,12 +487,14 @@ function writeUrl() {
   if (form.rerank.checked) params.set("rerank", "latent");
   if (state.positive.size) params.set("positive", [...state.positive].join(","));
   if (state.negative.size) params.set("negative", [...state.negative].join(","));
+  if (queryText()) params.set("text", queryText());
+  if (queryText() && form.text_weight.value !== "0.5") params.set("text_weight", form.text_weight.value);
   params.set("k", state.k);
   const url = `${location.pathname}?${params}${location.hash}`;
   if (url !== `${location.pathname}${location.search}${location.hash}`) history.pushState(null, "", url);
 }
 
-const URL_PARAMS = new Set(["space", "image_id", "k", "min_score", "exclude_same_patient", "rerank", "positive", "negative", ...FILTER_FIELDS]);
+const URL_PARAMS = new Set(["space", "image_id", "text", "text_weight", "k", "min_score", "exclude_same_patient", "rerank", "positive", "negative", ...FILTER_FIELDS]);
 
 // What is wrong with a shared link's parameters (a typo must never be ignored silently); [] when none.
 function urlProblems(params) {
@@ -513,6 +529,8 @@ function readUrl() {
   form.min_score.value = params.get("min_score") || "";
   form.exclude_same_patient.checked = params.get("exclude_same_patient") === "1";
   form.rerank.checked = params.get("rerank") === "latent";
+  form.text.value = params.get("text") || "";
+  form.text_weight.value = params.get("text_weight") || "0.5";
   state.k = Number(params.get("k")) || pageSize();
   if ([...form.page_size.options].some((option) => Number(option.value) === state.k)) form.page_size.value = String(state.k);
   updateFilterSummary();
@@ -529,7 +547,12 @@ function readUrl() {
   if (imageId > 0) {
     state.file = null;
     state.imageId = imageId;
-    $("#query-summary").textContent = `Query: stored image #${imageId}.`;
+    $("#query-summary").textContent = `Query: stored image #${imageId}` + (queryText() ? ` and text “${queryText()}”.` : ".");
+    runSearch({ push: false });
+  } else if (queryText()) {
+    state.file = null;
+    state.imageId = null;
+    $("#query-summary").textContent = `Query: text “${queryText()}”.`;
     runSearch({ push: false });
   }
 }

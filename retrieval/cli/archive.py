@@ -37,12 +37,12 @@ def reindex(
     out.print(
         f"space {report.space_key[:12]} (pooling {report.pooling}): {report.vectors_added} vectors derived from stored z, "
         f"index holds {report.index_count}",
-        highlight=False,
+        highlight=False, markup=False,
     )
     if pooling or transform:
         out.print(f"search it with `retrieval search --space {report.space_key[:12]}` (API and page: space "
-                  f"{report.space_key[:12]}), or make it the default with RETRIEVAL_POOLING={report.pooling}",
-                  highlight=False)
+                  f"{report.space_key[:12]}), or make it the default with RETRIEVAL_POOLING='{report.pooling}'",
+                  highlight=False, markup=False)
 
 
 @app.command()

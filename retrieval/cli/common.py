@@ -18,9 +18,11 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from retrieval.config import ENV_PREFIX, FLAT_NAMES, Settings
 from retrieval.errors import RetrievalError
+from retrieval.model.clip_weights import CLIP_HEAD, clip_setting_warnings
 from retrieval.model.weights import weights_warning
 
 app = typer.Typer(help="Similar-case search for radiology archives on MedVAE latents.", no_args_is_help=True)
@@ -68,17 +70,24 @@ def settings_error_message(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def warn_if_random(current: Settings) -> None:
-    warning = weights_warning(current.model.weights)
-    if warning:
-        err.print(f"[bold yellow]{warning}[/]")
+def warn_if_random(current: Settings) -> list[str]:
+    """Say, before anything else, when MedVAE's weights (or, for a ``biomedclip`` space, BiomedCLIP's or its
+    tokenizer) are not the trained ones. Settings alone decide it: nothing is loaded."""
+    warnings = [weights_warning(current.model.weights)]
+    poolings = [current.model.pooling, *current.model.extra_pooling_list]
+    if any(pooling.strip().startswith(CLIP_HEAD) for pooling in poolings):
+        warnings += clip_setting_warnings(current.clip)
+    said = [warning for warning in warnings if warning]
+    for warning in said:
+        err.print(f"[bold yellow]{escape(warning)}[/]")
+    return said
 
 
 def fail(exc: RetrievalError, *, as_json: bool) -> typer.Exit:
     if as_json:
         out.print_json(json.dumps(exc.to_dict()))
     else:
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
     return typer.Exit(code=2)
 
 

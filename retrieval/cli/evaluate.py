@@ -10,6 +10,7 @@ import typer
 
 from retrieval.cli.common import (
     app,
+    err,
     fail,
     model_settings,
     out,
@@ -28,6 +29,8 @@ def eval_command(
     poolings: Annotated[Optional[str], typer.Option(help="Pooling study: e.g. mean,spp:1,2,4,grid:4,gem:3 (from stored z).")] = None,
     near_duplicates: Annotated[bool, typer.Option("--near-duplicates", help="Robustness: transformed copies find their originals?")] = False,
     refine: Annotated[bool, typer.Option("--refine", help="Re-ranking with whole latents, 3 rounds of simulated relevance feedback and archive-fitted transforms (center, whiten), beside the plain P@k.")] = False,
+    prompts: Annotated[Optional[str], typer.Option(help="Zero-shot: AUROC of each prompt against its label, e.g. "
+                                                   "\"effusion=right pleural effusion,cardiomegaly\" (a biomedclip space).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write report.md and PNG plots into this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
@@ -63,6 +66,15 @@ def eval_command(
             from retrieval.ops.eval_refine import refinement_study
 
             payload["refinement"] = refinement_study(service, items, ks, exclude_same_patient=exclude_same_patient)
+        if prompts:
+            from retrieval.ops.zero_shot import (
+                parse_prompts,
+                prompt_auroc,
+                score_images,
+            )
+
+            scores = score_images(service, [item.image_id for item in items], parse_prompts(prompts))
+            payload["zero_shot"] = prompt_auroc(items, scores)
         if report is not None:
             payload["report"] = str(eval_archive.write_report(report, payload))
     if as_json:
@@ -72,6 +84,16 @@ def eval_command(
         out.print(f"{level:5} level, {result['queries']} queries: "
                   + "  ".join(f"P@{k_}={v}" for k_, v in result["precision_at_k"].items())
                   + "  " + "  ".join(f"mAP@{k_}={v}" for k_, v in result["map_at_k"].items()), highlight=False)
+    if "pooling_study" in payload:
+        for row in payload["pooling_study"]:
+            out.print(f"{row['pooling'][:40]:40} dim {row['dim']:>4}  " + "  ".join(
+                f"P@{k_}={v}" for k_, v in row["precision_at_k"].items()) + "  " + "  ".join(
+                f"mAP@{k_}={v}" for k_, v in row["map_at_k"].items()), highlight=False, markup=False)
+    if "zero_shot" in payload:
+        for label, row in payload["zero_shot"].items():
+            out.print(f"zero-shot {label:20} AUROC {row['auroc'] if row['auroc'] is not None else 'n/a'}  "
+                      f"({row['positives']} positive, {row['negatives']} negative; prompt \"{row['prompt']}\")",
+                      highlight=False, markup=False)
     if "refinement" in payload:
         study = payload["refinement"]
         rows = [("plain", study["plain"]), ("rerank=latent", study["rerank_latent"]),
@@ -87,18 +109,31 @@ def eval_command(
 
 @app.command()
 def classify(
-    manifest: Annotated[Path, typer.Argument(help="CSV with a `path` column and a label column.")],
+    manifest: Annotated[Optional[Path], typer.Argument(help="CSV with a `path` column and a label column (kNN; with "
+                                                       "--prompts: only its images, plus AUROC per prompt).")] = None,
     label_column: Annotated[str, typer.Option(help="Column holding the labels.")] = "labels",
     k: Annotated[int, typer.Option("-k", help="Neighbours that vote.")] = 10,
     test_fraction: Annotated[float, typer.Option(help="Share of studies (patients when known) held out.")] = 0.3,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    prompts: Annotated[Optional[str], typer.Option(help="Zero-shot labels from text prompts, comma-separated "
+                                                   "(`label=prompt` or `prompt`), in a space with pooling biomedclip: "
+                                                   "every stored image scored, CSV out.")] = None,
+    out_csv: Annotated[Optional[Path], typer.Option("--out", help="--prompts: write the CSV here (default: stdout).")] = None,
+    space: Annotated[Optional[str], typer.Option(help="--prompts: score in this stored space (key or 8+ characters), "
+                                                 "e.g. the biomedclip space an ingest filled beside the default.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
-    """kNN label voting on stored vectors: accuracy and AUROC per label on a held-out split by study/patient."""
+    """kNN label voting on stored vectors (accuracy and AUROC per label on a held-out split by study/patient), or,
+    with --prompts, zero-shot labels: each stored image's cosine and probability per prompt."""
     from retrieval.domain.evaluation import knn_classification
     from retrieval.ops import eval_archive
 
+    if prompts is not None:
+        _zero_shot_command(manifest, label_column, prompts, out_csv, space, as_json=as_json)
+        return
     with reported_errors(as_json=as_json):
+        if manifest is None:
+            raise RetrievalError("classify needs MANIFEST (kNN voting) or --prompts (zero-shot)")
         service = service_for(model_settings())
         items, not_in_archive = eval_archive.labelled_items(service, manifest, label_column)
         if len(items) < 4:
@@ -116,6 +151,52 @@ def classify(
     for label, row in result["per_label"].items():
         out.print(f"{label:24} accuracy {row['accuracy']:.3f}  AUROC {row['auroc'] if row['auroc'] is not None else 'n/a'}"
                   f"  ({row['positives']} positive, {row['negatives']} negative)", highlight=False)
+
+
+def _zero_shot_command(manifest: Path | None, label_column: str, prompts: str, out_csv: Path | None,
+                       space: str | None, *, as_json: bool) -> None:
+    """``classify --prompts``: score stored images (all of the space's, or the manifest's) against text prompts."""
+    import sys
+
+    from retrieval.ops import eval_archive
+    from retrieval.ops.zero_shot import (
+        parse_prompts,
+        prompt_auroc,
+        score_images,
+        score_rows,
+        space_image_ids,
+        write_csv,
+    )
+
+    with reported_errors(as_json=as_json):
+        parsed = parse_prompts(prompts)
+        service = service_for(model_settings())
+        if space:
+            from retrieval.spaces import SpaceServices
+
+            service = SpaceServices(service).get(space)
+        items = eval_archive.labelled_items(service, manifest, label_column)[0] if manifest else []
+        ids = [item.image_id for item in items] if manifest else space_image_ids(service)
+        if not ids:
+            raise RetrievalError("no stored images to score" + (f": none of {manifest}'s images is in the archive"
+                                                                 if manifest else ": ingest first"))
+        scores = score_images(service, ids, parsed)
+        aurocs = prompt_auroc(items, scores) if items else None
+        if out_csv is not None:
+            with out_csv.open("w", newline="") as handle:
+                written = write_csv(handle, score_rows(service, scores))
+    if as_json:
+        rows = None if out_csv else list(score_rows(service, scores))
+        out.print_json(json.dumps({"space": service.space_info(), "images": len(ids), "csv": str(out_csv) if out_csv
+                                   else None, "scores": rows, "auroc": aurocs, "warnings": service.placeholder_warnings()}))
+        return
+    if out_csv is None:
+        write_csv(sys.stdout, score_rows(service, scores))
+    else:
+        err.print(f"{written} images scored against {len(parsed)} prompts: {out_csv}", highlight=False)
+    for label, row in (aurocs or {}).items():
+        err.print(f"{label:24} AUROC {row['auroc'] if row['auroc'] is not None else 'n/a'}  ({row['positives']} "
+                  f"positive, {row['negatives']} negative)", highlight=False, markup=False)
 
 
 def _split_poolings(text: str) -> list[str]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from retrieval.cli.common import (
     app,
@@ -38,18 +40,23 @@ def search(
     rerank: Annotated[str, typer.Option(help="none | latent: re-score the ANN's top 100 with the whole stored latent.")] = "none",
     space: Annotated[Optional[str], typer.Option(help="Search another stored space of this archive (its key or first 8+ "
                                                  "characters; `retrieval doctor` lists them), e.g. a whitened one.")] = None,
+    text: Annotated[Optional[str], typer.Option(help="Text query, e.g. \"right pleural effusion\" (a space with pooling "
+                                                "biomedclip); with IMAGE or --image-id, combined with it.")] = None,
+    text_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="With an image and --text: the text's share "
+                                               "(normalise((1 - w) * image + w * text)).")] = 0.5,
 ) -> None:
-    """Find the studies most similar to IMAGE (or to --image-id), optionally refined by --more-like / --less-like."""
+    """Find the studies most similar to IMAGE (or to --image-id, or to --text), optionally refined by --more-like /
+    --less-like."""
     from retrieval.errors import InvalidRequestError
     from retrieval.query.search import run_search
 
     current = settings()
-    warn_if_random(current)
+    said = warn_if_random(current)
     try:
         if image is not None and image_id is not None:
             raise InvalidRequestError("give IMAGE or --image-id, not both", detail={"field": "image"})
-        if image is None and image_id is None and not more_like:
-            raise InvalidRequestError("give IMAGE, --image-id or --more-like", detail={"field": "image"})
+        if image is None and image_id is None and not more_like and text is None:
+            raise InvalidRequestError("give IMAGE, --image-id, --text or --more-like", detail={"field": "image"})
         service = service_for(current)
         if space:
             from retrieval.spaces import SpaceServices
@@ -58,19 +65,21 @@ def search(
         payload = run_search(
             service, path=image, image_id=image_id, k=k, filter_pairs=filters or [], group_by=group_by,
             exclude_same_patient=exclude_same_patient, sort=sort, exclude_self=exclude_self, rerank=rerank,
-            positive=tuple(more_like or ()), negative=tuple(less_like or ()),
+            positive=tuple(more_like or ()), negative=tuple(less_like or ()), text=text, text_weight=text_weight,
         )
     except RetrievalError as exc:
         raise fail(exc, as_json=as_json) from None
     if as_json:
         out.print_json(json.dumps(payload))
         return
-    print_results(payload)
+    print_results(payload, said=said)
 
 
-def print_results(payload: dict[str, Any]) -> None:
+def print_results(payload: dict[str, Any], *, said: Sequence[str] = ()) -> None:
+    """The results as lines; the payload's warnings first, but for those ``said`` already (weights warnings)."""
     for warning in payload.get("warnings", []):
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        if warning not in said:
+            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if not payload["results"]:
         out.print("no results")
     for rank, result in enumerate(payload["results"], start=1):

@@ -90,7 +90,7 @@ def demo(
     except RetrievalError as exc:
         raise fail(exc, as_json=False) from None
     print_results(payload)
-    out.print(f"weights: {payload['model']['weights']}  space: {payload['space']['key'][:12]} ({payload['space']['pooling']})")
+    out.print(f"weights: {payload['model']['weights']}  space: {payload['space']['key'][:12]} ({payload['space']['pooling']})", markup=False)
     if not serve_after:
         service.close()
         return

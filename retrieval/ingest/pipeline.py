@@ -334,6 +334,7 @@ class IngestPipeline:
             # every batched item decoded (errors never enter a batch); no filter here, so z[i] is batch[i]
             pixels = np.stack([p.pixels for p in batch])
             z, heads, vectors = self.service.encode_for_storage(pixels)
+            also = self.service.fan_out(heads) if self.service.extra_poolings else []
         except Exception as exc:  # noqa: BLE001 - record and carry on with the next batch
             logger.exception("encode failed for a batch of %d", len(batch))
             report.failures.extend(Failure(p.item.display, "encode", f"{type(exc).__name__}: {exc}") for p in batch)
@@ -364,7 +365,7 @@ class IngestPipeline:
             for i, p in enumerate(batch)
         ]
         try:
-            self.service.store.write_batch(space=self.service.space, images=rows, job_id=self.job_id)
+            self.service.store.write_batch(space=self.service.space, images=rows, job_id=self.job_id, also=also)
         except Exception as exc:  # noqa: BLE001 - the transaction rolled back; nothing was stored
             logger.exception("database write failed for a batch of %d", len(batch))
             report.failures.extend(Failure(p.item.display, "store", f"{type(exc).__name__}: {exc}") for p in batch)

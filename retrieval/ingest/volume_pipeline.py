@@ -176,7 +176,8 @@ def _store_volume(
         spacing=fitted.spacing,
     )
     try:
-        service.store.write_batch(space=service.space, images=[row], job_id=pipeline.job_id)
+        also = service.fan_out(z) if service.extra_poolings else []  # a volume's pooled latent is z
+        service.store.write_batch(space=service.space, images=[row], job_id=pipeline.job_id, also=also)
     except Exception as exc:  # noqa: BLE001 - the transaction rolled back; nothing was stored
         logger.exception("database write failed for %s", item.display)
         report.failures.append(Failure(item.display, "store", f"{type(exc).__name__}: {exc}"))

@@ -11,6 +11,11 @@ A pooling is named by a spec string that is part of the embedding space's identi
   channel mean (the latent is signed; classic GeM assumes ReLU features). D = C. P=1 is close to
   ``mean`` of magnitudes; large P approaches max-pooling.
 
+* ``biomedclip``: not a pooling but BiomedCLIP's image tower on the stage-2 latent, exactly as MedVAE's
+  stage-2 loss computes it (:mod:`retrieval.model.biomedclip`; D = 512, 2-D only). It needs the
+  model, so :func:`pool` refuses it and the space's service computes it. In a space's identity it
+  carries the weights it was made with: ``biomedclip[<BiomedCLIP weights identity>]``.
+
 Every pooled vector is L2-normalised, so inner product = cosine similarity.
 
 A spec may end in an archive-fitted transform, ``+center:<key>`` or ``+whiten:<key>``
@@ -27,7 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.domain.whitening import METHODS
+from retrieval.model.clip_weights import CLIP_HEAD
 from retrieval.errors import ConfigurationError
+
+
+CLIP_DIM = 512
 
 
 @dataclass(frozen=True)
@@ -37,11 +46,19 @@ class PoolingSpec:
     name: str
     params: tuple[int, ...] = ()
     transform: str | None = None  # "whiten:<key>" / "center:<key>": applied after pooling, by the service
+    head_weights: str | None = None  # a model head's weights identity (biomedclip), as a space records it
 
     @property
     def canonical(self) -> str:
         base = self.name if not self.params else f"{self.name}:{','.join(str(p) for p in self.params)}"
+        if self.head_weights:
+            base += f"[{self.head_weights}]"
         return f"{base}+{self.transform}" if self.transform else base
+
+    @property
+    def is_model_head(self) -> bool:
+        """True for a head that runs a model (``biomedclip``) rather than pooling the latent."""
+        return self.name == CLIP_HEAD
 
     @property
     def transform_key(self) -> str | None:
@@ -50,15 +67,20 @@ class PoolingSpec:
     @property
     def base(self) -> PoolingSpec:
         """The pooling without its transform."""
-        return PoolingSpec(self.name, self.params)
+        return PoolingSpec(self.name, self.params, head_weights=self.head_weights)
 
     def with_transform(self, suffix: str) -> PoolingSpec:
-        return PoolingSpec(self.name, self.params, suffix)
+        return PoolingSpec(self.name, self.params, suffix, self.head_weights)
+
+    def with_head_weights(self, identity: str) -> PoolingSpec:
+        return PoolingSpec(self.name, self.params, self.transform, identity)
 
     def dimension(self, channels: int, spatial_dims: int = 2) -> int:
         """Vector length for a latent with ``channels`` channels and 2 (images) or 3 (volumes) spatial axes."""
         if self.name == "mean":
             return channels
+        if self.name == CLIP_HEAD:
+            return CLIP_DIM
         if self.name == "spp":
             return channels * sum(level**spatial_dims for level in self.params)
         if self.name == "gem":
@@ -77,6 +99,9 @@ def parse_pooling(spec: str) -> PoolingSpec:
                 f"pooling transform {transform!r} is not `whiten:<12 hex>` or `center:<12 hex>` "
                 "(`retrieval reindex --transform` fits one and prints it)", detail={"field": "pooling"})
         return parse_pooling(spec).with_transform(f"{method}:{key}")
+    head = re.fullmatch(rf"{CLIP_HEAD}(?:\[([^\[\]]+)\])?", spec.strip())
+    if head:
+        return PoolingSpec(CLIP_HEAD, head_weights=head.group(1))
     name, _, raw = spec.strip().partition(":")
     try:
         params = tuple(int(p) for p in raw.split(",") if p.strip()) if raw else ()
@@ -91,7 +116,7 @@ def parse_pooling(spec: str) -> PoolingSpec:
     if name == "gem" and len(params) == 1 and 1 <= params[0] <= 32:
         return PoolingSpec("gem", params)
     raise ConfigurationError(
-        f"pooling {spec!r} is not one of `mean`, `spp:L1,L2,...`, `grid:N`, `gem:P`",
+        f"pooling {spec!r} is not one of `mean`, `spp:L1,L2,...`, `grid:N`, `gem:P`, `{CLIP_HEAD}`",
         detail={"field": "pooling", "value": spec},
     )
 
@@ -112,6 +137,6 @@ def pool(s2: torch.Tensor, spec: PoolingSpec) -> torch.Tensor:
         p = float(spec.params[0])
         magnitude = s2.abs().clamp_min(1e-6).pow(p).mean(dim=axes).pow(1.0 / p)
         vectors = magnitude * torch.sign(s2.mean(dim=axes))
-    else:  # parse_pooling never produces anything else
-        raise ConfigurationError(f"unknown pooling {spec.name!r}")
+    else:  # a model head (biomedclip): the service runs it
+        raise ConfigurationError(f"{spec.name!r} is a model head, not a pooling: SpaceService computes it")
     return F.normalize(vectors, p=2, dim=1, eps=1e-12)

@@ -80,7 +80,9 @@ def _stored_latents(service: SpaceService, items: list[EvalItem]) -> list[np.nda
 def pooling_study(
     service: SpaceService, items: list[EvalItem], poolings: list[str], ks: list[int], *, exclude_same_patient: bool
 ) -> list[dict[str, Any]]:
-    """One row per pooling: metrics, dimension, exact-search ms/query, fidelity to the full S2 latent."""
+    """One row per pooling (a head: ``spp:1,2,4``, ``biomedclip``, ...): metrics overall and per label, dimension,
+    exact-search ms/query, fidelity to the full S2 latent. Vectors are made from stored z, so the spaces are
+    compared on the same images whether or not they have been built."""
     latents = _stored_latents(service, items)
     reference = torch.nn.functional.normalize(service.whole_latents(latents), dim=1).numpy()
     rows = []
@@ -92,10 +94,11 @@ def pooling_study(
         search_ms = (time.perf_counter() - tick) * 1e3 / max(1, len(items))
         image = evaluate(rankings(items, vectors, exclude_same_patient=exclude_same_patient), ks)
         rows.append({
-            "pooling": spec.canonical,
+            "pooling": service.identity(spec).pooling,
             "dim": int(vectors.shape[1]),
             "precision_at_k": image.as_dict()["precision_at_k"],
             "map_at_k": image.as_dict()["map_at_k"],
+            "per_label": image.per_label,
             "search_ms_per_query": round(search_ms, 4),
             "recall_at_10_vs_full_s2": round(recall_of_exact(vectors, reference, k=min(10, len(items) - 1)), 4),
         })
@@ -177,6 +180,27 @@ def near_duplicates(service: SpaceService, items: list[EvalItem], *, limit: int 
     }
 
 
+def _pooling_plot(path: Path, rows: list[dict[str, Any]], k_max: int) -> None:
+    """Grouped bars: P@k_max per label (and over all queries), one bar per pooling."""
+    import matplotlib.pyplot as plt
+
+    labels = ["all", *sorted({label for row in rows for label in row["per_label"]})]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels) * max(1, len(rows)) / 2 + 2), 3.4))
+    width = 0.8 / len(rows)
+    for position, row in enumerate(rows):
+        values = [row["precision_at_k"][str(k_max)] if label == "all" else
+                  row["per_label"].get(label, {}).get(f"precision_at_{k_max}", 0.0) for label in labels]
+        ax.bar([i + position * width for i in range(len(labels))], values, width, label=row["pooling"][:32])
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels)
+    ax.set_ylabel(f"precision@{k_max}")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="small")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(out: Path, payload: dict[str, Any]) -> Path:
     """``report.md`` + ``precision_at_k.png`` + ``per_label.png`` under ``out``.
 
@@ -232,6 +256,7 @@ def write_report(out: Path, payload: dict[str, Any]) -> Path:
                      + " | ".join(str(row[f"precision_at_{k}"]) for k in results["image"]["precision_at_k"]) + " |")
     lines += ["", "![per label](per_label.png)", ""]
     if payload.get("pooling_study"):
+        _pooling_plot(out / "poolings.png", payload["pooling_study"], k_max)
         ks = list(payload["pooling_study"][0]["precision_at_k"])
         lines += ["## Pooling study", "",
                   "| pooling | dim | " + " | ".join(f"P@{k}" for k in ks) + " | " + " | ".join(f"mAP@{k}" for k in ks)
@@ -242,6 +267,19 @@ def write_report(out: Path, payload: dict[str, Any]) -> Path:
                          + " | ".join(str(row["precision_at_k"][k]) for k in ks) + " | "
                          + " | ".join(str(row["map_at_k"][k]) for k in ks)
                          + f" | {row['search_ms_per_query']} | {row['recall_at_10_vs_full_s2']} |")
+        labels = sorted({label for row in payload["pooling_study"] for label in row["per_label"]})
+        lines += ["", f"P@{k_max} per label:", "", "| pooling | " + " | ".join(labels) + " |",
+                  "| --- | " + " | ".join("---" for _ in labels) + " |"]
+        for row in payload["pooling_study"]:
+            lines.append(f"| {row['pooling']} | " + " | ".join(
+                str(row["per_label"].get(label, {}).get(f"precision_at_{k_max}", "")) for label in labels) + " |")
+        lines += ["", "![poolings](poolings.png)", ""]
+    if payload.get("zero_shot"):
+        lines += ["## Zero-shot labels (text prompts)", "", "| label | prompt | AUROC | positives | negatives |",
+                  "| --- | --- | --- | --- | --- |"]
+        for label, row in payload["zero_shot"].items():
+            lines.append(f"| {label} | {row['prompt']} | {row['auroc'] if row['auroc'] is not None else 'n/a'} | "
+                         f"{row['positives']} | {row['negatives']} |")
         lines.append("")
     if payload.get("near_duplicates"):
         lines += ["## Near-duplicates", "", "| transform | queries | recall@1 | recall@5 |", "| --- | --- | --- | --- |"]

@@ -34,6 +34,9 @@ from retrieval.service import SpaceService
 from retrieval.storage.cohorts import cohort_image_ids
 from retrieval.storage.orm import ImageRecord
 
+DEFAULT_TEXT_WEIGHT = 0.5
+MAX_TEXT_CHARS = 2000
+
 
 @dataclass
 class Query:
@@ -47,17 +50,23 @@ class Query:
     #: relevance feedback: stored images the results should be more like / less like (Rocchio)
     positive: tuple[int, ...] = ()
     negative: tuple[int, ...] = ()
+    #: a text query (spaces with a text tower), alone or combined with the image: (1 - w) * image + w * text
+    text: str | None = None
+    text_weight: float = DEFAULT_TEXT_WEIGHT
 
     def describe(self) -> dict[str, Any]:
         """The ``query`` field of the payload."""
         feedback = {"positive": list(self.positive), "negative": list(self.negative)} if self.positive or self.negative else {}
+        if self.text is not None:
+            feedback |= {"text": self.text} | ({"text_weight": self.text_weight} if self.has_image else {})
         if self.image_id is not None:
             return {"image_id": self.image_id, **feedback}
         if self.path is not None:
             return {"source": str(self.path), **feedback}
         if self.data is not None:
             return {"source": self.data_name, **feedback}
-        return {"source": "vector" if self.vector is not None else "feedback", **feedback}
+        return {"source": "vector" if self.vector is not None else "text" if self.text is not None else "feedback",
+                **feedback}
 
     @property
     def has_image(self) -> bool:
@@ -81,10 +90,12 @@ class SearchOptions:
 def search(service: SpaceService, query: Query, options: SearchOptions) -> dict[str, Any]:
     """Search the service's space; returns the ``--json`` / API payload (without ``took_ms``)."""
     vector, patient_hash, query_z = _query_vector(service, query) if query.has_image else (None, None, None)
+    if query.text is not None:
+        vector = with_text(service, vector, query.text, query.text_weight)
     if query.positive or query.negative:
         vector = rocchio(service, vector, query.positive, query.negative)
     elif vector is None:
-        raise InvalidRequestError("a query needs an image file, an image id, a vector or positive examples",
+        raise InvalidRequestError("a query needs an image file, an image id, a text, a vector or positive examples",
                                   detail={"field": "image"})
     filters, warnings = options.filters, []
     # the examples were seen already; an image_id query with exclude_self is too
@@ -116,7 +127,8 @@ def search(service: SpaceService, query: Query, options: SearchOptions) -> dict[
         "neighbour_labels": neighbour_label_scores(
             [frozenset(hit.image.labels or []) for hit in hits], [hit.score for hit in hits]
         ),
-        "warnings": warnings + empty_space_warnings(service),
+        "warnings": warnings + empty_space_warnings(service)
+        + (service.placeholder_warnings() if service.has_text_tower else []),
     }
 
 
@@ -253,6 +265,22 @@ def _group_key(image: ImageRecord, group_by: str) -> Any:
     if group_by == "patient":
         return ("patient", image.patient_hash) if image.patient_hash else ("study", image.study_id)
     return image.study_id
+
+
+def with_text(service: SpaceService, image_vector: np.ndarray | None, text: str, weight: float) -> np.ndarray:
+    """The text's vector in the service's space (BiomedCLIP's text tower), or, with an image vector, the two
+    combined as clip-retrieval combines them: ``normalise((1 - weight) * image + weight * text)``."""
+    text = text.strip()
+    if not text or len(text) > MAX_TEXT_CHARS:
+        raise InvalidRequestError(f"text: give 1 to {MAX_TEXT_CHARS} characters", detail={"field": "text"})
+    if not 0.0 <= weight <= 1.0:
+        raise InvalidRequestError("text_weight must be between 0 and 1", detail={"field": "text_weight"})
+    text_vector = service.text_vectors([text])[0]
+    if image_vector is None:
+        return text_vector
+    combined = (1.0 - weight) * image_vector.astype(np.float64) + weight * text_vector
+    norm = float(np.linalg.norm(combined))
+    return (combined / norm if norm > 0 else combined).astype(np.float32)
 
 
 ROCCHIO = (1.0, 0.75, 0.15)

@@ -127,20 +127,28 @@ class Store:
     # -- writes
 
     def write_batch(
-        self, *, space: Space, images: Sequence[NewImage], job_id: str | None = None
+        self, *, space: Space, images: Sequence[NewImage], job_id: str | None = None,
+        also: Sequence[tuple[Space, np.ndarray]] = (),
     ) -> list[StoredVector]:
-        """Store a batch in ONE transaction; returns the vectors written (for the index).
+        """Store a batch in ONE transaction; returns the vectors written to ``space`` (for the index).
 
         An image already present (same sha256 or SOPInstanceUID) is reused: only its missing
         latent / vector are added. Nothing is written when any row fails. With ``job_id``, the
         job's ``ingested`` count grows in the same transaction, so it stays exact across crashes.
+        ``also``: other spaces of the same encoder and their ``(len(images), D)`` vectors (heads fanned
+        out from one encode), written in the same transaction where the image has none there yet.
         """
         for new in images:
             check_arrays(new, space.dim)
+        for other, vectors in also:
+            if vectors.shape != (len(images), other.dim) or not np.all(np.isfinite(vectors)):
+                raise ValueError(f"space {other.key[:12]}: vectors must be {len(images)} x {other.dim} finite values")
         written: list[StoredVector] = []
         with self.sessions.begin() as session:
             serialize_vector_writes(session, space.id)
-            for new in images:
+            for other, _ in also:
+                serialize_vector_writes(session, other.id)
+            for position, new in enumerate(images):
                 image = self._find_image(session, new)
                 if image is None:
                     study = self._get_or_create_study(session, new)
@@ -166,16 +174,11 @@ class Store:
                                   if new.head is not None else None),
                         )
                     )
-                has_vector = session.scalar(
-                    select(Vector.id).where(Vector.image_id == image.id, Vector.space_id == space.id)
-                )
-                if has_vector is not None:
-                    continue
-                vector = np.ascontiguousarray(new.vector, dtype=np.float32)
-                row = Vector(image_id=image.id, space_id=space.id, data=vector.tobytes())
-                session.add(row)
-                session.flush()
-                written.append(StoredVector(row_id=row.id, image_id=image.id, vector=vector))
+                for other, vectors in also:
+                    self._add_missing_vector(session, other, image.id, vectors[position])
+                stored = self._add_missing_vector(session, space, image.id, new.vector)
+                if stored is not None:
+                    written.append(stored)
             if job_id is not None and written:
                 session.execute(
                     update(IngestJob)
@@ -191,12 +194,21 @@ class Store:
         with self.sessions.begin() as session:
             serialize_vector_writes(session, space.id)
             for image_id, vector in vectors:
-                data = np.ascontiguousarray(vector, dtype=np.float32)
-                row = Vector(image_id=image_id, space_id=space.id, data=data.tobytes())
-                session.add(row)
-                session.flush()
-                written.append(StoredVector(row_id=row.id, image_id=image_id, vector=data))
+                stored = self._add_missing_vector(session, space, image_id, vector)
+                if stored is not None:
+                    written.append(stored)
         return written
+
+    @staticmethod
+    def _add_missing_vector(session: Session, space: Space, image_id: int, vector: np.ndarray) -> StoredVector | None:
+        """Add the image's vector to ``space`` unless it has one there; the vector written, or None."""
+        if session.scalar(select(Vector.id).where(Vector.image_id == image_id, Vector.space_id == space.id)) is not None:
+            return None
+        data = np.ascontiguousarray(vector, dtype=np.float32)
+        row = Vector(image_id=image_id, space_id=space.id, data=data.tobytes())
+        session.add(row)
+        session.flush()
+        return StoredVector(row_id=row.id, image_id=image_id, vector=data)
 
     @staticmethod
     def _find_image(session: Session, new: NewImage) -> ImageRecord | None:
