@@ -26,6 +26,7 @@ from retrieval.domain.spaces import PreprocessSpec, SpaceIdentity
 from retrieval.domain.whitening import VectorTransform
 from retrieval.errors import (
     ConfigurationError,
+    ConflictError,
     NotFoundError,
     UnsupportedQueryError,
 )
@@ -113,9 +114,10 @@ class SpaceService:
         encoder = self.encoder
         if spec.is_model_head:
             if spec.head_weights not in (None, self.clip.identity):
-                raise ConfigurationError(
-                    f"pooling {spec.canonical}: that space was made with BiomedCLIP weights {spec.head_weights}; this "
-                    f"server's RETRIEVAL_CLIP_* settings give {self.clip.identity}", detail={"field": "pooling"})
+                raise ConflictError(
+                    f"pooling {spec.canonical}: that space was made with BiomedCLIP weights {spec.head_weights}; these "
+                    f"RETRIEVAL_CLIP_* settings give {self.clip.identity}, so they cannot encode queries for it",
+                    detail={"field": "pooling"})
             spec = spec.with_head_weights(self.clip.identity)
         return SpaceIdentity(
             model=self.settings.model.name,

@@ -23,7 +23,7 @@ from live_server import tiny_env
 
 from api.main import create_app
 from retrieval.config import ClipSettings
-from retrieval.errors import WeightsError
+from retrieval.errors import ConflictError, WeightsError
 from retrieval.ingest.pipeline import IngestPipeline
 from retrieval.model.biomedclip import (
     CLIP_MEAN,
@@ -41,6 +41,7 @@ from retrieval.model.clip_weights import (
     write_generated_tokenizer,
 )
 from retrieval.service import SpaceService
+from retrieval.spaces import SpaceServices
 
 RANDOM_CLIP = ClipSettings(weights="random")
 
@@ -268,3 +269,6 @@ def test_api_text_query_on_a_space_without_a_text_tower_names_the_ones_with(api:
         served = client.post("/v1/search", json={"text": "pleural effusion", "space": semantic.key[:12]})
         assert served.status_code == 200 and served.json()["space"]["key"] == semantic.key
         assert not client.get("/v1/info").json()["text_search"]
+    other_weights = SpaceService(settings.replaced(clip_seed=1), store=service.store)
+    with pytest.raises(ConflictError, match="cannot encode queries"):
+        SpaceServices(other_weights).get(semantic.key)
