@@ -20,6 +20,11 @@ from retrieval.cli.common import (
 )
 
 
+def shell_word(text: str) -> str:
+    """``text`` as a shell word: quoted only where it holds characters the shell would expand (``[``, ``]``)."""
+    return f"'{text}'" if any(c in text for c in "[]*?") else text
+
+
 @app.command()
 def reindex(
     pooling: Annotated[Optional[str], typer.Option("--to-pooling", help="Build a space with this pooling from stored z.")] = None,
@@ -41,7 +46,7 @@ def reindex(
     )
     if pooling or transform:
         out.print(f"search it with `retrieval search --space {report.space_key[:12]}` (API and page: space "
-                  f"{report.space_key[:12]}), or make it the default with RETRIEVAL_POOLING='{report.pooling}'",
+                  f"{report.space_key[:12]}), or make it the default with RETRIEVAL_POOLING={shell_word(report.pooling)}",
                   highlight=False, markup=False)
 
 

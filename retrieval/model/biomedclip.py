@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -28,13 +28,6 @@ from types import ModuleType
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import (
-    CenterCrop,
-    Compose,
-    InterpolationMode,
-    Normalize,
-    Resize,
-)
 
 from retrieval.config import ClipSettings
 from retrieval.errors import WeightsError
@@ -57,8 +50,17 @@ BATCH = 32
 """Images per forward pass of the image tower."""
 
 
-def clip_transform() -> Compose:
-    """T of ``BiomedClipLoss``: Resize(224, bicubic, antialias) -> CenterCrop(224) -> Normalize(CLIP mean, std)."""
+def clip_transform() -> Callable[[torch.Tensor], torch.Tensor]:
+    """T of ``BiomedClipLoss``: Resize(224, bicubic, antialias) -> CenterCrop(224) -> Normalize(CLIP mean, std),
+    with torchvision's own transforms, as the loss uses them (imported here: a second of start-up otherwise)."""
+    from torchvision.transforms import (
+        CenterCrop,
+        Compose,
+        InterpolationMode,
+        Normalize,
+        Resize,
+    )
+
     return Compose([
         Resize(size=CLIP_SIZE, interpolation=InterpolationMode.BICUBIC, max_size=None, antialias=True),
         CenterCrop(size=(CLIP_SIZE, CLIP_SIZE)),
