@@ -39,7 +39,7 @@ from retrieval.imaging.preprocess import (
 )
 from retrieval.imaging.volumes import Volume
 from retrieval.model.batching import MicroBatcher
-from retrieval.model.biomedclip import BiomedClip, load_clip
+from retrieval.model.biomedclip import BiomedClip, clip_source, load_clip
 from retrieval.model.contract import Encoder
 from retrieval.model.loader import load_encoder
 from retrieval.model.pooling import CLIP_HEAD, PoolingSpec, parse_pooling, pool
@@ -113,12 +113,13 @@ class SpaceService:
         spec = pooling or self.pooling
         encoder = self.encoder
         if spec.is_model_head:
-            if spec.head_weights not in (None, self.clip.identity):
+            clip_identity = clip_source(self.settings.clip).identity  # the weights' identity; the model stays unbuilt
+            if spec.head_weights not in (None, clip_identity):
                 raise ConflictError(
                     f"pooling {spec.canonical}: that space was made with BiomedCLIP weights {spec.head_weights}; these "
-                    f"RETRIEVAL_CLIP_* settings give {self.clip.identity}, so they cannot encode queries for it",
+                    f"RETRIEVAL_CLIP_* settings give {clip_identity}, so they cannot encode queries for it",
                     detail={"field": "pooling"})
-            spec = spec.with_head_weights(self.clip.identity)
+            spec = spec.with_head_weights(clip_identity)
         return SpaceIdentity(
             model=self.settings.model.name,
             weights=encoder.weights.identity,

@@ -80,6 +80,11 @@ def test_the_latent_reaches_biomedclip_exactly_as_medvaes_stage2_loss_sends_it(c
     vectors = clip.embed_latents(s2)
     assert vectors.shape == (2, 512) and np.allclose(vectors, reference, atol=1e-5)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # text: the padding to open_clip's 256-token context is cut (masked out of attention: the same embedding)
+    texts = ["right pleural effusion", "a chest x ray with a small nodule in the left upper lobe"]
+    with torch.inference_mode():
+        padded = F.normalize(clip.model.encode_text(clip.tokenizer(texts)), dim=-1).numpy()
+    assert clip.tokenizer(texts).shape == (2, 256) and np.allclose(clip.embed_texts(texts), padded, atol=1e-5)
     # the loss's other side: the image x in [-1, 1] -> clamp((x + 1) / 2) -> 3 channels -> T
     x = torch.rand(1, 1, 96, 96) * 2.4 - 1.2
     image = F.interpolate(((x + 1) / 2).clamp(0, 1), size=(224, 224), mode="bicubic", antialias=True, align_corners=False)
