@@ -169,10 +169,10 @@ def test_one_encode_fills_several_spaces(archive: Path, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cli_archive(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], Path]:
-    """An archive ingested into spp only, whose originals are then moved away."""
+    """An archive ingested into spp only by real MedVAE (random weights), whose originals are then moved away."""
     root = tmp_path_factory.mktemp("semantic-cli")
     shutil.copytree(archive / "archive", root / "archive")
-    env = tiny_env(root / "data", RETRIEVAL_CLIP_WEIGHTS="random")
+    env = tiny_env(root / "data", RETRIEVAL_WEIGHTS="random", RETRIEVAL_CLIP_WEIGHTS="random")
     run_cli(env, "ingest", str(root / "archive"))
     shutil.move(root / "archive", root / "moved-away")
     return env, root

@@ -449,7 +449,7 @@ def test_search_the_whitened_space_from_the_picker(site: tuple[str, Path], brows
 
 def test_text_search_in_the_semantic_space_and_the_link_keeps_the_text(site: tuple[str, Path], browser: Browser) -> None:
     """Issue 14: a text box beside the upload; the text travels in the URL; a space without a text tower says so."""
-    base, _root = site
+    base, root = site
     page = _page(browser)
     page.goto(base)
     page.fill("#text-query", "right pleural effusion")
@@ -473,3 +473,7 @@ def test_text_search_in_the_semantic_space_and_the_link_keeps_the_text(site: tup
     assert shared.locator("#results > li").first.inner_text() == first
     shared.goto(f"{base}/?text=nodule&text_weight=3&space={semantic.get_attribute('value')}")
     expect(shared.locator("#error")).to_contain_text("text weight")
+    page.fill("#text-query", "")  # an image query in the semantic space: BiomedCLIP's head on its stage-2 latent
+    page.set_input_files("#file-input", str(sorted((root / "archive").rglob("*.png"))[0]))
+    _wait_for_results(page)
+    expect(page.locator("#results > li .score").first).to_contain_text("1.000")  # the image itself, stored
