@@ -106,7 +106,8 @@ class QueryImage(RequestModel):
 
 
 class SearchParams(QueryImage):
-    """Search parameters; for JSON requests exactly one of the three query fields is required."""
+    """Search parameters; a JSON request gives one of the three image fields, a ``text``, both (an image and a
+    text), or ``positive`` examples."""
 
     k: int = Field(10, ge=1, le=1000)
     filters: SearchFilters = SearchFilters()

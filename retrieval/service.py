@@ -201,7 +201,7 @@ class SpaceService:
 
     def text_vectors(self, texts: list[str]) -> np.ndarray:
         """Texts -> ``(N, 512)`` vectors of this space (BiomedCLIP's text tower, then the space's transform if any);
-        an :class:`InvalidRequestError` naming the spaces with a text tower when this space has none."""
+        an :class:`UnsupportedQueryError` (422) naming the spaces with a text tower when this space has none."""
         if not self.has_text_tower:
             with_text = [f"{space.key[:12]} ({space.pooling})" for space in self.store.list_spaces()
                          if parse_pooling(space.pooling).is_model_head]

@@ -40,7 +40,8 @@ MAX_TEXT_CHARS = 2000
 
 @dataclass
 class Query:
-    """What to search with: exactly one of a file path, uploaded bytes, a stored image id or a vector."""
+    """What to search with: one of a file path, uploaded bytes, a stored image id or a vector, and/or a text (a space
+    with a text tower), and/or relevance-feedback examples."""
 
     path: str | Path | None = None
     data: bytes | None = None

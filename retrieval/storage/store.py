@@ -145,9 +145,9 @@ class Store:
                 raise ValueError(f"space {other.key[:12]}: vectors must be {len(images)} x {other.dim} finite values")
         written: list[StoredVector] = []
         with self.sessions.begin() as session:
-            serialize_vector_writes(session, space.id)
-            for other, _ in also:
-                serialize_vector_writes(session, other.id)
+            # every space written, in id order: two writers fanning out to the same spaces never deadlock
+            for space_id in sorted({space.id, *(other.id for other, _ in also)}):
+                serialize_vector_writes(session, space_id)
             for position, new in enumerate(images):
                 image = self._find_image(session, new)
                 if image is None:
