@@ -22,7 +22,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import numpy as np
 
 from bench.results_io import write_result
 from retrieval.storage.index import EXACT_COHORT_MAX, IndexSpec, SpaceIndex
+from retrieval.storage.index_spec import TRAIN_MAX
 from retrieval.storage.store import StoredVector
 
 DIM = 84  # spp:1,2,4 over 4 channels, the default pooling
@@ -38,10 +39,11 @@ DIM = 84  # spp:1,2,4 over 4 channels, the default pooling
 
 @dataclass
 class FakeSpace:
-    """The two attributes SpaceIndex needs of a space row."""
+    """The attributes SpaceIndex needs of a space row."""
 
     key: str
     dim: int
+    id: int = 0
 
 
 def structured_vectors(count: int, seed: int, *, clusters: int) -> np.ndarray:
@@ -63,9 +65,24 @@ def structured_vectors(count: int, seed: int, *, clusters: int) -> np.ndarray:
     return out
 
 
+@dataclass
+class ArrayStore:
+    """Stands in for the database as the source of exact vectors that IVF-PQ re-scores with (ids are row + 1)."""
+
+    vectors: np.ndarray
+
+    def vectors_of(self, _space_id: int, image_ids: list[int]) -> np.ndarray:
+        return self.vectors[np.asarray(image_ids) - 1]
+
+
 def build(spec: IndexSpec, vectors: np.ndarray, directory: Path) -> tuple[SpaceIndex, float]:
+    """The index of ``spec`` over ``vectors``; an IVF-PQ one trained first on an even sample of them, as
+    ``SpaceIndex.rebuild`` trains it (build time includes training)."""
     index = SpaceIndex(space=FakeSpace(key=f"bench-{spec.name}", dim=DIM), directory=directory, spec=spec)  # type: ignore[arg-type]
+    index._store = ArrayStore(vectors)  # type: ignore[assignment]
     tick = time.perf_counter()
+    if not index.index.is_trained:
+        index.index.train(vectors[:: max(1, -(-len(vectors) // TRAIN_MAX))])
     step = 50_000
     for start in range(0, len(vectors), step):
         chunk = vectors[start : start + step]
@@ -92,7 +109,21 @@ def measure(index: SpaceIndex, queries: np.ndarray, truth: np.ndarray, *, ef_sea
     }
 
 
-def run(sizes: list[int], queries_count: int, ef_values: list[int], out_dir: Path) -> dict[str, Any]:
+IVFPQ_VARIANTS = ((8, 10), (32, 10), (32, 256), (64, 256))
+"""(nprobe, rescore) pairs measured for IVF-PQ: rescore 10 = its own top 10 re-ordered by exact scores only."""
+
+
+def _variants(spec: IndexSpec, ef_values: list[int]) -> list[tuple[IndexSpec, int | None]]:
+    """The search settings measured per index: every efSearch for HNSW, (nprobe, rescore) pairs for IVF-PQ."""
+    if spec.kind == "hnsw":
+        return [(spec, ef) for ef in ef_values]
+    if spec.kind == "ivfpq":
+        return [(replace(spec, nprobe=nprobe, rescore=rescore), None) for nprobe, rescore in IVFPQ_VARIANTS]
+    return [(spec, None)]
+
+
+def run(sizes: list[int], queries_count: int, ef_values: list[int], out_dir: Path,
+        kinds: tuple[str, ...] = ("flat", "hnsw", "ivfpq")) -> dict[str, Any]:
     faiss.omp_set_num_threads(1)  # batch-1 latency as one request sees it
     rows = []
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-search"
@@ -103,13 +134,18 @@ def run(sizes: list[int], queries_count: int, ef_values: list[int], out_dir: Pat
         exact = faiss.IndexFlatIP(DIM)
         exact.add(data)
         truth = exact.search(queries, 10)[1] + 1  # ids are row + 1
-        for spec in (IndexSpec.flat(), IndexSpec.hnsw()):
+        for spec in (IndexSpec.flat(), IndexSpec.hnsw(), IndexSpec.ivfpq(size, DIM)):
+            if spec.kind not in kinds:
+                continue
             faiss.omp_set_num_threads(os.cpu_count() or 1)  # build on every core
             index, seconds = build(spec, data, workdir)
             faiss.omp_set_num_threads(1)
             index_bytes = len(faiss.serialize_index(index.index))
-            for ef in ef_values if spec.kind == "hnsw" else [None]:
+            for variant, ef in _variants(spec, ef_values):
+                index.spec = variant
                 row = {"vectors": size, "index": spec.name, "build_s": round(seconds, 2), "index_mb": round(index_bytes / 2**20, 1)}
+                if variant.kind == "ivfpq":
+                    row |= {"nprobe": variant.nprobe, "rescore": variant.rescore}
                 row.update(measure(index, queries, truth, ef_search=ef))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -227,6 +263,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--ef", default="32,64,128,256", help="HNSW efSearch values to sweep")
+    parser.add_argument("--types", default="flat,hnsw,ivfpq", help="index types to build (flat, hnsw, ivfpq)")
     parser.add_argument("--filtered", type=int, default=0, metavar="N",
                         help="instead: filtered searches at 50/10/1/0.1 %% selectivity on N vectors (e.g. 1000000)")
     parser.add_argument("--out", default="bench/results")
@@ -242,11 +279,12 @@ def main() -> None:
         print(f"\nwrote {write_result(args.out, 'search-filtered', result)}")
         return
     result = run([int(s) for s in args.sizes.split(",")], args.queries, [int(e) for e in args.ef.split(",")],
-                 Path(args.out))
-    print("\n| vectors | index | efSearch | build s | MB | p50 ms | p99 ms | QPS | recall@10 |")
+                 Path(args.out), kinds=tuple(args.types.split(",")))
+    print("\n| vectors | index | efSearch / nprobe, rescore | build s | MB | p50 ms | p99 ms | QPS | recall@10 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in result["rows"]:
-        print(f"| {row['vectors']:,} | {row['index']} | {row['ef_search'] or '-'} | {row['build_s']} | {row['index_mb']} "
+        setting = f"{row['nprobe']}, {row['rescore']}" if "nprobe" in row else row["ef_search"] or "-"
+        print(f"| {row['vectors']:,} | {row['index']} | {setting} | {row['build_s']} | {row['index_mb']} "
               f"| {row['p50_ms']} | {row['p99_ms']} | {row['qps_batch1']} | {row['recall_at_10']} |")
     print(f"\nwrote {write_result(args.out, 'search', result)}")
 

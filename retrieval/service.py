@@ -44,7 +44,8 @@ from retrieval.model.contract import Encoder
 from retrieval.model.loader import load_encoder
 from retrieval.model.pooling import CLIP_HEAD, PoolingSpec, parse_pooling, pool
 from retrieval.model.weights import weights_warning
-from retrieval.storage.index import OpenReport, SpaceIndex, choose_index_spec
+from retrieval.storage.index import OpenReport, SpaceIndex
+from retrieval.storage.index_spec import choose_index_spec
 from retrieval.storage.orm import Space
 from retrieval.storage.store import Store
 from retrieval.storage.transforms import load_transform
@@ -145,7 +146,7 @@ class SpaceService:
                     store=self.store,
                     space=self.space,
                     directory=self.settings.storage.index_dir,
-                    spec=choose_index_spec(count, self.settings),
+                    spec=choose_index_spec(count, self.settings, self.space.dim),
                 )
                 logger.info("index %s: %s %s", self.space.key[:12], self.index_report.action, self.index_report.reason)
             return self._index

@@ -111,7 +111,7 @@ def test_watermark_ahead_with_fewer_rows_rebuilds(tmp_path: Path) -> None:
 def test_hnsw_index_is_chosen_by_size_recalls_and_persists_its_type(tmp_path: Path) -> None:
     import faiss
 
-    from retrieval.storage.index import IndexSpec, choose_index_spec
+    from retrieval.storage.index_spec import IndexSpec, choose_index_spec
 
     settings = tiny_settings(tmp_path / "data", hnsw_min_vectors=500)
     assert choose_index_spec(499, settings).kind == "flat" and choose_index_spec(500, settings).kind == "hnsw"
@@ -134,6 +134,49 @@ def test_hnsw_index_is_chosen_by_size_recalls_and_persists_its_type(tmp_path: Pa
     assert SpaceIndex.open(store=store, space=space, directory=tmp_path / "index", spec=spec)[1].action == "loaded"
     flat, report = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index", spec=IndexSpec.flat())
     assert report.action == "rebuilt" and "differs" in report.reason and flat.count == 2000
+
+
+def test_ivfpq_is_chosen_beyond_the_memory_budget_and_rescoring_recovers_recall(tmp_path: Path) -> None:
+    """Issue 19: auto picks IVF-PQ (trained on the stored vectors, params in the sidecar) once HNSW would not fit
+    RETRIEVAL_INDEX_MEMORY_MB; exact re-scoring of its top candidates from the stored vectors gives exact scores."""
+    from retrieval.storage.index_spec import IndexSpec, choose_index_spec
+
+    roomy = tiny_settings(tmp_path / "a", hnsw_min_vectors=500)
+    tight = tiny_settings(tmp_path / "b", hnsw_min_vectors=500, index_memory_mb=1)
+    assert choose_index_spec(3000, roomy, 84).kind == "hnsw"
+    assert choose_index_spec(999, tight, 84).kind == "hnsw"  # too few vectors to train quantisers
+    big = choose_index_spec(3000, tight, 84)  # 3000 x (336 + 272) bytes of HNSW > 1 MiB
+    assert (big.kind, big.nlist, big.pq_m) == ("ivfpq", 64, 21) and big.name == "ivfpq-ip:nlist=64,pq=21x8"
+    assert choose_index_spec(10_000_000, tight, 512).name == "ivfpq-ip:nlist=16384,pq=128x8"
+    assert choose_index_spec(500, tiny_settings(tmp_path / "c", index_type="ivfpq"), 84).kind == "flat"
+    # clustered vectors, as archives are: 40 groups of near neighbours
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(40, DIM))
+    vectors = _unit(centres[rng.integers(0, 40, 3000)] + 0.35 * rng.normal(size=(3000, DIM)))
+    store = Store.open(tiny_settings(tmp_path / "data"))
+    space = store.ensure_space(SpaceIdentity("m", "w", 64, "v1", "spp:1", DIM))
+    _add(store, space, vectors, start=0)
+    spec = IndexSpec.ivfpq(3000, DIM, nprobe=8, rescore=100)
+    index, report = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index", spec=spec)
+    assert report.action == "rebuilt" and index.count == 3000 and index.index.is_trained
+    assert json.loads(index.sidecar_path.read_text())["index_type"] == spec.name
+    queries = _unit(centres[:20] + 0.35 * rng.normal(size=(20, DIM)))
+    exact = queries @ vectors.T
+    found = index.search(queries, 10)
+    recall = np.mean([len({i for i, _ in hits} & set(np.argsort(-exact[q])[:10] + 1)) / 10 for q, hits in enumerate(found)])
+    assert recall >= 0.9, recall
+    for q, hits in enumerate(found):  # re-scored: the scores are the exact cosines, best first
+        assert np.allclose([score for _, score in hits], exact[q][[i - 1 for i, _ in hits]], atol=1e-5)
+        assert [score for _, score in hits] == sorted((score for _, score in hits), reverse=True)
+    assert np.allclose(index.vectors(np.array([5, 17])), vectors[[4, 16]])  # exact, from the store
+    cohort = index.search(queries[:1], 3, among=np.arange(1, 60))[0]
+    assert [i for i, _ in cohort] == list(np.argsort(-exact[0][:59])[:3] + 1)
+    # reopened: loaded, not retrained; new vectors are caught up into the trained lists
+    more = _unit(centres[rng.integers(0, 40, 50)] + 0.35 * rng.normal(size=(50, DIM)))
+    _add(store, space, more, start=3000)
+    reopened, report = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index", spec=spec)
+    assert report.action == "caught_up" and reopened.count == 3050
+    assert reopened.search(more[:1], 1)[0][0][0] == 3001
 
 
 def test_a_cohort_is_searched_exactly_and_membership_follows_adds(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from retrieval.domain.whitening import fit_transform, stable_fit
 from retrieval.errors import InvalidRequestError
 from retrieval.model.pooling import PoolingSpec
 from retrieval.service import SpaceService
-from retrieval.storage.index import SpaceIndex, choose_index_spec
+from retrieval.storage.index import SpaceIndex
+from retrieval.storage.index_spec import choose_index_spec
 from retrieval.storage.orm import Space, Vector
 from retrieval.storage.transforms import save_transform, space_vectors
 
@@ -57,7 +58,7 @@ def reindex(service: SpaceService, *, pooling: PoolingSpec | None = None, transf
         logger.info("fitted %s on %d vectors of space %s: key %s", transform, len(vectors), base.key[:12], fitted.key)
     space, more = _filled_space(service, target, batch)
     count, _ = service.store.vector_stats(space.id)
-    index = SpaceIndex(space=space, directory=service.settings.storage.index_dir, spec=choose_index_spec(count, service.settings))
+    index = SpaceIndex(space=space, directory=service.settings.storage.index_dir, spec=choose_index_spec(count, service.settings, space.dim))
     index.rebuild(service.store)
     logger.info("reindex %s (%s): %d vectors added, index holds %d", space.key[:12], space.pooling, added + more,
                 index.count)

@@ -319,7 +319,7 @@ def stored_vector(service: SpaceService, image_id: int) -> np.ndarray:
     """The query vector of an image already in the archive (its stored vector in this space)."""
     index = service.searchable_index()
     try:
-        return index.index.reconstruct(int(image_id)).astype(np.float32)
+        return index.vectors(np.array([image_id]))[0].astype(np.float32)
     except RuntimeError:
         raise NotFoundError(f"image {image_id} has no vector in this space", detail={"image_id": image_id}) from None
 

@@ -32,54 +32,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.config import Settings
+from retrieval.storage.index_spec import TRAIN_MAX, IndexSpec
 from retrieval.storage.orm import Space
 from retrieval.storage.store import Store, StoredVector
 
 logger = logging.getLogger(__name__)
 
-
-
-@dataclass(frozen=True)
-class IndexSpec:
-    """Which FAISS index holds a space: exact ``flat`` or graph-based ``hnsw`` (inner product).
-
-    Search parameters (``efSearch``) go with each call as ``SearchParametersHNSW``; the shared
-    index object is never mutated to change them.
-    """
-
-    kind: str  # "flat" | "hnsw"
-    m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 128
-
-    @classmethod
-    def flat(cls) -> IndexSpec:
-        return cls("flat")
-
-    @classmethod
-    def hnsw(cls, *, m: int = 32, ef_search: int = 128) -> IndexSpec:
-        return cls("hnsw", m=m, ef_search=ef_search)
-
-    @property
-    def name(self) -> str:
-        """Recorded in the sidecar; a different name on disk means rebuild."""
-        return "flat-ip" if self.kind == "flat" else f"hnsw-ip:m={self.m},efc={self.ef_construction}"
-
-    def empty(self, dim: int) -> faiss.Index:
-        if self.kind == "flat":
-            inner = faiss.IndexFlatIP(dim)
-        else:
-            inner = faiss.IndexHNSWFlat(dim, self.m, faiss.METRIC_INNER_PRODUCT)
-            inner.hnsw.efConstruction = self.ef_construction
-        return faiss.IndexIDMap2(inner)
-
-    def search_params(self, k: int, ef_search: int | None) -> faiss.SearchParameters | None:
-        if self.kind == "flat":
-            return None
-        params = faiss.SearchParametersHNSW()
-        params.efSearch = max(k, ef_search or self.ef_search)
-        return params
 
 
 def _marked(members: np.ndarray, ids: np.ndarray, top: int) -> np.ndarray:
@@ -93,19 +51,6 @@ def _marked(members: np.ndarray, ids: np.ndarray, top: int) -> np.ndarray:
 EXACT_COHORT_MAX = 20_000
 """A filtered cohort of at most this many images is searched exactly (gathered, one matrix product: ~3 ms for
 10,000 vectors on one core, recall 1.0); a larger one through FAISS's ID selector (bench/search.py --filtered)."""
-
-
-def choose_index_spec(vector_count: int, settings: Settings) -> IndexSpec:
-    """``index_type`` = flat | hnsw, or auto: exact search below ``hnsw_min_vectors``, HNSW above.
-
-    Exact search costs a full scan per query (about 3 ms per 100k vectors of dimension 84 on
-    one core here); HNSW answers 1M vectors in well under 10 ms at recall@10 >= 0.95
-    (bench/search.py, docs/benchmarks.md).
-    """
-    kind = settings.index.type
-    if kind == "auto":
-        kind = "hnsw" if vector_count >= settings.index.hnsw_min_vectors else "flat"
-    return IndexSpec.hnsw(m=settings.index.hnsw_m, ef_search=settings.index.hnsw_ef_search) if kind == "hnsw" else IndexSpec.flat()
 
 
 @dataclass
@@ -169,6 +114,7 @@ class SpaceIndex:
         self.max_image_id = 0
         self._members: np.ndarray | None = None  # bool by image id, built on first `holds`
         self._lock = threading.RLock()
+        self._store: Store | None = None  # where a lossy index (IVF-PQ) reads exact vectors: set by open / rebuild
 
     # -- paths
 
@@ -203,6 +149,7 @@ class SpaceIndex:
         """
         directory.mkdir(parents=True, exist_ok=True)
         index = cls(space=space, directory=directory, spec=spec)
+        index._store = store
         reason = index._try_load()
         db_count, db_top = store.vector_stats(space.id)
         if reason:
@@ -247,8 +194,12 @@ class SpaceIndex:
         return ""
 
     def rebuild(self, store: Store) -> None:
-        """Build afresh from every stored vector of the space, then save."""
+        """Build afresh from every stored vector of the space (an IVF-PQ index trained first on an even sample
+        of them), then save."""
+        self._store = store
         fresh = SpaceIndex(space=self.space, directory=self.directory, spec=self.spec)
+        if not fresh.index.is_trained:
+            fresh.index.train(_training_sample(store, self.space))
         for chunk in store.vectors_after(self.space.id, 0):
             fresh.add(chunk)
         with self._lock:
@@ -292,6 +243,20 @@ class SpaceIndex:
         mask = np.zeros(len(ids), dtype=bool)
         mask[inside] = members[ids[inside]]
         return mask
+
+    def vectors(self, image_ids: np.ndarray) -> np.ndarray:
+        """The exact vectors of ``image_ids`` (in that order): from the index, or, for a lossy one, from the store.
+        Raises ``RuntimeError`` when an id has none."""
+        ids = np.ascontiguousarray(image_ids, dtype=np.int64)
+        if not self.spec.lossy:
+            with self._lock:
+                return self.index.reconstruct_batch(ids)
+        if self._store is None:
+            raise RuntimeError("a lossy index reads exact vectors from its store: open or rebuild it with one")
+        try:
+            return self._store.vectors_of(self.space.id, ids.tolist())
+        except KeyError as exc:
+            raise RuntimeError(f"image {exc} has no vector in this space") from None
 
     def _index_ids(self) -> np.ndarray:
         return faiss.vector_to_array(self.index.id_map).astype(np.int64) if self.count else np.zeros(0, np.int64)
@@ -342,12 +307,23 @@ class SpaceIndex:
         if among is not None:
             params = params or faiss.SearchParameters()
             params.sel = faiss.IDSelectorBatch(np.ascontiguousarray(among, dtype=np.int64))
+        fetch = min(max(k, self.spec.rescore), self.count) if self.spec.lossy else k
         with self._lock:
-            scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
-        return [
+            scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch, params=params)
+        hits = [
             [(int(i), float(s)) for i, s in zip(id_row, score_row, strict=True) if i != -1]
             for id_row, score_row in zip(ids, scores, strict=True)
         ]
+        return [self._rescored(query, row, k) for query, row in zip(queries, hits, strict=True)] if self.spec.lossy else hits
+
+    def _rescored(self, query: np.ndarray, hits: list[tuple[int, float]], k: int) -> list[tuple[int, float]]:
+        """A lossy index's candidates re-scored with their exact stored vectors; the best ``k``."""
+        if not hits:
+            return []
+        ids = np.array([image_id for image_id, _ in hits], dtype=np.int64)
+        exact = self.vectors(ids) @ np.asarray(query, dtype=np.float32)
+        order = np.argsort(-exact, kind="stable")[:k]
+        return [(int(ids[i]), float(exact[i])) for i in order]
 
     def _search_exact_among(
         self, queries: np.ndarray, k: int, among: np.ndarray
@@ -360,11 +336,10 @@ class SpaceIndex:
         ids = np.ascontiguousarray(among, dtype=np.int64)
         if len(ids) == 0:
             return [[] for _ in queries]
-        with self._lock:
-            try:
-                vectors = self.index.reconstruct_batch(ids)
-            except RuntimeError:
-                return None
+        try:
+            vectors = self.vectors(ids)
+        except RuntimeError:
+            return None
         scores = np.ascontiguousarray(queries, dtype=np.float32) @ vectors.T
         top = min(k, len(ids))
         results = []
@@ -373,3 +348,11 @@ class SpaceIndex:
             best = best[np.argsort(-row[best], kind="stable")]
             results.append([(int(ids[i]), float(row[i])) for i in best])
         return results
+
+
+def _training_sample(store: Store, space: Space) -> np.ndarray:
+    """An even sample of at most :data:`TRAIN_MAX` of the space's stored vectors (every n-th, streamed)."""
+    count, _ = store.vector_stats(space.id)
+    step = max(1, -(-count // TRAIN_MAX))
+    rows = [row.vector for chunk in store.vectors_after(space.id) for row in chunk[::step]]
+    return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
