@@ -109,7 +109,7 @@ def measure(index: SpaceIndex, queries: np.ndarray, truth: np.ndarray, *, ef_sea
     }
 
 
-IVFPQ_VARIANTS = ((8, 10), (32, 10), (32, 256), (64, 256))
+IVFPQ_VARIANTS = ((8, 10), (32, 10), (32, 256), (64, 256), (64, 1024), (128, 1024))
 """(nprobe, rescore) pairs measured for IVF-PQ: rescore 10 = its own top 10 re-ordered by exact scores only."""
 
 

@@ -190,8 +190,9 @@ class IndexSettings(SettingsGroup):
     memory_mb: int = Field(8192, ge=1, le=2**24, description="auto: the memory one space's index may take in each "
                            "process that serves it; above it, IVF-PQ (product-quantised codes) instead of HNSW.")
     nprobe: int = Field(64, ge=1, le=65536, description="IVF-PQ: inverted lists visited per query (64: recall@10 0.97 at 1M, bench/search.py).")
-    rescore: int = Field(256, ge=1, le=10000, description="IVF-PQ: best candidates re-scored exactly with their "
-                         "stored vectors per query.")
+    rescore: int = Field(0, ge=0, le=100_000, description="IVF-PQ: best candidates re-scored exactly with their "
+                         "stored vectors per query; 0 = auto: 256 up to 1M vectors, doubled each time the space "
+                         "quadruples (1024 at 10M).")
     hnsw_min_vectors: int = Field(
         50_000, ge=1, alias="hnsw_min_vectors", description="auto: spaces with at least this many vectors use HNSW."
     )

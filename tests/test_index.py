@@ -148,6 +148,8 @@ def test_ivfpq_is_chosen_beyond_the_memory_budget_and_rescoring_recovers_recall(
     big = choose_index_spec(3000, tight, 84)  # 3000 x (336 + 272) bytes of HNSW > 1 MiB
     assert (big.kind, big.nlist, big.pq_m) == ("ivfpq", 64, 21) and big.name == "ivfpq-ip:nlist=64,pq=21x8"
     assert choose_index_spec(10_000_000, tight, 512).name == "ivfpq-ip:nlist=16384,pq=128x8"
+    assert [IndexSpec.ivfpq(n, 84).rescore for n in (3000, 1_000_000, 4_000_000, 10_000_000)] == [256, 256, 512, 1024]
+    assert IndexSpec.ivfpq(10_000_000, 84, rescore=300).rescore == 300  # RETRIEVAL_INDEX_RESCORE, when set
     assert choose_index_spec(500, tiny_settings(tmp_path / "c", index_type="ivfpq"), 84).kind == "flat"
     # clustered vectors, as archives are: 40 groups of near neighbours
     rng = np.random.default_rng(3)
