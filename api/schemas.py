@@ -11,6 +11,7 @@ from retrieval.domain.architectures import ARCHITECTURES
 from retrieval.domain.filters import UID_KEYS, Filters
 from retrieval.errors import InvalidRequestError
 from retrieval.query.results import ImageResult, StudyResult, StudySummary
+from retrieval.query.search import DEFAULT_TEXT_WEIGHT, MAX_TEXT_CHARS
 
 
 def inline_json_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -130,11 +131,11 @@ class SearchParams(QueryImage):
     )
     rerank_depth: int = Field(100, ge=1, le=1000)
     text: str | None = Field(
-        None, min_length=1, max_length=2000,
+        None, min_length=1, max_length=MAX_TEXT_CHARS,
         description="A text query (`right pleural effusion`) for a space with a text tower (pooling `biomedclip`); "
         "alone, or with a query image, combined as normalise((1 - text_weight) * image + text_weight * text).",
     )
-    text_weight: float = Field(0.5, ge=0.0, le=1.0, description="With an image and a text: the text's share.")
+    text_weight: float = Field(DEFAULT_TEXT_WEIGHT, ge=0.0, le=1.0, description="With an image and a text: the text's share.")
     previews: Literal["none", "url", "inline"] = "url"
     sort: Literal["score", "psnr", "ssim"] = "score"
     space: str | None = Field(

@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.results_io import write_result
 from retrieval.storage.index import EXACT_COHORT_MAX, IndexSpec, SpaceIndex
-from retrieval.storage.index_spec import TRAIN_MAX
+from retrieval.storage.index_spec import training_step
 from retrieval.storage.store import StoredVector
 
 DIM = 84  # spp:1,2,4 over 4 channels, the default pooling
@@ -82,7 +82,7 @@ def build(spec: IndexSpec, vectors: np.ndarray, directory: Path) -> tuple[SpaceI
     index._store = ArrayStore(vectors)  # type: ignore[assignment]
     tick = time.perf_counter()
     if not index.index.is_trained:
-        index.index.train(vectors[:: max(1, -(-len(vectors) // TRAIN_MAX))])
+        index.index.train(vectors[:: training_step(len(vectors))])
     step = 50_000
     for start in range(0, len(vectors), step):
         chunk = vectors[start : start + step]

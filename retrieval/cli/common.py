@@ -134,8 +134,14 @@ def main(
     State.settings_overrides = {key: value for key, value in given.items() if value is not None}
 
 
-def service_for(current: Settings) -> Any:
-    """The :class:`~retrieval.service.SpaceService` of the configured space."""
+def service_for(current: Settings, *, space: str | None = None) -> Any:
+    """The :class:`~retrieval.service.SpaceService` of the configured space, or of another stored space of the
+    archive named by ``space`` (its key or 8+ characters; ``--space``)."""
     from retrieval.service import SpaceService
 
-    return SpaceService(current)
+    service = SpaceService(current)
+    if not space:
+        return service
+    from retrieval.spaces import SpaceServices
+
+    return SpaceServices(service).get(space)

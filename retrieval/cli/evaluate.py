@@ -164,23 +164,19 @@ def _zero_shot_command(manifest: Path | None, label_column: str, prompts: str, o
         prompt_auroc,
         score_images,
         score_rows,
-        space_image_ids,
+        space_vectors_by_id,
         write_csv,
     )
 
     with reported_errors(as_json=as_json):
         parsed = parse_prompts(prompts)
-        service = service_for(model_settings())
-        if space:
-            from retrieval.spaces import SpaceServices
-
-            service = SpaceServices(service).get(space)
+        service = service_for(model_settings(), space=space)
         items = eval_archive.labelled_items(service, manifest, label_column)[0] if manifest else []
-        ids = [item.image_id for item in items] if manifest else space_image_ids(service)
+        ids, vectors = ([item.image_id for item in items], None) if manifest else space_vectors_by_id(service)
         if not ids:
             raise RetrievalError("no stored images to score" + (f": none of {manifest}'s images is in the archive"
                                                                  if manifest else ": ingest first"))
-        scores = score_images(service, ids, parsed)
+        scores = score_images(service, ids, parsed, image_vectors=vectors)
         aurocs = prompt_auroc(items, scores) if items else None
         if out_csv is not None:
             with out_csv.open("w", newline="") as handle:

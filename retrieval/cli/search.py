@@ -57,11 +57,7 @@ def search(
             raise InvalidRequestError("give IMAGE or --image-id, not both", detail={"field": "image"})
         if image is None and image_id is None and not more_like and text is None:
             raise InvalidRequestError("give IMAGE, --image-id, --text or --more-like", detail={"field": "image"})
-        service = service_for(current)
-        if space:
-            from retrieval.spaces import SpaceServices
-
-            service = SpaceServices(service).get(space)
+        service = service_for(current, space=space)
         payload = run_search(
             service, path=image, image_id=image_id, k=k, filter_pairs=filters or [], group_by=group_by,
             exclude_same_patient=exclude_same_patient, sort=sort, exclude_self=exclude_self, rerank=rerank,

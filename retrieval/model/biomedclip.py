@@ -134,10 +134,6 @@ class BiomedClip:
                                f"{str(exc)[:400]}", detail={"field": "clip_weights"}) from None
 
     @property
-    def identity(self) -> str:
-        return self.source.identity
-
-    @property
     def logit_scale(self) -> float:
         """CLIP's learned temperature (``exp`` of the stored log scale): zero-shot logits are ``scale * cosine``."""
         return float(self.model.logit_scale.exp())
@@ -146,11 +142,6 @@ class BiomedClip:
     def embed_latents(self, s2: torch.Tensor) -> np.ndarray:
         """``(B, C, h, w)`` stage-2 latents -> ``(B, 512)`` L2-normalised float32 (the ``biomedclip`` head)."""
         return self._encode_image(latent_clip_input(s2))
-
-    @torch.inference_mode()
-    def embed_images(self, x: torch.Tensor) -> np.ndarray:
-        """``(B, 1, S, S)`` model input in [-1, 1] -> BiomedCLIP's own embedding of the image, for comparison."""
-        return self._encode_image(image_clip_input(x))
 
     def _encode_image(self, clip_input: torch.Tensor) -> np.ndarray:
         parts = []

@@ -89,15 +89,20 @@ class ClipSource:
 
     def warnings(self) -> list[str]:
         """What every output says about these weights and this tokenizer (empty for the real ones)."""
-        return ([CLIP_RANDOM_WARNING] if self.is_placeholder else []) + (
-            [GENERATED_VOCABULARY_WARNING] if self.tokenizer is None else [])
+        return placeholder_warnings(random=self.is_placeholder, generated=self.tokenizer is None)
+
+
+def placeholder_warnings(*, random: bool, generated: bool) -> list[str]:
+    """The warnings for random BiomedCLIP weights and for the generated test vocabulary."""
+    return ([CLIP_RANDOM_WARNING] if random else []) + ([GENERATED_VOCABULARY_WARNING] if generated else [])
 
 
 def clip_setting_warnings(clip: ClipSettings) -> list[str]:
-    """The warnings that ``clip`` settings alone imply (random weights, the generated vocabulary), without loading."""
+    """The warnings that ``clip`` settings alone imply (random weights, the generated vocabulary), without loading:
+    what :meth:`ClipSource.warnings` will say once :func:`resolve_clip` has run (random weights and ``auto`` mean
+    the generated vocabulary)."""
     random = clip.weights == "random"
-    generated = clip.tokenizer == "generated" or (random and clip.tokenizer == "auto")
-    return ([CLIP_RANDOM_WARNING] if random else []) + ([GENERATED_VOCABULARY_WARNING] if generated else [])
+    return placeholder_warnings(random=random, generated=clip.tokenizer == "generated" or (random and clip.tokenizer == "auto"))
 
 
 def bundled_config() -> dict[str, Any]:

@@ -9,12 +9,12 @@ model's temperature-scaled cosines, as CLIP's zero-shot classification computes 
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
+from scipy.special import softmax
 
 from retrieval.domain.evaluation import EvalItem
 from retrieval.errors import InvalidRequestError
@@ -55,20 +55,23 @@ class ZeroShotScores:
     probabilities: np.ndarray
 
 
-def score_images(service: SpaceService, image_ids: Sequence[int], prompts: list[Prompt]) -> ZeroShotScores:
-    """Score stored images of the service's space against ``prompts`` (its text tower; refused without one)."""
+def score_images(service: SpaceService, image_ids: Sequence[int], prompts: list[Prompt], *,
+                 image_vectors: np.ndarray | None = None) -> ZeroShotScores:
+    """Score stored images of the service's space against ``prompts`` (its text tower; refused without one);
+    ``image_vectors``: their vectors when the caller has read them already (else read by id)."""
     text_vectors = service.text_vectors([prompt.text for prompt in prompts])
-    image_vectors = service.store.vectors_of(service.space.id, list(image_ids))
+    if image_vectors is None:
+        image_vectors = service.store.vectors_of(service.space.id, list(image_ids))
     cosines = image_vectors @ text_vectors.T
-    logits = service.clip.logit_scale * cosines.astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    probabilities = softmax(service.clip.logit_scale * cosines.astype(np.float64), axis=1)
     return ZeroShotScores(list(image_ids), prompts, cosines, probabilities.astype(np.float32))
 
 
-def space_image_ids(service: SpaceService) -> list[int]:
-    """Every image with a vector in the service's space, in storage order."""
-    return [row.image_id for chunk in service.store.vectors_after(service.space.id) for row in chunk]
+def space_vectors_by_id(service: SpaceService) -> tuple[list[int], np.ndarray]:
+    """Every image id with a vector in the service's space, in storage order, and those vectors (one read)."""
+    rows = [row for chunk in service.store.vectors_after(service.space.id) for row in chunk]
+    return [row.image_id for row in rows], np.array([row.vector for row in rows], dtype=np.float32).reshape(
+        len(rows), service.space.dim)
 
 
 def score_rows(service: SpaceService, scores: ZeroShotScores) -> Iterator[dict[str, Any]]:
@@ -107,7 +110,7 @@ def prompt_auroc(items: list[EvalItem], scores: ZeroShotScores) -> dict[str, dic
         truth = np.array([prompt.label in item.labels for item in items])
         positives = int(truth.sum())
         defined = 0 < positives < len(items)
-        auroc = float(roc_auc_score(truth, scores.cosines[:, column])) if defined else None
-        out[prompt.label] = {"prompt": prompt.text, "auroc": None if auroc is None or math.isnan(auroc) else round(auroc, 4),
-                             "positives": positives, "negatives": len(items) - positives}
+        auroc = round(float(roc_auc_score(truth, scores.cosines[:, column])), 4) if defined else None
+        out[prompt.label] = {"prompt": prompt.text, "auroc": auroc, "positives": positives,
+                             "negatives": len(items) - positives}
     return out

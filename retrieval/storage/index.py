@@ -32,7 +32,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.storage.index_spec import TRAIN_MAX, IndexSpec
+from retrieval.storage.index_spec import IndexSpec, training_step
 from retrieval.storage.orm import Space
 from retrieval.storage.store import Store, StoredVector
 
@@ -321,9 +321,7 @@ class SpaceIndex:
         if not hits:
             return []
         ids = np.array([image_id for image_id, _ in hits], dtype=np.int64)
-        exact = self.vectors(ids) @ np.asarray(query, dtype=np.float32)
-        order = np.argsort(-exact, kind="stable")[:k]
-        return [(int(ids[i]), float(exact[i])) for i in order]
+        return _exact_top(query[None], k, ids, self.vectors(ids))[0]
 
     def _search_exact_among(
         self, queries: np.ndarray, k: int, among: np.ndarray
@@ -340,19 +338,23 @@ class SpaceIndex:
             vectors = self.vectors(ids)
         except RuntimeError:
             return None
-        scores = np.ascontiguousarray(queries, dtype=np.float32) @ vectors.T
-        top = min(k, len(ids))
-        results = []
-        for row in scores:
-            best = np.argpartition(-row, top - 1)[:top] if top < len(ids) else np.arange(len(ids))
-            best = best[np.argsort(-row[best], kind="stable")]
-            results.append([(int(ids[i]), float(row[i])) for i in best])
-        return results
+        return _exact_top(queries, k, ids, vectors)
+
+
+def _exact_top(queries: np.ndarray, k: int, ids: np.ndarray, vectors: np.ndarray) -> list[list[tuple[int, float]]]:
+    """Per query row, the ``k`` best of ``ids`` by exact inner product with their ``vectors``, best first."""
+    scores = np.ascontiguousarray(queries, dtype=np.float32) @ vectors.T
+    top = min(k, len(ids))
+    results = []
+    for row in scores:
+        best = np.argpartition(-row, top - 1)[:top] if top < len(ids) else np.arange(len(ids))
+        best = best[np.argsort(-row[best], kind="stable")]
+        results.append([(int(ids[i]), float(row[i])) for i in best])
+    return results
 
 
 def _training_sample(store: Store, space: Space) -> np.ndarray:
-    """An even sample of at most :data:`TRAIN_MAX` of the space's stored vectors (every n-th, streamed)."""
-    count, _ = store.vector_stats(space.id)
-    step = max(1, -(-count // TRAIN_MAX))
+    """An even sample of the space's stored vectors (every ``training_step``-th, streamed)."""
+    step = training_step(store.vector_stats(space.id)[0])
     rows = [row.vector for chunk in store.vectors_after(space.id) for row in chunk[::step]]
     return np.ascontiguousarray(np.stack(rows), dtype=np.float32)

@@ -29,6 +29,11 @@ TRAIN_MAX = 100_000
 """At most this many stored vectors (an even sample of the space) train an IVF-PQ index."""
 
 
+def training_step(vector_count: int) -> int:
+    """Every how many-th stored vector trains an IVF-PQ index: an even sample of at most :data:`TRAIN_MAX`."""
+    return max(1, -(-vector_count // TRAIN_MAX))
+
+
 @dataclass(frozen=True)
 class IndexSpec:
     """Which FAISS index holds a space (inner product on L2-normalised vectors) and how it is searched.
