@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,23 +47,39 @@ class FakeSpace:
     id: int = 0
 
 
-def structured_vectors(count: int, seed: int, *, clusters: int) -> np.ndarray:
+def structured_vectors(count: int, seed: int, *, clusters: int, dim: int = DIM, out: np.ndarray | None = None) -> np.ndarray:
+    """``count`` vectors of ``dim`` values, made 100k at a time into ``out`` (a memory map for 10M x 512)."""
     rng = np.random.default_rng(seed)
     layout = np.random.default_rng(12345)  # the same "archive structure" for data and queries
-    mean = np.abs(layout.normal(size=DIM)).astype(np.float32) * 3.0
-    factors = layout.normal(size=(16, DIM)).astype(np.float32)
+    mean = np.abs(layout.normal(size=dim)).astype(np.float32) * 3.0
+    factors = layout.normal(size=(16, dim)).astype(np.float32)
     scales = (0.9 ** np.arange(16)).astype(np.float32)
-    centres = layout.normal(size=(clusters, DIM)).astype(np.float32) * 0.35
-    out = np.empty((count, DIM), np.float32)
+    centres = layout.normal(size=(clusters, dim)).astype(np.float32) * 0.35
+    out = np.empty((count, dim), np.float32) if out is None else out
     step = 100_000
     for start in range(0, count, step):
         n = min(step, count - start)
         part = mean + (rng.normal(size=(n, 16)).astype(np.float32) * scales) @ factors
         part += centres[rng.integers(0, clusters, size=n)]
-        part += rng.normal(size=(n, DIM)).astype(np.float32) * 0.15
+        part += rng.normal(size=(n, dim)).astype(np.float32) * 0.15
+        faiss.normalize_L2(part)
         out[start : start + n] = part
-    faiss.normalize_L2(out)
     return out
+
+
+def exact_top10(data: np.ndarray, queries: np.ndarray, *, chunk: int = 1_000_000) -> np.ndarray:
+    """Ground truth: ids (row + 1) of each query's 10 best inner products, by exact search over ``chunk`` rows at
+    a time (so 20 GB of memory-mapped vectors are read once, never held)."""
+    best_scores = np.full((len(queries), 10), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 10), np.int64)
+    for start in range(0, len(data), chunk):
+        part = np.ascontiguousarray(data[start : start + chunk])
+        scores, rows = faiss.knn(queries, part, 10, metric=faiss.METRIC_INNER_PRODUCT)
+        scores = np.concatenate([best_scores, scores], axis=1)
+        ids = np.concatenate([best_ids, rows + start + 1], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        best_scores, best_ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    return best_ids
 
 
 @dataclass
@@ -78,14 +95,15 @@ class ArrayStore:
 def build(spec: IndexSpec, vectors: np.ndarray, directory: Path) -> tuple[SpaceIndex, float]:
     """The index of ``spec`` over ``vectors``; an IVF-PQ one trained first on an even sample of them, as
     ``SpaceIndex.rebuild`` trains it (build time includes training)."""
-    index = SpaceIndex(space=FakeSpace(key=f"bench-{spec.name}", dim=DIM), directory=directory, spec=spec)  # type: ignore[arg-type]
+    dim = vectors.shape[1]
+    index = SpaceIndex(space=FakeSpace(key=f"bench-{spec.name}-{dim}", dim=dim), directory=directory, spec=spec)  # type: ignore[arg-type]
     index._store = ArrayStore(vectors)  # type: ignore[assignment]
     tick = time.perf_counter()
     if not index.index.is_trained:
-        index.index.train(vectors[:: training_step(len(vectors))])
+        index.index.train(np.ascontiguousarray(vectors[:: training_step(len(vectors))]))
     step = 50_000
     for start in range(0, len(vectors), step):
-        chunk = vectors[start : start + step]
+        chunk = np.asarray(vectors[start : start + step])
         index.add([StoredVector(start + i + 1, start + i + 1, row) for i, row in enumerate(chunk)])
     return index, time.perf_counter() - tick
 
@@ -123,43 +141,79 @@ def _variants(spec: IndexSpec, ef_values: list[int]) -> list[tuple[IndexSpec, in
 
 
 def run(sizes: list[int], queries_count: int, ef_values: list[int], out_dir: Path,
-        kinds: tuple[str, ...] = ("flat", "hnsw", "ivfpq")) -> dict[str, Any]:
+        kinds: tuple[str, ...] = ("flat", "hnsw", "ivfpq"), *, dim: int = DIM, memory_gb: float = 20.0) -> dict[str, Any]:
+    """Build and measure each index type at each size. Vectors over :data:`IN_MEMORY_MAX` bytes live in a memory
+    map on disk (10M x 512 is 20 GB); an index whose own memory would exceed ``memory_gb`` is not built, and its
+    row says how much it would need."""
     faiss.omp_set_num_threads(1)  # batch-1 latency as one request sees it
     rows = []
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-search"
     workdir.mkdir(parents=True, exist_ok=True)
     for size in sizes:
-        data = structured_vectors(size, seed=1, clusters=max(10, size // 100))
-        queries = structured_vectors(queries_count, seed=2, clusters=max(10, size // 100))
-        exact = faiss.IndexFlatIP(DIM)
-        exact.add(data)
-        truth = exact.search(queries, 10)[1] + 1  # ids are row + 1
-        for spec in (IndexSpec.flat(), IndexSpec.hnsw(), IndexSpec.ivfpq(size, DIM)):
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        data = _data(size, dim, workdir)
+        queries = structured_vectors(queries_count, seed=2, clusters=max(10, size // 100), dim=dim)
+        truth = exact_top10(data, queries)
+        for spec in (IndexSpec.flat(), IndexSpec.hnsw(), IndexSpec.ivfpq(size, dim)):
             if spec.kind not in kinds:
+                continue
+            needed_gb = size * spec.bytes_per_vector(dim) / 2**30
+            if needed_gb > memory_gb:
+                row = {"vectors": size, "index": spec.name, "skipped": f"needs {needed_gb:.1f} GB > {memory_gb} GB"}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
                 continue
             faiss.omp_set_num_threads(os.cpu_count() or 1)  # build on every core
             index, seconds = build(spec, data, workdir)
             faiss.omp_set_num_threads(1)
-            index_bytes = len(faiss.serialize_index(index.index))
+            index_mb = _index_mb(index.index, workdir)
             for variant, ef in _variants(spec, ef_values):
                 index.spec = variant
-                row = {"vectors": size, "index": spec.name, "build_s": round(seconds, 2), "index_mb": round(index_bytes / 2**20, 1)}
+                row = {"vectors": size, "index": spec.name, "build_s": round(seconds, 2), "index_mb": index_mb}
                 if variant.kind == "ivfpq":
                     row |= {"nprobe": variant.nprobe, "rescore": variant.rescore}
                 row.update(measure(index, queries, truth, ef_search=ef))
+                row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del index
+        if isinstance(data, np.memmap):
+            path = Path(data.filename)
+            del data
+            path.unlink(missing_ok=True)
     return {
         "benchmark": "search",
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "faiss": faiss.__version__,
-        "dim": DIM,
+        "dim": dim,
         "queries": queries_count,
         "data": "structured synthetic (shared mean + 16-factor low rank + size/100 clusters + noise), L2-normalised",
         "rows": rows,
     }
+
+
+IN_MEMORY_MAX = 4 * 2**30
+"""Synthetic archives larger than this (bytes of float32) are written to a memory map on disk, not held."""
+
+
+def _data(size: int, dim: int, workdir: Path) -> np.ndarray:
+    clusters = max(10, size // 100)
+    if size * dim * 4 <= IN_MEMORY_MAX:
+        return structured_vectors(size, seed=1, clusters=clusters, dim=dim)
+    mapped = np.lib.format.open_memmap(workdir / f"vectors-{size}x{dim}.npy", mode="w+", dtype=np.float32, shape=(size, dim))
+    structured_vectors(size, seed=1, clusters=clusters, dim=dim, out=mapped)
+    mapped.flush()
+    return mapped
+
+
+def _index_mb(index: faiss.Index, workdir: Path) -> float:
+    """The index's size as FAISS writes it (to a file: serialising a 6 GB index in memory would double it)."""
+    path = workdir / "measure.faissindex"
+    faiss.write_index(index, str(path))
+    size = path.stat().st_size
+    path.unlink()
+    return round(size / 2**20, 1)
 
 
 # -- filtered cohorts (issue 15): the service's path per selectivity, against exact filtered search
@@ -266,6 +320,9 @@ def main() -> None:
     parser.add_argument("--types", default="flat,hnsw,ivfpq", help="index types to build (flat, hnsw, ivfpq)")
     parser.add_argument("--filtered", type=int, default=0, metavar="N",
                         help="instead: filtered searches at 50/10/1/0.1 %% selectivity on N vectors (e.g. 1000000)")
+    parser.add_argument("--dim", type=int, default=DIM, help="values per vector: 84 (spp:1,2,4) or 512 (biomedclip)")
+    parser.add_argument("--memory-gb", type=float, default=20.0, help="skip an index whose memory would exceed this")
+    parser.add_argument("--name", default="search", help="result file: bench/results/<name>-<date>.json")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     if args.filtered:
@@ -279,14 +336,17 @@ def main() -> None:
         print(f"\nwrote {write_result(args.out, 'search-filtered', result)}")
         return
     result = run([int(s) for s in args.sizes.split(",")], args.queries, [int(e) for e in args.ef.split(",")],
-                 Path(args.out), kinds=tuple(args.types.split(",")))
+                 Path(args.out), kinds=tuple(args.types.split(",")), dim=args.dim, memory_gb=args.memory_gb)
     print("\n| vectors | index | efSearch / nprobe, rescore | build s | MB | p50 ms | p99 ms | QPS | recall@10 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in result["rows"]:
+        if "skipped" in row:
+            print(f"| {row['vectors']:,} | {row['index']} | not built: {row['skipped']} | | | | | | |")
+            continue
         setting = f"{row['nprobe']}, {row['rescore']}" if "nprobe" in row else row["ef_search"] or "-"
         print(f"| {row['vectors']:,} | {row['index']} | {setting} | {row['build_s']} | {row['index_mb']} "
               f"| {row['p50_ms']} | {row['p99_ms']} | {row['qps_batch1']} | {row['recall_at_10']} |")
-    print(f"\nwrote {write_result(args.out, 'search', result)}")
+    print(f"\nwrote {write_result(args.out, args.name, result)}")
 
 
 if __name__ == "__main__":

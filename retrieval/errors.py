@@ -120,3 +120,10 @@ class SourceUnavailableError(RetrievalError):
 
     code = "source_unavailable"
     http_status = 502
+
+
+class ClusterUnavailableError(RetrievalError):
+    """The Ray cluster of ``ingest --ray`` could not be joined or started; nothing was stored."""
+
+    code = "cluster_unavailable"
+    http_status = 503

@@ -3,11 +3,13 @@ model matters), a PostgreSQL database per session."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from live_server import tiny_env
@@ -139,3 +141,26 @@ def db_counts(env: dict[str, str]) -> dict[str, int]:
         counts["distinct_sha"] = conn.execute(text("SELECT count(DISTINCT sha256) FROM images")).scalar_one()
     engine.dispose()
     return counts
+
+
+def assert_archive_intact(env: dict[str, str], expected_images: int) -> None:
+    """Each image once, with one latent and one vector, no orphans, and the index on disk equal to the database."""
+    counts = db_counts(env)
+    assert counts["images"] == counts["distinct_sha"] == expected_images
+    assert counts["latents"] == counts["vectors"] == expected_images
+    engine = create_engine(database_url(env))
+    with engine.connect() as conn:
+        orphans = conn.execute(text(
+            "SELECT count(*) FROM latents l LEFT JOIN images i ON i.id = l.image_id WHERE i.id IS NULL"
+        )).scalar_one() + conn.execute(text(
+            "SELECT count(*) FROM vectors v LEFT JOIN images i ON i.id = v.image_id WHERE i.id IS NULL"
+        )).scalar_one()
+        image_ids = {row[0] for row in conn.execute(text("SELECT image_id FROM vectors"))}
+    engine.dispose()
+    assert orphans == 0
+    # the index on disk equals the database (what `doctor` calls consistent)
+    index_dir = Path(env["RETRIEVAL_DATA_DIR"]) / "index"
+    sidecar = json.loads(next(index_dir.glob("*.json")).read_text())
+    index = faiss.read_index(str(next(index_dir.glob("*.faiss"))))
+    assert index.ntotal == sidecar["count"] == expected_images
+    assert set(faiss.vector_to_array(index.id_map).tolist()) == image_ids

@@ -11,12 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 from cli_runner import run_cli
-from conftest import database_url, db_counts, make_archive
-from sqlalchemy import create_engine, text
+from conftest import assert_archive_intact, db_counts, make_archive
 
 KILLS = 10
 
@@ -63,28 +61,6 @@ def _kill_after_progress(env: dict[str, str], args: list[str], new_vectors: int,
     _kill(process)
 
 
-def _assert_archive_intact(env: dict[str, str], expected_images: int) -> None:
-    counts = db_counts(env)
-    assert counts["images"] == counts["distinct_sha"] == expected_images
-    assert counts["latents"] == counts["vectors"] == expected_images
-    engine = create_engine(database_url(env))
-    with engine.connect() as conn:
-        orphans = conn.execute(text(
-            "SELECT count(*) FROM latents l LEFT JOIN images i ON i.id = l.image_id WHERE i.id IS NULL"
-        )).scalar_one() + conn.execute(text(
-            "SELECT count(*) FROM vectors v LEFT JOIN images i ON i.id = v.image_id WHERE i.id IS NULL"
-        )).scalar_one()
-        image_ids = {row[0] for row in conn.execute(text("SELECT image_id FROM vectors"))}
-    engine.dispose()
-    assert orphans == 0
-    # the index on disk equals the database (what `doctor` calls consistent)
-    index_dir = Path(env["RETRIEVAL_DATA_DIR"]) / "index"
-    sidecar = json.loads(next(index_dir.glob("*.json")).read_text())
-    index = faiss.read_index(str(next(index_dir.glob("*.faiss"))))
-    assert index.ntotal == sidecar["count"] == expected_images
-    assert set(faiss.vector_to_array(index.id_map).tolist()) == image_ids
-
-
 @pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # PG under SIGKILL is covered by test_cli_end_to_end's kill test
 def test_ingest_killed_ten_times_then_finished(cli_env: dict[str, str], tmp_path: Path) -> None:
     files = make_archive(tmp_path / "archive", studies=10, per_study=4)
@@ -103,7 +79,7 @@ def test_ingest_killed_ten_times_then_finished(cli_env: dict[str, str], tmp_path
     assert stored_after_kills == sorted(stored_after_kills), f"a kill lost stored vectors: {stored_after_kills}"
     final = run_cli(env, "ingest", str(tmp_path / "archive"), "--no-progress")
     assert "failed 0" in final.stdout
-    _assert_archive_intact(env, len(files))
+    assert_archive_intact(env, len(files))
 
 
 @pytest.mark.parametrize("cli_env", ["sqlite"], indirect=True)  # reindex touches index files only; PG adds nothing
@@ -115,7 +91,7 @@ def test_reindex_killed_keeps_a_serving_index(cli_env: dict[str, str], tmp_path:
     rng = random.Random(7)
     for _ in range(3):
         _kill_after(cli_env, ["reindex"], rng.uniform(1.0, 5.0))
-        _assert_archive_intact(cli_env, len(files))
+        assert_archive_intact(cli_env, len(files))
     after = json.loads(run_cli(cli_env, "search", str(query), "-k", "3", "--json").stdout)["results"]
     assert [r["study"]["study_id"] for r in after] == [r["study"]["study_id"] for r in before]
     assert np.allclose([r["score"] for r in after], [r["score"] for r in before], atol=1e-6)

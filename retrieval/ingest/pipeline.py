@@ -31,7 +31,6 @@ from retrieval.domain.items import SourceItem, printable_path
 from retrieval.domain.metadata import (
     ImageMetadata,
     dropped_manifest_columns,
-    merge_manifest_row,
 )
 from retrieval.errors import reason_of
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
@@ -40,6 +39,7 @@ from retrieval.ingest.prepare import (
     Prepared,
     PrepareOptions,
     fingerprint,
+    manifest_metadata,
     prepare,
     start_decode_worker,
 )
@@ -93,6 +93,41 @@ def make_executor(workers: int) -> Executor | _InProcessExecutor:
     )
 
 
+def prepare_options(service: SpaceService) -> PrepareOptions:
+    """How decode workers read and fit files for ``service``'s space (picklable: it travels to them)."""
+    settings = service.settings
+    return PrepareOptions(
+        preprocessing=service.preprocessing,
+        max_pixels=settings.ingest.max_image_pixels,
+        id_secret=settings.privacy.id_secret,
+        date_shift_days=settings.privacy.date_shift_days,
+        manifest_columns=settings.ingest.manifest_column_set,
+    )
+
+
+def new_images(batch: list[Prepared], z: Any, heads: Any, vectors: np.ndarray,
+               quality: list[tuple[float, float] | None] | None = None) -> list[NewImage]:
+    """The rows to store for an encoded batch: ``z[i]``, ``heads[i]`` and ``vectors[i]`` belong to ``batch[i]``."""
+    return [
+        NewImage(
+            source_uri=p.item.uri or printable_path(Path(p.item.path).resolve()),
+            sha256=p.sha256,
+            study_key=p.study_key,
+            study_label=p.study_label,
+            kind=p.kind,
+            width=p.width,
+            height=p.height,
+            frames=p.frames,
+            metadata=p.metadata,
+            z=z[i].numpy(),
+            vector=vectors[i],
+            quality=quality[i] if quality is not None else None,
+            head=heads[i].numpy() if heads is not None else None,
+        )
+        for i, p in enumerate(batch)
+    ]
+
+
 @dataclass
 class SeenInRun:
     """What one run has already taken: file contents queued for decoding, SOP instances decoded."""
@@ -134,13 +169,7 @@ class IngestPipeline:
         self.remote: DicomwebSource | None = None
         self.spool: Path | None = None  # where fetched remote instances wait for decoding
         self.volumes_seen: set[str] = set()  # 3-D: content hashes stored by this run
-        self.options = PrepareOptions(
-            preprocessing=service.preprocessing,
-            max_pixels=self.settings.ingest.max_image_pixels,
-            id_secret=self.settings.privacy.id_secret,
-            date_shift_days=self.settings.privacy.date_shift_days,
-            manifest_columns=self.settings.ingest.manifest_column_set,
-        )
+        self.options = prepare_options(service)
 
     def run(self, source: str | Path, *, job_id: str | None = None) -> IngestReport:
         """Ingest everything under ``source``; returns the report (failures included).
@@ -280,7 +309,7 @@ class IngestPipeline:
             if keys & stored or fp.sha256 in seen.content or fp.sop_uid in seen.decoded_sop_uids:
                 report.skip(STORED if keys & stored else SAME_CONTENT if fp.sha256 in seen.content else SAME_SOP_UID)
                 if fp.item.row and fp.sha256 in stored:  # a manifest for stored images: its metadata still applies
-                    manifest_rows.append((fp.sha256, self._manifest_metadata(fp.item.row)))
+                    manifest_rows.append((fp.sha256, manifest_metadata(fp.item.row, self.options)))
                 continue
             seen.content.add(fp.sha256)
             todo.append(fp)
@@ -288,9 +317,6 @@ class IngestPipeline:
             report.updated += self.service.store.apply_manifest_metadata(manifest_rows)
         return todo
 
-    def _manifest_metadata(self, row: dict[str, str]) -> ImageMetadata:
-        options = self.options
-        return merge_manifest_row(ImageMetadata(), row, secret=options.id_secret, keep=options.manifest_columns)
 
     def _skip_listed_uids(self, chunk: list[SourceItem], report: IngestReport, seen: SeenInRun) -> list[SourceItem]:
         listed = [item.sop_uid for item in chunk if item.sop_uid]
@@ -346,24 +372,7 @@ class IngestPipeline:
             quality = [*score_latents(self.service, z, pixels)]
             report.seconds["quality"] = report.seconds.get("quality", 0.0) + time.perf_counter() - tick
         tick = time.perf_counter()
-        rows = [
-            NewImage(
-                source_uri=p.item.uri or printable_path(Path(p.item.path).resolve()),
-                sha256=p.sha256,
-                study_key=p.study_key,
-                study_label=p.study_label,
-                kind=p.kind,
-                width=p.width,
-                height=p.height,
-                frames=p.frames,
-                metadata=p.metadata,
-                z=z[i].numpy(),
-                vector=vectors[i],
-                quality=quality[i],
-                head=heads[i].numpy() if heads is not None else None,
-            )
-            for i, p in enumerate(batch)
-        ]
+        rows = new_images(batch, z, heads, vectors, quality)
         try:
             self.service.store.write_batch(space=self.service.space, images=rows, job_id=self.job_id, also=also)
         except Exception as exc:  # noqa: BLE001 - the transaction rolled back; nothing was stored

@@ -60,6 +60,11 @@ class PrepareOptions:
     manifest_columns: frozenset[str] = frozenset()  # extra manifest columns the user chose to store
 
 
+def manifest_metadata(row: dict[str, str], options: PrepareOptions) -> ImageMetadata:
+    """What a manifest row says of an image already stored (applied without re-encoding it)."""
+    return merge_manifest_row(ImageMetadata(), row, secret=options.id_secret, keep=options.manifest_columns)
+
+
 def start_decode_worker(owner_pid: int, large_decode_lock: Any) -> None:
     """Pool initializer: end with the process that owns the pool, and share its one-large-decode-at-a-time gate."""
     exit_with(owner_pid)
