@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from bench.results_io import write_result
+from retrieval.storage import faiss_gpu
 from retrieval.storage.index import EXACT_COHORT_MAX, IndexSpec, SpaceIndex
 from retrieval.storage.index_spec import training_step
 from retrieval.storage.store import StoredVector
@@ -74,7 +75,7 @@ def exact_top10(data: np.ndarray, queries: np.ndarray, *, chunk: int = 1_000_000
     best_ids = np.zeros((len(queries), 10), np.int64)
     for start in range(0, len(data), chunk):
         part = np.ascontiguousarray(data[start : start + chunk])
-        scores, rows = faiss.knn(queries, part, 10, metric=faiss.METRIC_INNER_PRODUCT)
+        scores, rows = faiss_gpu.knn(queries, part, 10)
         scores = np.concatenate([best_scores, scores], axis=1)
         ids = np.concatenate([best_ids, rows + start + 1], axis=1)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :10]
@@ -100,7 +101,7 @@ def build(spec: IndexSpec, vectors: np.ndarray, directory: Path) -> tuple[SpaceI
     index._store = ArrayStore(vectors)  # type: ignore[assignment]
     tick = time.perf_counter()
     if not index.index.is_trained:
-        index.index.train(np.ascontiguousarray(vectors[:: training_step(len(vectors))]))
+        faiss_gpu.train(index.index, vectors[:: training_step(len(vectors))])
     step = 50_000
     for start in range(0, len(vectors), step):
         chunk = np.asarray(vectors[start : start + step])

@@ -196,3 +196,17 @@ def test_a_cohort_is_searched_exactly_and_membership_follows_adds(tmp_path: Path
     index.catch_up(store)
     assert index.holds(np.array([201, 203, 204])).tolist() == [True, True, False]
     assert index.search(query, 3, among=np.array([203, 999], dtype=np.int64))[0][0][0] == 203  # 999: selector path
+
+
+def test_bulk_knn_without_a_gpu_is_exact_search_on_the_cpu() -> None:
+    """faiss_gpu.knn (the bench's ground truth; the GPU with faiss-gpu) answers what numpy's exact ranking does."""
+    from retrieval.storage import faiss_gpu
+
+    rng = np.random.default_rng(11)
+    base, queries = _unit(rng.normal(size=(500, DIM))), _unit(rng.normal(size=(7, DIM)))
+    assert faiss_gpu.gpu_count() == 0  # faiss-cpu: the path CI runs
+    scores, rows = faiss_gpu.knn(queries, base, 5)
+    exact = queries @ base.T
+    assert (rows == np.argsort(-exact, axis=1)[:, :5]).all()
+    assert np.allclose(scores, np.take_along_axis(exact, rows, 1), atol=1e-5)
+    assert faiss_gpu.knn(queries, base[:3], 5)[1].shape == (7, 3)  # k never exceeds the base

@@ -32,6 +32,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from retrieval.storage import faiss_gpu
 from retrieval.storage.index_spec import IndexSpec, training_step
 from retrieval.storage.orm import Space
 from retrieval.storage.store import Store, StoredVector
@@ -199,7 +200,7 @@ class SpaceIndex:
         self._store = store
         fresh = SpaceIndex(space=self.space, directory=self.directory, spec=self.spec)
         if not fresh.index.is_trained:
-            fresh.index.train(_training_sample(store, self.space))
+            faiss_gpu.train(fresh.index, _training_sample(store, self.space))
         for chunk in store.vectors_after(self.space.id, 0):
             fresh.add(chunk)
         with self._lock:
