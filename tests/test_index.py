@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -146,8 +147,11 @@ def test_ivfpq_is_chosen_beyond_the_memory_budget_and_rescoring_recovers_recall(
     assert choose_index_spec(3000, roomy, 84).kind == "hnsw"
     assert choose_index_spec(999, tight, 84).kind == "hnsw"  # too few vectors to train quantisers
     big = choose_index_spec(3000, tight, 84)  # 3000 x (336 + 272) bytes of HNSW > 1 MiB
-    assert (big.kind, big.nlist, big.pq_m) == ("ivfpq", 64, 21) and big.name == "ivfpq-ip:nlist=64,pq=21x8"
-    assert choose_index_spec(10_000_000, tight, 512).name == "ivfpq-ip:nlist=16384,pq=128x8"
+    assert (big.kind, big.nlist, big.pq_m) == ("ivfpq", 64, 21) and big.name == "ivfpq-ip:opq,nlist=64,pq=21x8"
+    assert big.factory_string == "OPQ21,IVF64,PQ21x8"  # 21-byte codes: OPQ-rotated; few lists: flat centroids
+    # 10M: lists found through an HNSW graph; 512 values (128-byte codes): no OPQ
+    assert choose_index_spec(10_000_000, tight, 84).factory_string == "OPQ21,IVF16384_HNSW32,PQ21x8"
+    assert choose_index_spec(10_000_000, tight, 512).name == "ivfpq-ip:nlist=16384/hnsw,pq=128x8"
     assert [IndexSpec.ivfpq(n, 84).rescore for n in (3000, 1_000_000, 4_000_000, 10_000_000)] == [256, 256, 512, 1024]
     assert IndexSpec.ivfpq(10_000_000, 84, rescore=300).rescore == 300  # RETRIEVAL_INDEX_RESCORE, when set
     assert choose_index_spec(500, tiny_settings(tmp_path / "c", index_type="ivfpq"), 84).kind == "flat"
@@ -179,6 +183,13 @@ def test_ivfpq_is_chosen_beyond_the_memory_budget_and_rescoring_recovers_recall(
     reopened, report = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index", spec=spec)
     assert report.action == "caught_up" and reopened.count == 3050
     assert reopened.search(more[:1], 1)[0][0][0] == 3001
+    # the lists found through an HNSW graph (as from 8,192 lists on), searched with the graph's own parameters
+    graph = replace(spec, coarse_hnsw=True)
+    assert graph.factory_string == f"OPQ{spec.pq_m},IVF64_HNSW32,PQ{spec.pq_m}x8"
+    through_graph, _ = SpaceIndex.open(store=store, space=space, directory=tmp_path / "graph", spec=graph)
+    found = through_graph.search(queries, 10)
+    assert np.mean([len({i for i, _ in hits} & set(np.argsort(-exact[q])[:10] + 1)) / 10
+                    for q, hits in enumerate(found)]) >= 0.9
 
 
 def test_a_cohort_is_searched_exactly_and_membership_follows_adds(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 from cli_runner import run_cli
-from conftest import assert_archive_intact, db_counts, make_archive
+from conftest import assert_archive_intact, database_url, db_counts, make_archive
+from sqlalchemy import create_engine, text
 
 RAY = str(Path(sys.executable).parent / "ray")
 TIMEOUT = 240.0
@@ -85,7 +86,8 @@ def test_killed_driver_then_killed_worker_lose_and_double_nothing(
 ) -> None:
     files = make_archive(tmp_path / "archive", studies=12, per_study=4)
     (tmp_path / "archive" / "broken.png").write_bytes(b"\x89PNG not really")
-    env = {**cli_env, **ray_cluster, "RETRIEVAL_BATCH_SIZE": "1"}  # one transaction per image: many kill points
+    # one transaction per image (many kill points); reconstruction quality scored on the encoder actor
+    env = {**cli_env, **ray_cluster, "RETRIEVAL_BATCH_SIZE": "1", "RETRIEVAL_INGEST_QUALITY": "true"}
     log = tmp_path / "ray.log"
 
     # 1. SIGKILL the driver once some batches are committed: the cluster ends its job; the next run resumes
@@ -113,6 +115,10 @@ def test_killed_driver_then_killed_worker_lose_and_double_nothing(
     assert report["skipped"] >= after_driver_kill
     assert report["ingested"] + report["skipped"] == len(files)
     assert_archive_intact(env, len(files))
+    engine = create_engine(database_url(env))
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM images WHERE recon_psnr IS NULL")).scalar_one() == 0
+    engine.dispose()
 
     # 3. the space's index is searchable from the database the cluster filled
     hits = json.loads(run_cli(env, "search", str(files[0]), "-k", "3", "--json").stdout)["results"]

@@ -127,7 +127,8 @@ def fingerprint_and_skip(batch: dict[str, np.ndarray], *, settings_blob: bytes, 
         else:
             seen.add(fp.sha256)
             rows.add(fp.item.display, TODO, "", "", pickle.dumps(fp))
-    rows.updated[:1] = [updated] if rows.updated else []  # counted once per batch, on its first row
+    if rows.updated:
+        rows.updated[0] = updated  # counted once per batch, on its first row
     return rows.columns()
 
 
@@ -149,7 +150,8 @@ def decode(batch: dict[str, np.ndarray], *, options: PrepareOptions) -> dict[str
 class EncodeAndStore:
     """GPU stage: encode a batch of decoded images and store it in one transaction (a Ray Data actor).
 
-    One per GPU, each loading the model once; the batch size is ``RETRIEVAL_BATCH_SIZE``.
+    One per GPU, each loading the model once; the batch size is ``RETRIEVAL_BATCH_SIZE``. Reconstruction
+    quality (``RETRIEVAL_INGEST_QUALITY``) and extra poolings are computed here too, as without Ray.
     """
 
     def __init__(self, settings_blob: bytes) -> None:
@@ -175,22 +177,25 @@ class EncodeAndStore:
             for prepared, (outcome, stage, reason) in zip(todo, outcomes, strict=True):
                 rows.add(prepared.item.display, outcome, stage, reason, decode_seconds=prepared.seconds,
                          encode_seconds=per_image)
-        rows.updated[:1] = [updated] if rows.updated else []
+        if rows.updated:
+            rows.updated[0] = updated  # the batch's updates, carried on one row to the driver
         return rows.columns()
 
     def _encode_and_store(self, batch: list[Prepared]) -> list[tuple[str, str, str]]:
         """(outcome, stage, reason) per image: stored, skipped (stored already: a retried or duplicate batch), failed."""
         from retrieval.ingest.pipeline import new_images
+        from retrieval.query.quality import score_latents
 
         service = self.service
         try:
             pixels = np.stack([p.pixels for p in batch])
             z, heads, vectors = service.encode_for_storage(pixels)
             also = service.fan_out(heads) if service.extra_poolings else []
+            quality = [*score_latents(service, z, pixels)] if service.settings.ingest.quality else None
         except Exception as exc:  # noqa: BLE001 - one batch failing never stops the run
             logger.exception("encode failed for a batch of %d", len(batch))
             return [(FAILED, "encode", f"{type(exc).__name__}: {exc}")] * len(batch)
-        rows = new_images(batch, z, heads, vectors)
+        rows = new_images(batch, z, heads, vectors, quality)
         try:
             written = service.store.write_batch(space=service.space, images=rows, also=also)
         except Exception as exc:  # noqa: BLE001 - the transaction rolled back; nothing of the batch was stored

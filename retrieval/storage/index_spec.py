@@ -5,7 +5,8 @@
 * ``hnsw``: a graph over the full vectors; answers 1M vectors in well under 10 ms at recall@10 >=
   0.95 (bench/search.py, docs/benchmarks.md), at about ``4 * dim + 2 * 4 * m`` bytes per vector.
 * ``ivfpq``: inverted lists of product-quantised codes (``pq_m`` bytes per vector), trained on a
-  sample of the space's stored vectors; a query visits ``nprobe`` lists and its ``rescore`` best
+  sample of the space's stored vectors (OPQ-rotated for codes of up to 32 bytes; lists found through
+  an HNSW graph from 8,192 lists on); a query visits ``nprobe`` lists and its ``rescore`` best
   candidates are re-scored exactly with their stored vectors, which recovers the recall the
   quantisation loses. Chosen when HNSW would not fit ``RETRIEVAL_INDEX_MEMORY_MB``.
 
@@ -27,6 +28,15 @@ IVFPQ_MIN_VECTORS = 1_000
 """Below this a space is too small to train product quantisers (256 centroids per sub-vector): flat or HNSW."""
 TRAIN_MAX = 100_000
 """At most this many stored vectors (an even sample of the space) train an IVF-PQ index."""
+HNSW_COARSE_MIN_LISTS = 8_192
+"""From this many lists on (4M+ vectors), a vector finds its lists through an HNSW graph over the list centroids
+instead of comparing it with every centroid: assigning 10M vectors of 512 values to 16,384 lists is 168 TFLOP
+flat, a few through the graph (FAISS's own advice for 10M-1B). At 1M / 4,096 lists both measured alike."""
+OPQ_MAX_CODES = 32
+"""IVF-PQ with at most this many code bytes (vectors of up to 128 values) is rotated by OPQ first: at 1M vectors of
+84 values recall@10 went from 0.973 to 0.986 (256 re-scored) for 43 s more training, once, at rebuild. Wider
+codes (512 values: 128 bytes of 4-value sub-vectors) are left unrotated: OPQ's training grows with the code
+width and was not measured to pay there."""
 
 
 def training_step(vector_count: int) -> int:
@@ -50,6 +60,8 @@ class IndexSpec:
     pq_m: int = 0
     nprobe: int = 64
     rescore: int = 256
+    opq: bool = False  # IVF-PQ: an OPQ rotation before the coarse quantiser
+    coarse_hnsw: bool = False  # IVF-PQ: lists found through an HNSW graph over their centroids
 
     @classmethod
     def flat(cls) -> IndexSpec:
@@ -67,7 +79,8 @@ class IndexSpec:
         target = max(1.0, min(4 * math.sqrt(vector_count), vector_count / 39))
         nlist = 2 ** max(0, round(math.log2(target)))
         pq_m = max(d for d in range(1, max(1, dim // 4) + 1) if dim % d == 0)
-        return cls("ivfpq", nlist=nlist, pq_m=pq_m, nprobe=nprobe, rescore=rescore or auto_rescore(vector_count))
+        return cls("ivfpq", nlist=nlist, pq_m=pq_m, nprobe=nprobe, rescore=rescore or auto_rescore(vector_count),
+                   opq=pq_m <= OPQ_MAX_CODES, coarse_hnsw=nlist >= HNSW_COARSE_MIN_LISTS)
 
     @property
     def lossy(self) -> bool:
@@ -81,7 +94,13 @@ class IndexSpec:
             return "flat-ip"
         if self.kind == "hnsw":
             return f"hnsw-ip:m={self.m},efc={self.ef_construction}"
-        return f"ivfpq-ip:nlist={self.nlist},pq={self.pq_m}x8"
+        return f"ivfpq-ip:{'opq,' if self.opq else ''}nlist={self.nlist}{'/hnsw' if self.coarse_hnsw else ''},pq={self.pq_m}x8"
+
+    @property
+    def factory_string(self) -> str:
+        """IVF-PQ as FAISS's index factory spells it, e.g. ``OPQ21,IVF16384_HNSW32,PQ21x8``."""
+        rotation = f"OPQ{self.pq_m}," if self.opq else ""
+        return f"{rotation}IVF{self.nlist}{'_HNSW32' if self.coarse_hnsw else ''},PQ{self.pq_m}x8"
 
     def empty(self, dim: int) -> faiss.Index:
         if self.kind == "flat":
@@ -90,7 +109,7 @@ class IndexSpec:
             inner = faiss.IndexHNSWFlat(dim, self.m, faiss.METRIC_INNER_PRODUCT)
             inner.hnsw.efConstruction = self.ef_construction
         else:
-            inner = faiss.index_factory(dim, f"IVF{self.nlist},PQ{self.pq_m}x8", faiss.METRIC_INNER_PRODUCT)
+            inner = faiss.index_factory(dim, self.factory_string, faiss.METRIC_INNER_PRODUCT)
         return faiss.IndexIDMap2(inner)
 
     def search_params(self, k: int, ef_search: int | None) -> faiss.SearchParameters | None:
@@ -99,6 +118,9 @@ class IndexSpec:
         if self.kind == "ivfpq":
             params = faiss.SearchParametersIVF()
             params.nprobe = min(self.nlist, self.nprobe)
+            if self.coarse_hnsw:  # the graph must return nprobe lists, and good ones
+                params.quantizer_params = faiss.SearchParametersHNSW()
+                params.quantizer_params.efSearch = 2 * params.nprobe
             return params
         params = faiss.SearchParametersHNSW()
         params.efSearch = max(k, ef_search or self.ef_search)
