@@ -141,8 +141,24 @@ def _variants(spec: IndexSpec, ef_values: list[int]) -> list[tuple[IndexSpec, in
     return [(spec, None)]
 
 
+IVFPQ_FORMS = {
+    "plain": {"opq": False, "coarse_hnsw": False},
+    "opq": {"opq": True, "coarse_hnsw": False},
+    "hnsw": {"opq": False, "coarse_hnsw": True},
+    "opq+hnsw": {"opq": True, "coarse_hnsw": True},
+}
+"""``--ivfpq-forms``: IVF-PQ with and without its refinements (OPQ, lists through an HNSW graph), beside the default."""
+
+
+def _specs(size: int, dim: int, ivfpq_forms: list[str]) -> list[IndexSpec]:
+    default = IndexSpec.ivfpq(size, dim)
+    forms = [replace(default, **IVFPQ_FORMS[name]) for name in ivfpq_forms]
+    return [IndexSpec.flat(), IndexSpec.hnsw(), *(forms or [default])]
+
+
 def run(sizes: list[int], queries_count: int, ef_values: list[int], out_dir: Path,
-        kinds: tuple[str, ...] = ("flat", "hnsw", "ivfpq"), *, dim: int = DIM, memory_gb: float = 20.0) -> dict[str, Any]:
+        kinds: tuple[str, ...] = ("flat", "hnsw", "ivfpq"), *, dim: int = DIM, memory_gb: float = 20.0,
+        ivfpq_forms: list[str] | None = None) -> dict[str, Any]:
     """Build and measure each index type at each size. Vectors over :data:`IN_MEMORY_MAX` bytes live in a memory
     map on disk (10M x 512 is 20 GB); an index whose own memory would exceed ``memory_gb`` is not built, and its
     row says how much it would need."""
@@ -155,7 +171,7 @@ def run(sizes: list[int], queries_count: int, ef_values: list[int], out_dir: Pat
         data = _data(size, dim, workdir)
         queries = structured_vectors(queries_count, seed=2, clusters=max(10, size // 100), dim=dim)
         truth = exact_top10(data, queries)
-        for spec in (IndexSpec.flat(), IndexSpec.hnsw(), IndexSpec.ivfpq(size, dim)):
+        for spec in _specs(size, dim, ivfpq_forms or []):
             if spec.kind not in kinds:
                 continue
             needed_gb = size * spec.bytes_per_vector(dim) / 2**30
@@ -323,6 +339,8 @@ def main() -> None:
                         help="instead: filtered searches at 50/10/1/0.1 %% selectivity on N vectors (e.g. 1000000)")
     parser.add_argument("--dim", type=int, default=DIM, help="values per vector: 84 (spp:1,2,4) or 512 (biomedclip)")
     parser.add_argument("--memory-gb", type=float, default=20.0, help="skip an index whose memory would exceed this")
+    parser.add_argument("--ivfpq-forms", default="", help=f"IVF-PQ forms to compare ({', '.join(IVFPQ_FORMS)}); "
+                        "default: the one the service chooses")
     parser.add_argument("--name", default="search", help="result file: bench/results/<name>-<date>.json")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
@@ -337,7 +355,8 @@ def main() -> None:
         print(f"\nwrote {write_result(args.out, 'search-filtered', result)}")
         return
     result = run([int(s) for s in args.sizes.split(",")], args.queries, [int(e) for e in args.ef.split(",")],
-                 Path(args.out), kinds=tuple(args.types.split(",")), dim=args.dim, memory_gb=args.memory_gb)
+                 Path(args.out), kinds=tuple(args.types.split(",")), dim=args.dim, memory_gb=args.memory_gb,
+                 ivfpq_forms=[form for form in args.ivfpq_forms.split(",") if form])
     print("\n| vectors | index | efSearch / nprobe, rescore | build s | MB | p50 ms | p99 ms | QPS | recall@10 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in result["rows"]:
