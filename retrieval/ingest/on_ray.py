@@ -261,14 +261,8 @@ def ingest_on_ray(service: SpaceService, source: str, *, address: str | None = N
     report.total, report.phase = len(items), "ingesting"
     space = service.space
     report.seconds["load"] = time.perf_counter() - report.started
-    if not ray.is_initialized():
-        try:
-            context = ray.init(address=address, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ClusterUnavailableError(f"could not join or start the Ray cluster {address or '(local)'}: {exc}",
-                                          detail={"field": "ray_address"}) from None
-        if context.dashboard_url and announce is not None:
-            announce(f"Ray dashboard: http://{context.dashboard_url}")
+    if items:  # an empty source starts no cluster
+        _join_cluster(ray, address, announce)
     blob = pickle.dumps(settings)
     try:
         for outcome in _run_dataset(ray, items, service, blob, space.id):
@@ -285,6 +279,18 @@ def ingest_on_ray(service: SpaceService, source: str, *, address: str | None = N
     return report
 
 
+def _join_cluster(ray: Any, address: str | None, announce: Callable[[str], None] | None) -> None:
+    if ray.is_initialized():
+        return
+    try:
+        context = ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterUnavailableError(f"could not join or start the Ray cluster {address or '(local)'}: {exc}",
+                                      detail={"field": "ray_address"}) from None
+    if context.dashboard_url and announce is not None:
+        announce(f"Ray dashboard: http://{context.dashboard_url}")
+
+
 def _import_ray() -> Any:
     try:
         import ray
@@ -298,8 +304,6 @@ def _run_dataset(ray: Any, items: list[SourceItem], service: SpaceService, blob:
     """The Ray Data pipeline over ``items``; yields one outcome row per item as batches finish."""
     from retrieval.ingest.pipeline import prepare_options
 
-    if not items:
-        return
     gpus = int(ray.cluster_resources().get("GPU", 0))
     # one encoder per GPU (a cluster without GPUs: one CPU encoder, whose torch threads use the node's cores)
     encoder_resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
