@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -221,3 +222,23 @@ def test_bulk_knn_without_a_gpu_is_exact_search_on_the_cpu() -> None:
     assert (rows == np.argsort(-exact, axis=1)[:, :5]).all()
     assert np.allclose(scores, np.take_along_axis(exact, rows, 1), atol=1e-5)
     assert faiss_gpu.knn(queries, base[:3], 5)[1].shape == (7, 3)  # k never exceeds the base
+
+
+def test_a_save_streams_to_its_own_pending_file_and_a_killed_saves_file_is_removed(tmp_path: Path) -> None:
+    """A save writes the index to a file of its own process (no in-memory copy), renamed into place; the pending
+    file of a save whose process died is deleted at the next open, a live process's is left alone."""
+    import subprocess
+    import sys
+
+    store, space, _ = _store_with_vectors(tmp_path, 50)
+    index, _ = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index")
+    index.save()
+    assert sorted(p.name for p in (tmp_path / "index").iterdir() if p.suffix == ".tmp") == []
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / "index" / f"{index.index_path.name}.{gone.stdout.strip()}-1.tmp"
+    live = tmp_path / "index" / f"{index.index_path.name}.{os.getpid()}-1.tmp"
+    dead.write_bytes(b"half a save")
+    live.write_bytes(b"a save in progress")
+    reopened, report = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index")
+    assert report.action == "loaded" and reopened.count == 50
+    assert not dead.exists() and live.exists()

@@ -92,6 +92,16 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 @contextmanager
 def file_lock(path: Path, *, exclusive: bool) -> Iterator[None]:
     """An advisory ``flock`` on ``path`` (created when missing), released on exit."""
@@ -175,6 +185,7 @@ class SpaceIndex:
             return self._load_files()
 
     def _load_files(self) -> str:
+        self._remove_abandoned_saves()
         sidecar = Sidecar.read(self.sidecar_path)
         if sidecar is None or not self.index_path.exists():
             return "no index on disk"
@@ -193,6 +204,13 @@ class SpaceIndex:
         self.max_image_id = sidecar.max_image_id
         self._members = None
         return ""
+
+    def _remove_abandoned_saves(self) -> None:
+        """Delete the pending files of saves whose process is gone (killed between writing and renaming)."""
+        for pending in self.directory.glob(f"{self.index_path.name}.*.tmp"):
+            owner = pending.name.removeprefix(f"{self.index_path.name}.").split("-", 1)[0]
+            if owner.isdigit() and not _process_alive(int(owner)):
+                pending.unlink(missing_ok=True)
 
     def rebuild(self, store: Store) -> None:
         """Build afresh from every stored vector of the space (an IVF-PQ index trained first on an even sample
@@ -266,26 +284,34 @@ class SpaceIndex:
         """Persist atomically: index file, then sidecar.
 
         Unless ``force`` (a rebuild), a save never replaces files holding a longer prefix of the
-        database (higher watermark) written meanwhile by another process.
+        database (higher watermark) written meanwhile by another process. The index is streamed to a
+        file of this process's own, never copied in memory first: a 6 GB HNSW index (10M vectors)
+        would otherwise need twice that while it is saved.
         """
-        with self._lock:
-            data = faiss.serialize_index(self.index).tobytes()
-            sidecar = Sidecar(
-                space_key=self.space.key,
-                dim=self.space.dim,
-                index_type=self.spec.name,
-                count=self.count,
-                watermark=self.watermark,
-                max_image_id=self.max_image_id,
-                faiss_version=faiss.__version__,
-                written_at=time.time(),
-            )
-        with file_lock(self.lock_path, exclusive=True):
-            on_disk = Sidecar.read(self.sidecar_path)
-            if not force and on_disk is not None and on_disk.space_key == sidecar.space_key and on_disk.watermark > sidecar.watermark:
-                return  # another process saved a newer prefix of the database; keep it
-            _atomic_write_bytes(self.index_path, data)
-            _atomic_write_bytes(self.sidecar_path, json.dumps(asdict(sidecar), indent=2).encode())
+        pending = self.index_path.with_name(f"{self.index_path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        try:
+            with self._lock:
+                faiss.write_index(self.index, str(pending))
+                sidecar = Sidecar(
+                    space_key=self.space.key,
+                    dim=self.space.dim,
+                    index_type=self.spec.name,
+                    count=self.count,
+                    watermark=self.watermark,
+                    max_image_id=self.max_image_id,
+                    faiss_version=faiss.__version__,
+                    written_at=time.time(),
+                )
+            with pending.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            with file_lock(self.lock_path, exclusive=True):
+                on_disk = Sidecar.read(self.sidecar_path)
+                if not force and on_disk is not None and on_disk.space_key == sidecar.space_key and on_disk.watermark > sidecar.watermark:
+                    return  # another process saved a newer prefix of the database; keep it
+                os.replace(pending, self.index_path)
+                _atomic_write_bytes(self.sidecar_path, json.dumps(asdict(sidecar), indent=2).encode())
+        finally:
+            pending.unlink(missing_ok=True)
 
     # -- queries
 
