@@ -31,12 +31,14 @@ TRAIN_MAX = 100_000
 HNSW_COARSE_MIN_LISTS = 8_192
 """From this many lists on (4M+ vectors), a vector finds its lists through an HNSW graph over the list centroids
 instead of comparing it with every centroid: assigning 10M vectors of 512 values to 16,384 lists is 168 TFLOP
-flat, a few through the graph (FAISS's own advice for 10M-1B). At 1M / 4,096 lists both measured alike."""
+flat, a few through the graph (FAISS's own advice for 10M-1B). At 1M vectors / 4,096 lists the graph costs
+recall@10 0.006 (0.972 -> 0.966 at nprobe 64, 256 re-scored; bench/search.py --ivfpq-forms), so below this
+the centroids are scanned."""
 OPQ_MAX_CODES = 32
 """IVF-PQ with at most this many code bytes (vectors of up to 128 values) is rotated by OPQ first: at 1M vectors of
-84 values recall@10 went from 0.973 to 0.986 (256 re-scored) for 43 s more training, once, at rebuild. Wider
-codes (512 values: 128 bytes of 4-value sub-vectors) are left unrotated: OPQ's training grows with the code
-width and was not measured to pay there."""
+84 values recall@10 went from 0.972 to 0.986 (nprobe 64, 256 re-scored) for 27 s more build (64 s instead of 37),
+once, at rebuild (bench/search.py --ivfpq-forms). Wider codes (512 values: 128 bytes of 4-value sub-vectors) are
+left unrotated: OPQ's training grows with the code width and was not measured to pay there."""
 
 
 def training_step(vector_count: int) -> int:
