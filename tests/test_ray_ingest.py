@@ -45,8 +45,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     assert started.returncode == 0, started.stdout + started.stderr
     try:
         yield {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": address}
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    finally:  # in the background: the next tests need nothing of it, and waiting for it takes seconds
+        subprocess.Popen([RAY, "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _start_driver(env: dict[str, str], source: Path, log: Path) -> subprocess.Popen:
