@@ -71,16 +71,13 @@ def structured_vectors(count: int, seed: int, *, clusters: int, dim: int = DIM, 
 def exact_top10(data: np.ndarray, queries: np.ndarray, *, chunk: int = 1_000_000) -> np.ndarray:
     """Ground truth: ids (row + 1) of each query's 10 best inner products, by exact search over ``chunk`` rows at
     a time (so 20 GB of memory-mapped vectors are read once, never held)."""
-    best_scores = np.full((len(queries), 10), -np.inf, np.float32)
-    best_ids = np.zeros((len(queries), 10), np.int64)
+    best = faiss.ResultHeap(len(queries), 10, keep_max=True)  # merges each chunk's top 10 into the running one
     for start in range(0, len(data), chunk):
         part = np.ascontiguousarray(data[start : start + chunk])
         scores, rows = faiss_gpu.knn(queries, part, 10)
-        scores = np.concatenate([best_scores, scores], axis=1)
-        ids = np.concatenate([best_ids, rows + start + 1], axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-        best_scores, best_ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
-    return best_ids
+        best.add_result(scores, rows + start + 1)
+    best.finalize()
+    return best.I
 
 
 @dataclass

@@ -55,7 +55,6 @@ from retrieval.ingest.report import (
     STORED,
     Failure,
     IngestReport,
-    ProgressCallback,
 )
 from retrieval.ingest.sources import scan
 from retrieval.storage.store import Store
@@ -245,7 +244,6 @@ def _each(batch: dict[str, np.ndarray]) -> Iterator[tuple[str, str, str, str, by
 
 
 def ingest_on_ray(service: SpaceService, source: str, *, address: str | None = None,
-                  progress: ProgressCallback | None = None,
                   announce: Callable[[str], None] | None = None) -> IngestReport:
     """Ingest every new image under ``source`` on a Ray cluster (``address``; None joins ``RAY_ADDRESS`` or
     starts a local one). ``announce`` gets the Ray dashboard's address.
@@ -267,8 +265,6 @@ def ingest_on_ray(service: SpaceService, source: str, *, address: str | None = N
     try:
         for outcome in _run_dataset(ray, items, service, blob, space.id):
             _count(report, outcome)
-            if progress is not None:
-                progress(report)
     finally:
         service.index.catch_up(service.store)
         service.index.save()
