@@ -148,11 +148,11 @@ def test_ivfpq_is_chosen_beyond_the_memory_budget_and_rescoring_recovers_recall(
     assert choose_index_spec(3000, roomy, 84).kind == "hnsw"
     assert choose_index_spec(999, tight, 84).kind == "hnsw"  # too few vectors to train quantisers
     big = choose_index_spec(3000, tight, 84)  # 3000 x (336 + 272) bytes of HNSW > 1 MiB
-    assert (big.kind, big.nlist, big.pq_m) == ("ivfpq", 64, 21) and big.name == "ivfpq-ip:opq,nlist=64,pq=21x8"
+    assert (big.kind, big.nlist, big.pq_m) == ("ivfpq", 64, 21) and big.name == "ivfpq-ip:opq,nlist=64,pq=21x8,mapped"
     assert big.factory_string == "OPQ21,IVF64,PQ21x8"  # 21-byte codes: OPQ-rotated; few lists: flat centroids
     # 10M: lists found through an HNSW graph; 512 values (128-byte codes): no OPQ
     assert choose_index_spec(10_000_000, tight, 84).factory_string == "OPQ21,IVF16384_HNSW32,PQ21x8"
-    assert choose_index_spec(10_000_000, tight, 512).name == "ivfpq-ip:nlist=16384/hnsw,pq=128x8"
+    assert choose_index_spec(10_000_000, tight, 512).name == "ivfpq-ip:nlist=16384/hnsw,pq=128x8,mapped"
     assert [IndexSpec.ivfpq(n, 84).rescore for n in (3000, 1_000_000, 4_000_000, 10_000_000)] == [256, 256, 512, 1024]
     assert IndexSpec.ivfpq(10_000_000, 84, rescore=300).rescore == 300  # RETRIEVAL_INDEX_RESCORE, when set
     assert choose_index_spec(500, tiny_settings(tmp_path / "c", index_type="ivfpq"), 84).kind == "flat"
@@ -191,6 +191,64 @@ def test_ivfpq_is_chosen_beyond_the_memory_budget_and_rescoring_recovers_recall(
     found = through_graph.search(queries, 10)
     assert np.mean([len({i for i, _ in hits} & set(np.argsort(-exact[q])[:10] + 1)) / 10
                     for q, hits in enumerate(found)]) >= 0.9
+
+
+def test_ivfpq_lists_are_mapped_read_only_from_a_file_and_new_vectors_wait_in_ram_until_a_save(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 19: an IVF-PQ space's inverted lists are a data file mapped read-only (page cache shared by every
+    process); vectors caught up after loading are searched from RAM beside it, and a save merges both into a new
+    data file named by the sidecar, the replaced one deleted (a process still mapping it keeps its answers)."""
+    import faiss
+
+    from retrieval.storage.index_spec import IndexSpec
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(30, DIM))
+    vectors = _unit(centres[rng.integers(0, 30, 3000)] + 0.3 * rng.normal(size=(3000, DIM)))
+    store = Store.open(tiny_settings(tmp_path / "data"))
+    space = store.ensure_space(SpaceIdentity("m", "w", 64, "v1", "spp:1", DIM))
+    _add(store, space, vectors, start=0)
+    spec = IndexSpec.ivfpq(3000, DIM, nprobe=8, rescore=100)
+    directory = tmp_path / "index"
+    first, report = SpaceIndex.open(store=store, space=space, directory=directory, spec=spec)
+    assert report.action == "rebuilt" and first.count == 3000
+
+    def data_files() -> list[str]:
+        return sorted(p.name for p in directory.glob("*.ivfdata"))
+
+    [data_name] = data_files()
+    assert json.loads(first.sidecar_path.read_text())["data_file"] == data_name
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(first.index.base).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists) and lists.read_only  # mapped, not copied into RAM
+    assert first.index.delta_count == 0 and sorted(first._index_ids().tolist()) == list(range(1, 3001))
+    queries = _unit(centres[:10] + 0.3 * rng.normal(size=(10, DIM)))
+    before = first.search(queries, 10)
+    second, report = SpaceIndex.open(store=store, space=space, directory=directory, spec=spec)  # another process
+    assert report.action == "loaded" and second.search(queries, 10) == before
+    # new rows: searched from RAM beside the mapped lists, which stay as written
+    more = _unit(centres[rng.integers(0, 30, 40)] + 0.3 * rng.normal(size=(40, DIM)))
+    _add(store, space, more, start=3000)
+    data_bytes = (directory / data_name).read_bytes()
+    assert second.catch_up(store) == 40 and second.index.delta_count == 40 and second.count == 3040
+    assert (directory / data_name).read_bytes() == data_bytes
+    assert second.search(more[:1], 1)[0][0][0] == 3001
+    assert second.holds(np.array([3040, 3041])).tolist() == [True, False]
+    unsaved = second.search(queries, 10)
+    second.save()
+    [merged_name] = data_files()
+    assert merged_name != data_name and json.loads(second.sidecar_path.read_text())["data_file"] == merged_name
+    assert second.index.delta_count == 0 and second.search(queries, 10) == unsaved
+    assert first.search(queries, 10) == before  # its mapping of the deleted file still answers
+    assert "resizing" not in capfd.readouterr().out  # FAISS's chatter while writing lists stays off stdout
+    reopened, report = SpaceIndex.open(store=store, space=space, directory=directory, spec=spec)
+    assert report.action == "loaded" and reopened.count == 3040 and reopened.search(queries, 10) == unsaved
+    # a killed save's data file is deleted at the next open; a truncated data file means a rebuild
+    (directory / f"{space.key}.999999999-1-1.ivfdata").write_bytes(b"half a save")
+    (directory / merged_name).write_bytes((directory / merged_name).read_bytes()[:1000])
+    rebuilt, report = SpaceIndex.open(store=store, space=space, directory=directory, spec=spec)
+    assert report.action == "rebuilt" and "unreadable" in report.reason and rebuilt.count == 3040
+    assert len(data_files()) == 1 and rebuilt.search(more[:1], 1)[0][0][0] == 3001
 
 
 def test_a_cohort_is_searched_exactly_and_membership_follows_adds(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ Contract (design decision 1):
 * ids are image ids (``IndexIDMap2``); vectors are L2-normalised, so inner product = cosine.
 * Persisted as ``<space key>.faiss`` plus a sidecar ``<space key>.json`` (space, dim, index type,
   count, watermark = highest vector row id included, highest image id). Both are written to a
-  temp file and ``os.replace``d, index first.
+  temp file and ``os.replace``d, index first. An IVF-PQ index keeps its inverted lists in a third
+  file, ``<space key>.<writer>.ivfdata``, mapped read-only (:mod:`retrieval.storage.mapped_ivf`,
+  decision 33); the sidecar names it.
 * Several processes share the files (API server, CLI ingest, workers): saves take an exclusive
   ``flock`` on ``<space key>.lock`` and loads a shared one, so a reader never pairs one writer's
   index file with another writer's sidecar. Writers add what the database committed
@@ -32,8 +34,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retrieval.storage import faiss_gpu
 from retrieval.storage.index_spec import IndexSpec, training_step
+from retrieval.storage.mapped_ivf import DATA_SUFFIX, MappedIVF
 from retrieval.storage.orm import Space
 from retrieval.storage.store import Store, StoredVector
 
@@ -64,6 +66,7 @@ class Sidecar:
     max_image_id: int
     faiss_version: str
     written_at: float
+    data_file: str = ""  # IVF-PQ: the mapped inverted lists' file, beside this one
 
     @classmethod
     def read(cls, path: Path) -> Sidecar | None:
@@ -90,6 +93,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb+") as handle:
+        os.fsync(handle.fileno())
 
 
 def _process_alive(pid: int) -> bool:
@@ -145,8 +153,9 @@ class SpaceIndex:
     def count(self) -> int:
         return int(self.index.ntotal)
 
-    def _empty(self) -> faiss.Index:
-        return self.spec.empty(self.space.dim)
+    def _empty(self) -> faiss.Index | MappedIVF:
+        index = self.spec.empty(self.space.dim)
+        return MappedIVF(index) if self.spec.kind == "ivfpq" else index
 
     # -- lifecycle
 
@@ -194,9 +203,11 @@ class SpaceIndex:
         if sidecar.index_type != self.spec.name:
             return f"index type {sidecar.index_type} differs from {self.spec.name}"
         try:
-            loaded = faiss.read_index(str(self.index_path))
-        except RuntimeError as exc:
+            loaded = MappedIVF.load(self.index_path) if self.spec.kind == "ivfpq" else faiss.read_index(str(self.index_path))
+        except (RuntimeError, OSError) as exc:
             return f"unreadable index file ({exc})"
+        if isinstance(loaded, MappedIVF) and loaded.data_path is not None and loaded.data_path.name != sidecar.data_file:
+            return f"index file maps {loaded.data_path.name}, sidecar names {sidecar.data_file or 'none'}"
         if loaded.ntotal != sidecar.count or loaded.d != self.space.dim:
             return f"index file holds {loaded.ntotal} vectors, sidecar says {sidecar.count}"
         self.index = loaded
@@ -206,19 +217,27 @@ class SpaceIndex:
         return ""
 
     def _remove_abandoned_saves(self) -> None:
-        """Delete the pending files of saves whose process is gone (killed between writing and renaming)."""
+        """Delete the pending files of saves whose process is gone (killed between writing and renaming), and the
+        IVF-PQ data files the sidecar no longer names. Called holding the lock file: no save of a data file is
+        under way meanwhile (such saves hold it exclusively throughout), and a process still mapping a deleted
+        data file keeps reading it (the kernel frees it when the last mapping goes)."""
         for pending in self.directory.glob(f"{self.index_path.name}.*.tmp"):
             owner = pending.name.removeprefix(f"{self.index_path.name}.").split("-", 1)[0]
             if owner.isdigit() and not _process_alive(int(owner)):
                 pending.unlink(missing_ok=True)
+        sidecar = Sidecar.read(self.sidecar_path)
+        named = sidecar.data_file if sidecar is not None else ""
+        for data_file in self.directory.glob(f"{self.space.key}.*{DATA_SUFFIX}"):
+            if data_file.name != named:
+                data_file.unlink(missing_ok=True)
 
     def rebuild(self, store: Store) -> None:
         """Build afresh from every stored vector of the space (an IVF-PQ index trained first on an even sample
         of them), then save."""
         self._store = store
         fresh = SpaceIndex(space=self.space, directory=self.directory, spec=self.spec)
-        if not fresh.index.is_trained:
-            faiss_gpu.train(fresh.index, _training_sample(store, self.space))
+        if not fresh.index.is_trained:  # IVF-PQ: its quantisers, on the GPU where faiss-gpu sees one
+            fresh.index.train(_training_sample(store, self.space))
         for chunk in store.vectors_after(self.space.id, 0):
             fresh.add(chunk)
         with self._lock:
@@ -278,6 +297,8 @@ class SpaceIndex:
             raise RuntimeError(f"image {exc} has no vector in this space") from None
 
     def _index_ids(self) -> np.ndarray:
+        if isinstance(self.index, MappedIVF):
+            return self.index.ids()
         return faiss.vector_to_array(self.index.id_map).astype(np.int64) if self.count else np.zeros(0, np.int64)
 
     def save(self, *, force: bool = False) -> None:
@@ -288,30 +309,71 @@ class SpaceIndex:
         file of this process's own, never copied in memory first: a 6 GB HNSW index (10M vectors)
         would otherwise need twice that while it is saved.
         """
-        pending = self.index_path.with_name(f"{self.index_path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        if isinstance(self.index, MappedIVF):
+            self._save_mapped(force=force)
+            return
+        pending = self._pending_path()
         try:
             with self._lock:
                 faiss.write_index(self.index, str(pending))
-                sidecar = Sidecar(
-                    space_key=self.space.key,
-                    dim=self.space.dim,
-                    index_type=self.spec.name,
-                    count=self.count,
-                    watermark=self.watermark,
-                    max_image_id=self.max_image_id,
-                    faiss_version=faiss.__version__,
-                    written_at=time.time(),
-                )
-            with pending.open("rb+") as handle:
-                os.fsync(handle.fileno())
+                sidecar = self._sidecar()
+            _fsync(pending)
             with file_lock(self.lock_path, exclusive=True):
-                on_disk = Sidecar.read(self.sidecar_path)
-                if not force and on_disk is not None and on_disk.space_key == sidecar.space_key and on_disk.watermark > sidecar.watermark:
-                    return  # another process saved a newer prefix of the database; keep it
-                os.replace(pending, self.index_path)
-                _atomic_write_bytes(self.sidecar_path, json.dumps(asdict(sidecar), indent=2).encode())
+                self._publish(pending, sidecar, force=force)
         finally:
             pending.unlink(missing_ok=True)
+
+    def _save_mapped(self, *, force: bool) -> None:
+        """An IVF-PQ save: base and delta merged into a new data file, the structure naming it, the sidecar; then
+        the merged index (delta empty) is the one searched. Nothing is written when the data file on disk already
+        holds every vector (no delta) or another process saved a longer prefix; the lock file is held exclusively
+        throughout, so data files of unfinished saves never meet a cleanup."""
+        with self._lock, file_lock(self.lock_path, exclusive=True):
+            index = self.index
+            assert isinstance(index, MappedIVF)
+            if not force and (index.data_path is not None and not index.delta_count or self._newer_on_disk(self.watermark)):
+                return
+            data = self.directory / f"{self.space.key}.{os.getpid()}-{threading.get_ident()}-{time.time_ns()}{DATA_SUFFIX}"
+            pending = self._pending_path()
+            try:
+                merged = index.merged_into(data)
+                merged.write_structure(pending)
+                _fsync(pending)
+                self._publish(pending, self._sidecar(data_file=data.name), force=True)
+                self.index = merged
+            finally:
+                pending.unlink(missing_ok=True)
+                self._remove_abandoned_saves()  # the data files this save replaced (or its own, had it failed)
+
+    def _pending_path(self) -> Path:
+        return self.index_path.with_name(f"{self.index_path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+    def _sidecar(self, *, data_file: str = "") -> Sidecar:
+        return Sidecar(
+            space_key=self.space.key,
+            dim=self.space.dim,
+            index_type=self.spec.name,
+            count=self.count,
+            watermark=self.watermark,
+            max_image_id=self.max_image_id,
+            faiss_version=faiss.__version__,
+            written_at=time.time(),
+            data_file=data_file,
+        )
+
+    def _newer_on_disk(self, watermark: int) -> bool:
+        """True when the files on disk hold a longer prefix of the database than ``watermark`` (call holding the
+        lock file)."""
+        on_disk = Sidecar.read(self.sidecar_path)
+        return on_disk is not None and on_disk.space_key == self.space.key and on_disk.watermark > watermark
+
+    def _publish(self, pending: Path, sidecar: Sidecar, *, force: bool) -> None:
+        """Rename the written index file into place and write its sidecar, unless (without ``force``) another process
+        saved a longer prefix meanwhile. Call holding the lock file exclusively."""
+        if not force and self._newer_on_disk(sidecar.watermark):
+            return  # another process saved a newer prefix of the database; keep it
+        os.replace(pending, self.index_path)
+        _atomic_write_bytes(self.sidecar_path, json.dumps(asdict(sidecar), indent=2).encode())
 
     # -- queries
 

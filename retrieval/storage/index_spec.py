@@ -8,7 +8,9 @@
   sample of the space's stored vectors (OPQ-rotated for codes of up to 32 bytes; lists found through
   an HNSW graph from 8,192 lists on); a query visits ``nprobe`` lists and its ``rescore`` best
   candidates are re-scored exactly with their stored vectors, which recovers the recall the
-  quantisation loses. Chosen when HNSW would not fit ``RETRIEVAL_INDEX_MEMORY_MB``.
+  quantisation loses. Chosen when HNSW would not fit ``RETRIEVAL_INDEX_MEMORY_MB``. Its lists (ids and
+  codes) live in a file mapped read-only, shared through the page cache by every process serving the
+  space (:mod:`retrieval.storage.mapped_ivf`).
 
 The spec's :attr:`IndexSpec.name` is recorded in the index's sidecar; an index on disk whose name
 differs is rebuilt. ``nlist`` grows with the archive in powers of two (about 4 * sqrt(N)), so an
@@ -96,7 +98,7 @@ class IndexSpec:
             return "flat-ip"
         if self.kind == "hnsw":
             return f"hnsw-ip:m={self.m},efc={self.ef_construction}"
-        return f"ivfpq-ip:{'opq,' if self.opq else ''}nlist={self.nlist}{'/hnsw' if self.coarse_hnsw else ''},pq={self.pq_m}x8"
+        return f"ivfpq-ip:{'opq,' if self.opq else ''}nlist={self.nlist}{'/hnsw' if self.coarse_hnsw else ''},pq={self.pq_m}x8,mapped"
 
     @property
     def factory_string(self) -> str:
@@ -105,13 +107,15 @@ class IndexSpec:
         return f"{rotation}IVF{self.nlist}{'_HNSW32' if self.coarse_hnsw else ''},PQ{self.pq_m}x8"
 
     def empty(self, dim: int) -> faiss.Index:
+        """A new index: flat and HNSW inside an ``IndexIDMap2`` (ids are image ids, vectors reconstructable by id);
+        IVF-PQ bare, untrained, its inverted lists holding the ids themselves."""
+        if self.kind == "ivfpq":
+            return faiss.index_factory(dim, self.factory_string, faiss.METRIC_INNER_PRODUCT)
         if self.kind == "flat":
             inner = faiss.IndexFlatIP(dim)
-        elif self.kind == "hnsw":
+        else:
             inner = faiss.IndexHNSWFlat(dim, self.m, faiss.METRIC_INNER_PRODUCT)
             inner.hnsw.efConstruction = self.ef_construction
-        else:
-            inner = faiss.index_factory(dim, self.factory_string, faiss.METRIC_INNER_PRODUCT)
         return faiss.IndexIDMap2(inner)
 
     def search_params(self, k: int, ef_search: int | None) -> faiss.SearchParameters | None:
@@ -129,12 +133,13 @@ class IndexSpec:
         return params
 
     def bytes_per_vector(self, dim: int) -> int:
-        """The index's memory per vector (ids included), for the budget."""
+        """The index's memory per vector (ids included), for the budget; IVF-PQ's is page cache shared by the
+        processes that map its lists, not each one's own."""
         if self.kind == "flat":
             return 4 * dim + 8
         if self.kind == "hnsw":
             return 4 * dim + 2 * 4 * self.m + 8 + 8  # vectors, level-0 links, the id map (both ways)
-        return self.pq_m + 8 + 8 + 8  # codes, list ids, the id map (both ways)
+        return self.pq_m + 8  # codes and ids in the lists
 
 
 def auto_rescore(vector_count: int) -> int:
