@@ -119,7 +119,7 @@ class MappedIVF:
         if size < lists.totsize:
             raise RuntimeError(f"data file {data_path.name} holds {size} bytes, {structure.name} needs {lists.totsize}")
         lists.filename = str(data_path)
-        lists.read_only = True
+        _serve_only(lists)
         if lists.totsize:
             lists.do_mmap()
         return cls(base, data_path)
@@ -136,7 +136,7 @@ class MappedIVF:
             total = merged_lists.merge_from_multiple(sources.data(), sources.size(), False, False)
         with open(data_path, "rb+") as handle:
             os.fsync(handle.fileno())
-        merged_lists.read_only = True
+        _serve_only(merged_lists)
         merged = _empty_copy(self.base)
         _set_lists(merged, merged_lists, total)
         return MappedIVF(merged, data_path)
@@ -173,6 +173,15 @@ def _empty_copy(index: faiss.Index) -> faiss.Index:
     ivf = faiss.extract_index_ivf(copy)
     _set_lists(copy, faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size), 0)
     return copy
+
+
+def _serve_only(lists: faiss.OnDiskInvertedLists) -> None:
+    """Mapped lists as a server reads them: read-only, and without FAISS's prefetch, which starts up to 32 threads
+    per query to touch the pages of the lists it will visit (at 200k vectors, nprobe 64, one query took 1.54 ms with
+    it and 0.30 ms without; lists in RAM 0.32 ms; 2-core EPYC, 2026-11-30). A page not in the page cache is read
+    on first touch instead."""
+    lists.read_only = True
+    lists.prefetch_nthread = 0
 
 
 def _set_lists(index: faiss.Index, lists: faiss.InvertedLists, total: int) -> None:
