@@ -201,6 +201,7 @@ def test_ivfpq_lists_are_mapped_read_only_from_a_file_and_new_vectors_wait_in_ra
     data file named by the sidecar, the replaced one deleted (a process still mapping it keeps its answers)."""
     import faiss
 
+    from retrieval.ops.backup import _copy_index
     from retrieval.storage.index_spec import IndexSpec
 
     rng = np.random.default_rng(5)
@@ -243,6 +244,9 @@ def test_ivfpq_lists_are_mapped_read_only_from_a_file_and_new_vectors_wait_in_ra
     assert "resizing" not in capfd.readouterr().out  # FAISS's chatter while writing lists stays off stdout
     reopened, report = SpaceIndex.open(store=store, space=space, directory=directory, spec=spec)
     assert report.action == "loaded" and reopened.count == 3040 and reopened.search(queries, 10) == unsaved
+    _copy_index(directory, tmp_path / "backup")  # `retrieval backup` takes the lists file the sidecar names
+    copied, report = SpaceIndex.open(store=store, space=space, directory=tmp_path / "backup", spec=spec)
+    assert report.action == "loaded" and copied.search(queries, 10) == unsaved
     # a killed save's data file is deleted at the next open; a truncated data file means a rebuild
     (directory / f"{space.key}.999999999-1-1.ivfdata").write_bytes(b"half a save")
     (directory / merged_name).write_bytes((directory / merged_name).read_bytes()[:1000])

@@ -5,7 +5,8 @@ Layout of a backup folder:
 * ``database.sqlite`` (SQLite, written with SQLite's online backup API, so a running server or
   ingest keeps going and the copy is a consistent snapshot) or ``database.pgdump`` (PostgreSQL,
   ``pg_dump --format=custom``; ``pg_dump`` / ``pg_restore`` must be on PATH);
-* ``index/``: every space's ``.faiss`` + ``.json`` sidecar, copied under the index's shared lock;
+* ``index/``: every space's ``.faiss`` + ``.json`` sidecar (+ the ``.ivfdata`` lists file the sidecar names, for an
+  IVF-PQ space), copied under the index's shared lock;
 * ``manifest.json``: when, from which database kind and migration revision, row counts, and the
   sha256 of every file.
 
@@ -30,7 +31,7 @@ from sqlalchemy.engine import make_url
 from retrieval.config import Settings
 from retrieval.errors import ConfigurationError, InvalidRequestError
 from retrieval.storage.database import current_revision
-from retrieval.storage.index import file_lock
+from retrieval.storage.index import Sidecar, file_lock
 from retrieval.storage.store import Store
 
 MANIFEST = "manifest.json"
@@ -110,6 +111,9 @@ def _copy_index(source: Path, target: Path) -> None:
             if faiss_file.exists():
                 shutil.copy2(faiss_file, target / faiss_file.name)
                 shutil.copy2(sidecar, target / sidecar.name)
+                copied = Sidecar.read(target / sidecar.name)
+                if copied is not None and copied.data_file and (source / copied.data_file).exists():
+                    shutil.copy2(source / copied.data_file, target / copied.data_file)  # IVF-PQ's mapped lists
 
 
 def restore(settings: Settings, source: Path, *, force: bool = False) -> dict[str, Any]:
@@ -150,7 +154,7 @@ def restore(settings: Settings, source: Path, *, force: bool = False) -> dict[st
              "restore")
     index_dir = settings.storage.index_dir
     index_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(index_dir.glob("*.faiss")) + list(index_dir.glob("*.json")):
+    for stale in [*index_dir.glob("*.faiss"), *index_dir.glob("*.json"), *index_dir.glob("*.ivfdata")]:
         stale.unlink()
     for item in sorted((source / "index").glob("*")):
         shutil.copy2(item, index_dir / item.name)
