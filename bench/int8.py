@@ -20,7 +20,7 @@ queries. This script measures both and says which way it went.
   weights the activation statistics are not a trained network's: the speed figure carries over, the
   agreement figure is indicative only until re-run on real weights.
 
-::
+Needs ``pip install nncf`` (3.4.0 measured; not a project dependency: int8 was not adopted, docs/benchmarks.md)::
 
     python -m bench.int8 --studies 12 --images 48 --calibration 16
 """
