@@ -6,10 +6,14 @@ with :class:`retrieval.ingest.pipeline.IngestPipeline` (decode workers overlappi
 reports images/s, the split decode (summed worker CPU) / encode / database+index write, the
 encoder's busy fraction of the wall time, peak RSS, and stored bytes per image against the
 source files. ``--scale`` runs the same folder kind at N and 10N images in separate processes and
-compares peak RSS (memory must stay flat as the archive grows).
+compares peak RSS (memory must stay flat as the archive grows). ``--warm-start`` ingests each folder
+twice, each time in a new process with an empty inductor cache (as on a new machine), the second time
+with the first one's compile cache (``retrieval/model/compile_cache.py``) copied into its data dir:
+rows ``"cache": "cold"`` and ``"warm"``, whose ``load`` seconds are the start-up cost (issue 18, item 3).
 
     python -m bench.ingest --kind png,dicom --count 64 --size 2048
     python -m bench.ingest --kind dicom --count 50 --scale
+    python -m bench.ingest --kind png --count 64 --device cuda --warm-start
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,7 +88,7 @@ def run_ingest(folder: Path, data_dir: Path, args: argparse.Namespace) -> dict[s
 
     settings = Settings(
         data_dir=data_dir, weights="random", input_size=args.input_size, batch_size=args.batch,
-        decode_workers=args.workers, device=args.device,
+        decode_workers=args.workers, device=args.device, compile=args.compile,
     )
     service = SpaceService(settings)
     report = IngestPipeline(service).run(folder)
@@ -103,6 +108,7 @@ def run_ingest(folder: Path, data_dir: Path, args: argparse.Namespace) -> dict[s
         "stored_bytes_per_image": (db_bytes + index_bytes) / max(report.ingested, 1),
         "device": str(service.encoder.device),
         "precision": service.encoder.precision_label,
+        "cache": service.encoder.compile_cache,  # None when the encoder is not compiled
     }
 
 
@@ -115,6 +121,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=-1)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="RETRIEVAL_COMPILE")
+    parser.add_argument("--warm-start", action="store_true", help="each folder twice: without, then with, a compile cache")
     parser.add_argument("--scale", action="store_true", help="compare peak RSS at count and 10x count")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--one", nargs=2, metavar=("FOLDER", "DATA_DIR"), help=argparse.SUPPRESS)
@@ -132,21 +140,27 @@ def main() -> None:
                 tick = time.perf_counter()
                 source_bytes = generate(kind, folder, count, args.size, gen_workers)
                 generated = time.perf_counter() - tick
-                data_dir = Path(tmp) / f"data-{kind}-{count}"
-                child = subprocess.run(
-                    [sys.executable, "-m", "bench.ingest", "--one", str(folder), str(data_dir), "--input-size", str(args.input_size),
-                     "--batch", str(args.batch), "--workers", str(args.workers), "--device", args.device],
-                    capture_output=True, text=True, check=True,
-                )
-                row = json.loads(child.stdout.strip().splitlines()[-1])
-                row.update(kind=kind, count=count, size=args.size, source_bytes_per_image=source_bytes / count,
-                           generate_seconds=generated)
-                rows.append(row)
-    print(f"{'kind':<6}{'count':>7}{'load s':>8}{'img/s':>9}{'decode ms/img':>15}{'encode s':>10}{'write s':>9}{'wall s':>8}"
+                starts = ["cold", "warm"] if args.warm_start else [""]
+                for start in starts:
+                    data_dir = Path(tmp) / f"data-{kind}-{count}{'-' + start if start else ''}"
+                    if start == "warm":  # a new data dir holding only the cold start's compile cache
+                        shutil.copytree(Path(tmp) / f"data-{kind}-{count}-cold" / "compile-cache", data_dir / "compile-cache")
+                    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"inductor-{kind}-{count}-{start}"))
+                    child = subprocess.run(
+                        [sys.executable, "-m", "bench.ingest", "--one", str(folder), str(data_dir), "--input-size",
+                         str(args.input_size), "--batch", str(args.batch), "--workers", str(args.workers), "--device",
+                         args.device, "--compile", args.compile],
+                        capture_output=True, text=True, check=True, env=env,
+                    )
+                    row = json.loads(child.stdout.strip().splitlines()[-1])
+                    row.update(kind=kind, count=count, size=args.size, source_bytes_per_image=source_bytes / count,
+                               generate_seconds=generated)
+                    rows.append(row)
+    print(f"{'kind':<6}{'count':>7}{'cache':>6}{'load s':>8}{'img/s':>9}{'decode ms/img':>15}{'encode s':>10}{'write s':>9}{'wall s':>8}"
           f"{'enc busy':>10}{'RSS MB':>8}{'stored B/img':>14}{'source B/img':>14}")
     for r in rows:
         s = r["seconds"]
-        print(f"{r['kind']:<6}{r['count']:>7}{s.get('load', 0.0):>8.1f}{r['images_per_s']:>9.1f}{r['decode_cpu_ms_per_image']:>15.1f}{s['encode']:>10.1f}"
+        print(f"{r['kind']:<6}{r['count']:>7}{r['cache'] or '-':>6}{s.get('load', 0.0):>8.1f}{r['images_per_s']:>9.1f}{r['decode_cpu_ms_per_image']:>15.1f}{s['encode']:>10.1f}"
               f"{s['write']:>9.1f}{s['wall']:>8.1f}{r['encoder_busy_fraction']:>10.2f}{r['peak_rss_mb_main']:>8.0f}"
               f"{r['stored_bytes_per_image']:>14.0f}{r['source_bytes_per_image']:>14.0f}")
     if args.scale:
