@@ -26,6 +26,20 @@ def _store_with_vectors(tmp_path: Path, n: int, *, seed: int = 0) -> tuple[Store
     return store, space, vectors
 
 
+def _clustered_store(
+    tmp_path: Path, *, clusters: int, spread: float, seed: int
+) -> tuple[Store, object, np.ndarray, np.ndarray, np.random.Generator]:
+    """3000 stored vectors in ``clusters`` groups of near neighbours, as archives are (IVF-PQ's tests): the store,
+    its space, the vectors, the cluster centres and the generator (for queries near them)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, DIM))
+    vectors = _unit(centres[rng.integers(0, clusters, 3000)] + spread * rng.normal(size=(3000, DIM)))
+    store = Store.open(tiny_settings(tmp_path / "data"))
+    space = store.ensure_space(SpaceIdentity("m", "w", 64, "v1", "spp:1", DIM))
+    _add(store, space, vectors, start=0)
+    return store, space, vectors, centres, rng
+
+
 def _unit(matrix: np.ndarray) -> np.ndarray:
     return (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float32)
 
@@ -156,13 +170,7 @@ def test_ivfpq_is_chosen_beyond_the_memory_budget_and_rescoring_recovers_recall(
     assert [IndexSpec.ivfpq(n, 84).rescore for n in (3000, 1_000_000, 4_000_000, 10_000_000)] == [256, 256, 512, 1024]
     assert IndexSpec.ivfpq(10_000_000, 84, rescore=300).rescore == 300  # RETRIEVAL_INDEX_RESCORE, when set
     assert choose_index_spec(500, tiny_settings(tmp_path / "c", index_type="ivfpq"), 84).kind == "flat"
-    # clustered vectors, as archives are: 40 groups of near neighbours
-    rng = np.random.default_rng(3)
-    centres = rng.normal(size=(40, DIM))
-    vectors = _unit(centres[rng.integers(0, 40, 3000)] + 0.35 * rng.normal(size=(3000, DIM)))
-    store = Store.open(tiny_settings(tmp_path / "data"))
-    space = store.ensure_space(SpaceIdentity("m", "w", 64, "v1", "spp:1", DIM))
-    _add(store, space, vectors, start=0)
+    store, space, vectors, centres, rng = _clustered_store(tmp_path, clusters=40, spread=0.35, seed=3)
     spec = IndexSpec.ivfpq(3000, DIM, nprobe=8, rescore=100)
     index, report = SpaceIndex.open(store=store, space=space, directory=tmp_path / "index", spec=spec)
     assert report.action == "rebuilt" and index.count == 3000 and index.index.is_trained
@@ -204,13 +212,8 @@ def test_ivfpq_lists_are_mapped_read_only_from_a_file_and_new_vectors_wait_in_ra
     from retrieval.ops.backup import _copy_index
     from retrieval.storage.index_spec import IndexSpec
 
-    rng = np.random.default_rng(5)
-    centres = rng.normal(size=(30, DIM))
-    vectors = _unit(centres[rng.integers(0, 30, 3000)] + 0.3 * rng.normal(size=(3000, DIM)))
-    store = Store.open(tiny_settings(tmp_path / "data"))
-    space = store.ensure_space(SpaceIdentity("m", "w", 64, "v1", "spp:1", DIM))
-    _add(store, space, vectors, start=0)
-    spec = IndexSpec.ivfpq(3000, DIM, nprobe=8, rescore=100)
+    store, space, _, centres, rng = _clustered_store(tmp_path, clusters=30, spread=0.3, seed=5)
+    spec = replace(IndexSpec.ivfpq(3000, DIM, nprobe=8, rescore=100), opq=False)  # OPQ's training: tested above
     directory = tmp_path / "index"
     first, report = SpaceIndex.open(store=store, space=space, directory=directory, spec=spec)
     assert report.action == "rebuilt" and first.count == 3000
