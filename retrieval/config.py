@@ -131,7 +131,8 @@ class ModelSettings(SettingsGroup):
         "auto", description="2-D encoding on the CPU: auto = OpenVINO when installed (1.3-1.4x PyTorch, measured), else torch."
     )
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile the 2-D encoder; auto = on for CUDA (3.4x there), off on CPU."
+        "auto", description="Compile the 2-D encoder ahead of time with AOTInductor, kept in data_dir/compile-cache and "
+        "loaded by later starts; auto = on for CUDA (3.4x eager there), off on CPU (OpenVINO serves it)."
     )
     fit: Literal["stretch", "letterbox"] = Field(
         "stretch", description="2-D: how an image becomes the square input: `stretch` (as medvae was trained) or "

@@ -1,4 +1,4 @@
-"""Issue 18, item 3: a compiled encoder's next start reuses the compiled code kept in the data dir."""
+"""Issue 18, item 3: the compiled encoder is an AOTInductor package kept in the data dir; later starts load it."""
 
 from __future__ import annotations
 
@@ -6,49 +6,32 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+from retrieval.model.compile_cache import load_or_compile, package_path
 
 
-def _compile_once(cache: Path | None) -> tuple[str, dict[str, int]]:
-    """A fresh compile (dynamo's state reset) of a small module, with or without the compile cache file; returns
-    its state and inductor's counters for this compile."""
-    from torch._dynamo.utils import counters
-
-    from retrieval.model.compile_cache import compile_cache
-
-    torch._dynamo.reset()
-    counters.clear()
-    model = torch.compile(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.SiLU()))
-    state = "none"
-    if cache is None:
-        model(torch.zeros(2, 8))
-    else:
-        with compile_cache(cache) as state:
-            model(torch.zeros(2, 8))
-    return state, dict(counters["inductor"])
-
-
-def test_a_new_start_with_an_empty_inductor_cache_reuses_the_compiled_code_from_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_the_package_is_compiled_once_and_later_starts_load_it_without_compiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cache = tmp_path / "data" / "compile-cache" / "compiled-x.bin"
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-1"))
-    state, counted = _compile_once(cache)
-    assert state == "cold" and counted.get("fxgraph_cache_miss", 0) >= 1 and cache.stat().st_size > 0
-    # each later start has an empty inductor cache, as on a new machine or container
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-2"))
-    _, counted = _compile_once(None)
-    assert counted.get("fxgraph_cache_hit", 0) == 0, "without the file, nothing may be reused"
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-3"))
-    state, counted = _compile_once(cache)
-    assert state == "warm" and counted.get("fxgraph_cache_hit", 0) >= 1 and counted.get("fxgraph_cache_miss", 0) == 0
+    module = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.SiLU()).eval()
+    example = torch.randn(2, 2, 8, 8)
+    with torch.inference_mode():
+        expected = module(example)
+    path = package_path(tmp_path / "compile-cache", {"model": "tiny", "input_size": 8, "batch_size": 2})
+    assert path != package_path(tmp_path / "compile-cache", {"model": "tiny", "input_size": 16, "batch_size": 2})
+    run, state = load_or_compile(module, example, path)
+    assert state == "cold" and path.is_file() and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert torch.allclose(run(example), expected, atol=1e-5)
 
+    def compiling(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a later start compiled again")
 
-def test_a_damaged_cache_is_ignored_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from retrieval.model.compile_cache import cache_path, compile_cache
+    with monkeypatch.context() as patched:  # a later start: loads the package, traces and compiles nothing
+        patched.setattr(torch.export, "export", compiling)
+        run, state = load_or_compile(module, example, path)
+    assert state == "warm" and torch.allclose(run(example), expected, atol=1e-5)
 
-    path = cache_path(tmp_path, {"model": "medvae_8_4_2d", "input_size": 384})
-    assert path != cache_path(tmp_path, {"model": "medvae_8_4_2d", "input_size": 512})  # named by what decides the code
-    path.write_bytes(b"not a cache")
-    with compile_cache(path) as state:
-        pass
-    assert state == "cold" and "not loaded" in caplog.text
+    path.write_bytes(path.read_bytes()[:1000])  # damaged: logged, compiled again, replaced
+    run, state = load_or_compile(module, example, path)
+    assert state == "cold" and "not loaded" in caplog.text and torch.allclose(run(example), expected, atol=1e-5)

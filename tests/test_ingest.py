@@ -128,3 +128,30 @@ def test_a_long_scan_reports_its_progress(settings: Settings, tmp_path: Path, mo
     )
     scanning = [total for phase, total in seen if phase == "scanning"]
     assert scanning == [1, 2, 3] and ("ingesting", 3) in seen
+
+
+def test_a_batch_whose_quality_scoring_fails_is_reported_and_the_run_goes_on(
+    settings: Settings, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """`--quality` scoring runs inside the batch's guarded step (as on Ray): one failing batch never stops an ingest."""
+    import retrieval.ingest.pipeline as pipeline
+
+    root = tmp_path / "files"
+    for i in range(4):
+        write_png(root / f"f{i}.png", synthetic_image(30 + i))
+    real = pipeline.score_latents
+    calls = []
+
+    def second_batch_fails(service, z, pixels):  # type: ignore[no-untyped-def]
+        calls.append(len(z))
+        if len(calls) == 2:
+            raise RuntimeError("scoring broke")
+        return real(service, z, pixels)
+
+    monkeypatch.setattr(pipeline, "score_latents", second_batch_fails)
+    service = SpaceService(settings.replaced(batch_size=2, ingest_quality=True, decode_workers=0))
+    report = IngestPipeline(service).run(root)
+    assert (report.ingested, report.failed) == (2, 2), report.summary()
+    assert {f.stage for f in report.failures} == {"encode"} and "scoring broke" in report.failures[0].reason
+    assert service.store.counts()["images"] == 2 and "quality" in report.seconds
+    service.close()

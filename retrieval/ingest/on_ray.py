@@ -40,7 +40,6 @@ from retrieval.errors import (
     ClusterUnavailableError,
     ConfigurationError,
     InvalidRequestError,
-    reason_of,
 )
 from retrieval.ingest.dicomweb import is_dicomweb
 from retrieval.ingest.prepare import (
@@ -182,25 +181,13 @@ class EncodeAndStore:
 
     def _encode_and_store(self, batch: list[Prepared]) -> list[tuple[str, str, str]]:
         """(outcome, stage, reason) per image: stored, skipped (stored already: a retried or duplicate batch), failed."""
-        from retrieval.ingest.pipeline import new_images
-        from retrieval.query.quality import score_latents
+        from retrieval.ingest.pipeline import encode_and_write
 
         service = self.service
-        try:
-            pixels = np.stack([p.pixels for p in batch])
-            z, heads, vectors = service.encode_for_storage(pixels)
-            also = service.fan_out(heads) if service.extra_poolings else []
-            quality = [*score_latents(service, z, pixels)] if service.settings.ingest.quality else None
-        except Exception as exc:  # noqa: BLE001 - one batch failing never stops the run
-            logger.exception("encode failed for a batch of %d", len(batch))
-            return [(FAILED, "encode", f"{type(exc).__name__}: {exc}")] * len(batch)
-        rows = new_images(batch, z, heads, vectors, quality)
-        try:
-            written = service.store.write_batch(space=service.space, images=rows, also=also)
-        except Exception as exc:  # noqa: BLE001 - the transaction rolled back; nothing of the batch was stored
-            logger.exception("database write failed for a batch of %d", len(batch))
-            return [(FAILED, "store", reason_of(exc))] * len(batch)
-        new_ids = {stored.image_id for stored in written}
+        outcome = encode_and_write(service, batch)
+        if outcome.failed:
+            return [(FAILED, outcome.stage, outcome.reason)] * len(batch)
+        new_ids = {stored.image_id for stored in outcome.written}
         ids = {image.sha256: image.id for image in service.store.images_by_sha256([p.sha256 for p in batch])}
         return [(STORED_NOW, "", "") if ids.get(p.sha256) in new_ids else (SKIPPED, "", STORED) for p in batch]
 

@@ -57,6 +57,7 @@ from retrieval.query.previews import previews_for
 from retrieval.query.quality import score_latents
 from retrieval.service import SpaceService
 from retrieval.storage.rows import NewImage
+from retrieval.storage.store import StoredVector
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,52 @@ def new_images(batch: list[Prepared], z: Any, heads: Any, vectors: np.ndarray,
         )
         for i, p in enumerate(batch)
     ]
+
+
+@dataclass
+class BatchOutcome:
+    """What became of one batch: failed at ``stage`` (encode or store, nothing of it stored) with ``reason``, or
+    written (``written``: the vectors it stored in the space, not those stored before; ``z`` its latents)."""
+
+    stage: str = ""
+    reason: str = ""
+    z: Any = None
+    written: list[StoredVector] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # encode, quality, write
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.stage)
+
+
+def encode_and_write(service: SpaceService, batch: list[Prepared], *, job_id: str | None = None) -> BatchOutcome:
+    """Encode one batch of decoded images (latents, heads, vectors, the extra poolings' vectors, ``--quality``'s
+    scores) and store it in one transaction. Never raises: a failing batch is reported, the run goes on. Shared by
+    the local pipeline and the Ray encoder actors."""
+    seconds: dict[str, float] = {}
+    tick = time.perf_counter()
+    try:
+        pixels = np.stack([p.pixels for p in batch])  # every batched item decoded: z[i] is batch[i]
+        z, heads, vectors = service.encode_for_storage(pixels)
+        also = service.fan_out(heads) if service.extra_poolings else []
+        seconds["encode"] = time.perf_counter() - tick
+        quality: list[tuple[float, float] | None] | None = None
+        if service.settings.ingest.quality:
+            tick = time.perf_counter()
+            quality = [*score_latents(service, z, pixels)]
+            seconds["quality"] = time.perf_counter() - tick
+    except Exception as exc:  # noqa: BLE001 - one batch failing never stops the run
+        logger.exception("encode failed for a batch of %d", len(batch))
+        return BatchOutcome(stage="encode", reason=f"{type(exc).__name__}: {exc}", seconds=seconds)
+    tick = time.perf_counter()
+    try:
+        written = service.store.write_batch(space=service.space, images=new_images(batch, z, heads, vectors, quality),
+                                            job_id=job_id, also=also)
+    except Exception as exc:  # noqa: BLE001 - the transaction rolled back; nothing of the batch was stored
+        logger.exception("database write failed for a batch of %d", len(batch))
+        return BatchOutcome(stage="store", reason=reason_of(exc), seconds=seconds)
+    seconds["write"] = time.perf_counter() - tick
+    return BatchOutcome(z=z, written=written, seconds=seconds)
 
 
 @dataclass
@@ -355,34 +402,17 @@ class IngestPipeline:
 
     def _flush(self, batch: list[Prepared], report: IngestReport) -> None:
         """Encode one batch and store it in one transaction; failures are per batch stage."""
-        tick = time.perf_counter()
-        try:
-            # every batched item decoded (errors never enter a batch); no filter here, so z[i] is batch[i]
-            pixels = np.stack([p.pixels for p in batch])
-            z, heads, vectors = self.service.encode_for_storage(pixels)
-            also = self.service.fan_out(heads) if self.service.extra_poolings else []
-        except Exception as exc:  # noqa: BLE001 - record and carry on with the next batch
-            logger.exception("encode failed for a batch of %d", len(batch))
-            report.failures.extend(Failure(p.item.display, "encode", f"{type(exc).__name__}: {exc}") for p in batch)
+        outcome = encode_and_write(self.service, batch, job_id=self.job_id)
+        for step, spent in outcome.seconds.items():
+            report.seconds[step] = report.seconds.get(step, 0.0) + spent
+        if outcome.failed:
+            report.failures.extend(Failure(p.item.display, outcome.stage, outcome.reason) for p in batch)
             return
-        report.seconds["encode"] += time.perf_counter() - tick
-        quality: list[tuple[float, float] | None] = [None] * len(batch)
-        if self.settings.ingest.quality:
-            tick = time.perf_counter()
-            quality = [*score_latents(self.service, z, pixels)]
-            report.seconds["quality"] = report.seconds.get("quality", 0.0) + time.perf_counter() - tick
         tick = time.perf_counter()
-        rows = new_images(batch, z, heads, vectors, quality)
-        try:
-            self.service.store.write_batch(space=self.service.space, images=rows, job_id=self.job_id, also=also)
-        except Exception as exc:  # noqa: BLE001 - the transaction rolled back; nothing was stored
-            logger.exception("database write failed for a batch of %d", len(batch))
-            report.failures.extend(Failure(p.item.display, "store", f"{type(exc).__name__}: {exc}") for p in batch)
-            return
         # add what the database committed (ours and any concurrent writer's), never only ours
         self.service.index.catch_up(self.service.store)
         if self.previews:
-            self._store_previews(batch, z)
+            self._store_previews(batch, outcome.z)
         report.seconds["write"] += time.perf_counter() - tick
         report.ingested += len(batch)
         self.notify(report)

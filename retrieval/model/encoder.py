@@ -35,7 +35,7 @@ from retrieval.domain.architectures import (
     get_architecture,
 )
 from retrieval.errors import ConfigurationError, WeightsError
-from retrieval.model.compile_cache import cache_path, compile_cache
+from retrieval.model.compile_cache import load_or_compile, package_path
 from retrieval.model.network import (
     build_medvae_model,
     fold_lora,
@@ -66,6 +66,20 @@ def cpu_has_bf16() -> bool:
 # --------------------------------------------------------------------------- encoder
 
 
+class AutocastPosteriorMode(nn.Module):
+    """The posterior mode (:class:`PosteriorMode`) under the encoder's autocast, float32 out: what is compiled."""
+
+    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.posterior_mode = PosteriorMode(model)
+        self.device_type, self.dtype = device_type, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            return self.posterior_mode(x).float()
+
+
+
 class MedVAEEncoder:
     """A loaded MedVAE model ready for batched, deterministic encoding and decoding."""
 
@@ -86,11 +100,14 @@ class MedVAEEncoder:
         self.model = self._build(fold=fold, fused_attention=fused_attention)
         self.openvino = self._openvino(settings.model.runtime)
         self._decoder_ov: OpenVinoModule | None = None
-        self.compile_cache: str | None = None  # "cold" | "warm" once a compiled encoder has started
-        if self.compiled:  # compile now, at load, from the data dir's compile cache when it has this encoder's
-            with compile_cache(self._compile_cache_path(fold=fold, fused_attention=fused_attention)) as state:
-                self.encode(np.zeros((settings.model.batch_size, settings.model.input_size, settings.model.input_size), np.float32))
-            self.compile_cache = state
+        self._compiled_posterior: Any = None  # the AOTInductor package's runner, when compiled
+        self.compile_cache: str | None = None  # "cold" (built at this start) | "warm" (loaded) when compiled
+        if self.compiled:  # at load, from the data dir's package when it has this encoder's (decision 34)
+            size, batch = settings.model.input_size, settings.model.batch_size
+            example = self.to_model_input(np.zeros((batch, size, size), np.float32))
+            self._compiled_posterior, self.compile_cache = load_or_compile(
+                AutocastPosteriorMode(self.model, self.device.type, self.autocast_dtype), example,
+                self._compiled_package_path(fold=fold, fused_attention=fused_attention))
         logger.info(
             "MedVAE %s loaded (%s) on %s, precision %s",
             self.architecture.name,
@@ -164,16 +181,13 @@ class MedVAEEncoder:
             fold_lora(model)
         if fused_attention:
             use_fused_attention(model)
-        model = model.to(self.device).to(memory_format=self._memory_format)
-        if self.compiled:
-            model.encoder = torch.compile(model.encoder)  # same function; ~3.4x on an H100 at 384 (docs/benchmarks.md)
-        return model
+        return model.to(self.device).to(memory_format=self._memory_format)
 
-    def _compile_cache_path(self, *, fold: bool, fused_attention: bool) -> Path:
-        """The compile cache file of this encoder: named by what decides its compiled code."""
+    def _compiled_package_path(self, *, fold: bool, fused_attention: bool) -> Path:
+        """The compiled package of this encoder: named by what decides its compiled code."""
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         capability = list(torch.cuda.get_device_capability(self.device)) if self.device.type == "cuda" else []
-        return cache_path(self.settings.storage.data_dir / "compile-cache", {
+        return package_path(self.settings.storage.data_dir / "compile-cache", {
             "model": self.architecture.name, "weights": self.weights.identity, "device": device,
             "capability": capability, "input_size": self.settings.model.input_size,
             "batch_size": self.settings.model.batch_size, "autocast": str(self.autocast_dtype),
@@ -252,6 +266,9 @@ class MedVAEEncoder:
         if self.openvino is not None:
             with self._lock:
                 return self.openvino(x.contiguous())
+        if self._compiled_posterior is not None:  # always a full batch_size batch (see encode)
+            with self._lock:
+                return self._compiled_posterior(x)
         with self._lock, self._autocast():
             if self._needs_sliding_window(x.shape[2:]):
                 return self._sliding_window(x, self._posterior_mode, roi=self.settings.model.volume_roi)

@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.domain.whitening import METHODS
-from retrieval.model.clip_weights import CLIP_HEAD
 from retrieval.errors import ConfigurationError
-
+from retrieval.model.clip_weights import CLIP_HEAD
 
 CLIP_DIM = 512
 
