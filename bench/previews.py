@@ -1,5 +1,6 @@
 """Preview cost: one-at-a-time PyTorch decodes (the old path) vs a page decoded in batches through the
-preview store (OpenVINO decoder on the CPU when installed), then served from disk.
+preview store (OpenVINO decoder on the CPU when installed), then served from disk; and the decoder's
+seconds per image beside the encoder's, in the same runtime and run.
 
 Real MedVAE (seeded random weights: decoding costs the same as with trained ones) at the default
 input size. Prints a table and writes JSON to ``bench/results/``.
@@ -60,6 +61,13 @@ def main() -> None:
         for image_id in ids:
             store.png(image_id)
         rows["page_again_from_disk_s"] = time.perf_counter() - started
+        # the decoder beside the encoder, same runtime, same run (issue 18, item 6)
+        rows["decoder_s_per_image"] = rows["rest_of_page_batched_s"] / max(1, args.images - 1)
+        pixels = rng.random((args.images, args.size, args.size)).astype(np.float32)
+        service.encoder.encode(pixels[:1])  # converts the encoder to OpenVINO once
+        started = time.perf_counter()
+        service.encoder.encode(pixels)
+        rows["encoder_s_per_image"] = (time.perf_counter() - started) / args.images
         rows["runtime"] = service.encoder.precision_label  # type: ignore[assignment]
         service.close()
     print(f"{args.images} previews at {args.size} px")
