@@ -255,6 +255,11 @@ class QuerySettings(SettingsGroup):
         4.0, ge=0, le=1000, alias="query_batch_wait_ms",
         description="How long a query waits for others to share its encoder batch.",
     )
+    fit_device: Literal["auto", "cpu", "encoder"] = Field(
+        "auto", alias="query_fit_device", description="Where a 2-D query image is resized and scaled to the model "
+        "input: cpu (Pillow), or on the encoder's device (torch, equal within 1.4e-6); auto = the encoder's when it "
+        "is a GPU.",
+    )
 
 
 class ApiSettings(SettingsGroup):

@@ -30,8 +30,10 @@ from retrieval.errors import (
     NotFoundError,
     UnsupportedQueryError,
 )
+from retrieval.imaging import device_fit
 from retrieval.imaging.decode import DecodedImage
 from retrieval.imaging.preprocess import (
+    PREPROCESSING_VERSIONS,
     FittedVolume,
     fit_volume,
     preprocess_spec,
@@ -171,14 +173,23 @@ class SpaceService:
 
     def embed(self, decoded: DecodedImage | Volume) -> tuple[torch.Tensor, np.ndarray]:
         """One decoded query image or volume -> (z, vector) of this space (micro-batched when on)."""
-        return self.embed_query(self.model_input(decoded))
+        return self.embed_query(self.query_input(decoded))
 
-    def embed_pixels(self, pixels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    def query_input(self, decoded: DecodedImage | Volume) -> np.ndarray | torch.Tensor:
+        """:meth:`model_input` for a query: fitted on the encoder's device where ``query.fit_device`` says so (2-D
+        images stretched to the square: :mod:`retrieval.imaging.device_fit`), else on the CPU."""
+        choice = self.settings.query.fit_device
+        on_device = choice == "encoder" or (choice == "auto" and self.encoder.device.type == "cuda")
+        if on_device and isinstance(decoded, DecodedImage) and self.preprocessing.version == PREPROCESSING_VERSIONS["stretch"]:
+            return device_fit.stretch_to_square(decoded.pixels, self.preprocessing.input_size, self.encoder.device)
+        return self.model_input(decoded)
+
+    def embed_pixels(self, pixels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """``(B, S, S)`` normalised pixels -> (z ``(B, C, h, w)``, vectors ``(B, D)`` float32)."""
         z, _head, vectors = self.encode_for_storage(pixels)
         return z, vectors
 
-    def encode_for_storage(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+    def encode_for_storage(self, pixels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
         """``(B, S, S)`` normalised pixels (volumes: ``(B, X, Y, Z)``) -> (z, the stage-2 latent stored beside it
         for re-ranking (None for volumes, whose pooled latent is z itself), vectors ``(B, D)`` float32)."""
         tick = time.perf_counter()
@@ -294,8 +305,8 @@ class SpaceService:
             return [], torch.empty(0)
         return ids, self.whole_latents([heads[i] for i in ids], heads=True)
 
-    def embed_query(self, pixels: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """One ``(S, S)`` query image -> (z ``(C, h, w)``, vector ``(D,)``).
+    def embed_query(self, pixels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """One ``(S, S)`` query image (an array, or a tensor on the encoder's device) -> (z ``(C, h, w)``, vector ``(D,)``).
 
         With query batching on (``query_batching``; auto = CUDA), concurrent callers share one
         encoder call; the result is the same as encoding the image alone.

@@ -229,3 +229,21 @@ def test_large_decodes_pass_the_gate_one_at_a_time(tmp_path: Path) -> None:
         assert decode_path(small, max_pixels=CAP).pixels.shape == (96, 96)  # a small one passes at once
     waiting.join(60)
     assert len(results) == 1 and results[0].pixels.shape == (4000, 4000)
+
+
+@pytest.mark.parametrize("shape", [(2048, 2048), (2500, 2048), (512, 640), (200, 400), (300, 300), (384, 384)])
+def test_the_device_fit_equals_the_pillow_fit(shape: tuple[int, int]) -> None:
+    """Issue 18: resizing and scaling in torch (on the encoder's device; here CPU tensors) gives the CPU path's input."""
+    import torch
+
+    from retrieval.imaging.device_fit import stretch_to_square as on_device
+    from retrieval.imaging.preprocess import stretch_to_square
+    from retrieval.ops.sample import study_variant, synthetic_chest
+
+    rng = np.random.default_rng(shape[0] + shape[1])
+    pixels = synthetic_chest(rng, max(shape), variant=study_variant(rng))[: shape[0], : shape[1]].copy()
+    fitted = on_device(pixels, 384, torch.device("cpu"))
+    assert fitted.dtype == torch.float32 and tuple(fitted.shape) == (384, 384)
+    assert float(np.abs(fitted.numpy() - stretch_to_square(pixels, 384)).max()) < 2e-6
+    flat = on_device(np.full(shape, 0.3, np.float32), 384, torch.device("cpu"))
+    assert float(flat.abs().max()) == 0.0 and not stretch_to_square(np.full(shape, 0.3, np.float32), 384).any()

@@ -155,3 +155,27 @@ def test_a_batch_whose_quality_scoring_fails_is_reported_and_the_run_goes_on(
     assert {f.stage for f in report.failures} == {"encode"} and "scoring broke" in report.failures[0].reason
     assert service.store.counts()["images"] == 2 and "quality" in report.seconds
     service.close()
+
+
+def test_queries_fitted_on_the_encoders_device_find_what_the_cpu_fit_finds(settings: Settings, tmp_path: Path) -> None:
+    """RETRIEVAL_QUERY_FIT_DEVICE=encoder (auto on a GPU): the same hits and scores as the Pillow fit, batched or not."""
+    import torch
+
+    from retrieval.imaging.decode import decode_path
+
+    root = tmp_path / "files"
+    for i in range(5):
+        write_png(root / f"f{i}.png", synthetic_image(50 + i, size=300))
+    IngestPipeline(SpaceService(settings)).run(root)
+    found = {}
+    for fit, batching in (("cpu", "off"), ("encoder", "off"), ("encoder", "on")):
+        service = SpaceService(settings.replaced(query_fit_device=fit, query_batching=batching))
+        fitted = service.query_input(decode_path(root / "f2.png", max_pixels=10**8))
+        assert isinstance(fitted, torch.Tensor) == (fit == "encoder")
+        hits = run_search(service, path=root / "f2.png", k=5, group_by="image")["results"]
+        found[fit, batching] = [(r["images"][0]["image_id"], r["images"][0]["score"]) for r in hits]
+        service.close()
+    reference = found["cpu", "off"]
+    for other in (found["encoder", "off"], found["encoder", "on"]):
+        assert [i for i, _ in other] == [i for i, _ in reference]
+        assert np.allclose([s for _, s in other], [s for _, s in reference], atol=1e-5)

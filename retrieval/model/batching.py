@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
+import torch
 
 BatchFn = Callable[[np.ndarray], tuple[Any, np.ndarray]]
 
@@ -65,7 +66,7 @@ class MicroBatcher:
                 return
             items = self._collect(first)
             try:
-                z, vectors = self.encode_batch(np.stack([pixels for pixels, _ in items]))
+                z, vectors = self.encode_batch(_stacked([pixels for pixels, _ in items]))
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
                 for _, future in items:
                     future.set_exception(exc)
@@ -74,3 +75,10 @@ class MicroBatcher:
                 self.on_batch(len(items))
             for row, (_, future) in enumerate(items):
                 future.set_result((z[row], vectors[row]))
+
+
+def _stacked(images: list[Any]) -> Any:
+    """One batch of the queued images: arrays stacked by numpy, tensors (fitted on the encoder's device) by torch."""
+    if isinstance(images[0], torch.Tensor):
+        return torch.stack(images)
+    return np.stack(images)
