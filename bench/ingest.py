@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--warm-start", action="store_true", help="each folder twice: without, then with, a compile cache")
     parser.add_argument("--scale", action="store_true", help="compare peak RSS at count and 10x count")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--name", default="", help="result file: <out>/<name>-<date>.json (default ingest-<device>)")
     parser.add_argument("--one", nargs=2, metavar=("FOLDER", "DATA_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # child process of --scale: one ingest, JSON on stdout
@@ -173,7 +174,7 @@ def main() -> None:
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.machine()
     result = {"date": dt.date.today().isoformat(), "device": device, "cpus": os.cpu_count(), "rows": rows}
-    path = write_result(args.out, f"ingest-{'cuda' if torch.cuda.is_available() else 'cpu'}", result)
+    path = write_result(args.out, args.name or f"ingest-{'cuda' if torch.cuda.is_available() else 'cpu'}", result)
     print(f"wrote {path} ({device})")
 
 

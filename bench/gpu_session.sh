@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Issue 18's GPU figures in one device run (planned at about 7 minutes on the H200), prepared so that a session
+# lent a GPU spends its 15 device minutes measuring, not setting up. Writes every result under $OUT (or
+# bench/results when OUT is unset) and prints a summary.
+#
+# Here, once per session (the wheels travel in .whl/, as the device tool's README says):
+#   echo /.whl/ >> .git/info/exclude && bash bench/gpu_session.sh --download
+# Then, with the device tool:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# Rehearse the CPU half here first (small sizes, the same steps):  DEVICE=cpu bash bench/gpu_session.sh
+#
+# Steps: (1) the device fit (decision 35) against the Pillow fit on the GPU; (2) bench/encode.py: medvae's
+# reference, ours eager and ours compiled (AOTInductor, decision 34) at batch 64; (3) bench/ingest.py on 2048²
+# 16-bit PNG with a cold and a warm start (load seconds: the <= 10 s target); (4) the same on uncompressed DICOM.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# the versions installed here by `pip install -e .` (2026-11-30); the GPU machine has torch 2.11 and none of these
+WHEELS=(medvae==0.1.7 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4
+        annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 sqlalchemy==2.1.9
+        alembic==1.20.1 mako==1.4.3 faiss-cpu==1.15.1 pydicom==3.0.2)
+
+if [ "${1:-}" = "--download" ]; then
+  for wheel in "${WHEELS[@]}"; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$wheel"
+  done
+  du -sh .whl
+  exit 0
+fi
+
+DEVICE="${DEVICE:-cuda}"
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && [ "$DEVICE" = "cuda" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+if [ "$DEVICE" = "cuda" ]; then
+  SIZE=384 IMAGES=1024 BATCH=64 COUNT=128 SOURCE=2048 WORKERS=15
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+else  # the CPU rehearsal: every step, at sizes that finish in a few minutes on 2 cores
+  SIZE=64 IMAGES=4 BATCH=2 COUNT=2 SOURCE=256 WORKERS=1
+fi
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+echo "== 1. device fit against the Pillow fit"
+python3 - "$DEVICE" "$OUT" <<'EOF'
+import json, sys
+import numpy as np, torch
+from retrieval.imaging.device_fit import stretch_to_square as on_device
+from retrieval.imaging.preprocess import stretch_to_square
+from retrieval.ops.sample import study_variant, synthetic_chest
+device, out = torch.device(sys.argv[1]), sys.argv[2]
+rng, errors = np.random.default_rng(0), {}
+for shape in ((2048, 2048), (2500, 2048), (512, 640), (200, 400)):
+    pixels = synthetic_chest(rng, max(shape), variant=study_variant(rng))[: shape[0], : shape[1]].copy()
+    fitted = on_device(pixels, 384, device).cpu().numpy()
+    errors["x".join(map(str, shape))] = float(np.abs(fitted - stretch_to_square(pixels, 384)).max())
+print(json.dumps(errors))
+json.dump({"device": str(device), "max_abs_error": errors}, open(f"{out}/device-fit-{device.type}.json", "w"), indent=2)
+assert max(errors.values()) < 1e-4, errors
+EOF
+
+echo "== 2. encoder: medvae's path, ours eager, ours compiled (AOTInductor)"
+python3 -m bench.encode --device "$DEVICE" --sizes "$SIZE" --ref-images 4 --images "$IMAGES" --batch "$BATCH" \
+  --compile --runtime torch --data-dir /tmp/encode-data --out "$OUT"
+
+echo "== 3. ingest, 16-bit PNG, cold then warm start"
+python3 -m bench.ingest --kind png --count "$COUNT" --size "$SOURCE" --input-size "$SIZE" --batch "$BATCH" \
+  --workers "$WORKERS" --device "$DEVICE" --compile on --warm-start --out "$OUT" --name "ingest-png-$DEVICE"
+
+echo "== 4. ingest, uncompressed DICOM"
+python3 -m bench.ingest --kind dicom --count "$COUNT" --size "$SOURCE" --input-size "$SIZE" --batch "$BATCH" \
+  --workers "$WORKERS" --device "$DEVICE" --compile on --out "$OUT" --name "ingest-dicom-$DEVICE"
+ls -l "$OUT"
