@@ -51,6 +51,11 @@ def _marked(members: np.ndarray, ids: np.ndarray, top: int) -> np.ndarray:
     return members
 
 
+MERGE_MIN_SHARE = 0.001
+"""A mapped IVF-PQ index is rewritten by a save only once the rows it holds in RAM reach this share of it: a save
+rewrites the whole lists file (2.9 GB at 100M vectors of 84 values), and ingest saves every 30 s. At 100M that is
+a rewrite per 100,000 new vectors, and at most 100,000 rows for an opening process to catch up from the database."""
+
 EXACT_COHORT_MAX = 20_000
 """A filtered cohort of at most this many images is searched exactly (gathered, one matrix product: ~3 ms for
 10,000 vectors on one core, recall 1.0); a larger one through FAISS's ID selector (bench/search.py --filtered)."""
@@ -325,13 +330,15 @@ class SpaceIndex:
 
     def _save_mapped(self, *, force: bool) -> None:
         """An IVF-PQ save: base and delta merged into a new data file, the structure naming it, the sidecar; then
-        the merged index (delta empty) is the one searched. Nothing is written when the data file on disk already
-        holds every vector (no delta) or another process saved a longer prefix; the lock file is held exclusively
-        throughout, so data files of unfinished saves never meet a cleanup."""
+        the merged index (delta empty) is the one searched. Unless ``force``, nothing is written while the rows held
+        in RAM are fewer than :data:`MERGE_MIN_SHARE` of the index (none, say), or when another process saved a
+        longer prefix: the files stay a prefix of the database, and whoever opens them catches the rest up. The
+        lock file is held exclusively throughout, so data files of unfinished saves never meet a cleanup."""
         with self._lock, file_lock(self.lock_path, exclusive=True):
             index = self.index
             assert isinstance(index, MappedIVF)
-            if not force and (index.data_path is not None and not index.delta_count or self._newer_on_disk(self.watermark)):
+            if not force and (index.data_path is not None and index.delta_count < MERGE_MIN_SHARE * index.ntotal
+                              or self._newer_on_disk(self.watermark)):
                 return
             data = self.directory / f"{self.space.key}.{os.getpid()}-{threading.get_ident()}-{time.time_ns()}{DATA_SUFFIX}"
             pending = self._pending_path()
