@@ -257,7 +257,7 @@ class QuerySettings(SettingsGroup):
     )
     fit_device: Literal["auto", "cpu", "encoder"] = Field(
         "auto", alias="query_fit_device", description="Where a 2-D query image is resized and scaled to the model "
-        "input: cpu (Pillow), or on the encoder's device (torch, equal within 1.4e-6); auto = the encoder's when it "
+        "input: cpu (Pillow), or on the encoder's device (torch, equal within 2e-6); auto = the encoder's when it "
         "is a GPU.",
     )
 
