@@ -36,6 +36,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from retrieval.storage import faiss_gpu
+
 DATA_SUFFIX = ".ivfdata"
 
 
@@ -69,10 +71,6 @@ class MappedIVF:
 
     def train(self, sample: np.ndarray) -> None:
         """Train the quantisers on ``sample`` (on the GPU where faiss-gpu sees one); only before any vector is added."""
-        from retrieval.storage import (
-            faiss_gpu,  # faiss_gpu imports nothing of storage; kept lazy for clarity
-        )
-
         faiss_gpu.train(self.base, sample)
         self.delta = _empty_copy(self.base)
 
@@ -153,12 +151,6 @@ class MappedIVF:
             faiss.write_index(self.base, str(path))
         finally:
             lists.filename = full_name
-
-
-def data_file_owner(path: Path) -> int | None:
-    """The pid of the process that wrote the data file ``path`` (``K.<pid>-<thread>-<ns>.ivfdata``), if named so."""
-    owner = path.name.removesuffix(DATA_SUFFIX).rsplit(".", 1)[-1].split("-", 1)[0]
-    return int(owner) if owner.isdigit() else None
 
 
 def _empty_copy(index: faiss.Index) -> faiss.Index:
