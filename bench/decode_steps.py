@@ -1,0 +1,75 @@
+"""Where a decode worker's CPU goes for one 2048² 16-bit PNG, step by step (issue 18, item 1).
+
+Generates ``--images`` synthetic chest radiographs (16-bit PNG, zlib level 6, as bench/ingest.py does),
+then times, per image (mean over the images, best of ``--repeats`` passes): Pillow's decode alone,
+imagecodecs' libpng decode, :func:`retrieval.imaging.decode.decode_path` (decode + float + min-max),
+and the fit to the model input (Pillow bicubic to 384).
+
+    python -m bench.decode_steps --images 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import imagecodecs
+import numpy as np
+from PIL import Image
+
+from bench.results_io import write_result
+from retrieval.imaging.decode import decode_path
+from retrieval.imaging.preprocess import stretch_to_square
+from retrieval.ops.sample import study_variant, synthetic_chest
+
+
+def _per_image_ms(step: Callable[[str], Any], paths: list[str], repeats: int) -> float:
+    step(paths[0])  # warm-up
+    passes = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for path in paths:
+            step(path)
+        passes.append((time.perf_counter() - start) / len(paths) * 1e3)
+    return round(min(passes), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i in range(args.images):
+            pixels = (synthetic_chest(rng, args.size, variant=study_variant(rng)) * 4095).astype(np.uint16)
+            paths.append(str(Path(folder) / f"{i}.png"))
+            Image.fromarray(pixels).save(paths[-1], compress_level=6)
+        decoded = decode_path(paths[0], max_pixels=10**9)
+        rows = {
+            "pillow_decode_ms": _per_image_ms(lambda p: np.asarray(Image.open(p)), paths, args.repeats),
+            "imagecodecs_png_decode_ms": _per_image_ms(lambda p: imagecodecs.png_decode(Path(p).read_bytes()), paths,
+                                                        args.repeats),
+            "decode_path_ms": _per_image_ms(lambda p: decode_path(p, max_pixels=10**9), paths, args.repeats),
+            "fit_to_384_ms": _per_image_ms(lambda _p: stretch_to_square(decoded.pixels, 384), paths, args.repeats),
+        }
+    for name, value in rows.items():
+        print(f"{name:40} {value}")
+    result = {"benchmark": "decode_steps", "date": dt.date.today().isoformat(),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "images": args.images, "size": args.size, "format": "16-bit PNG, zlib level 6", **rows}
+    print(f"wrote {write_result(args.out, 'decode-steps', result)}")
+
+
+if __name__ == "__main__":
+    main()
