@@ -17,8 +17,6 @@ that fails to load (a damaged file) is logged and rebuilt.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -29,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from retrieval.model.cache_files import cache_file
+
 logger = logging.getLogger(__name__)
 
 PACKAGE_FORMAT_VERSION = "1"  # bump when what is exported changes
@@ -36,9 +36,7 @@ PACKAGE_FORMAT_VERSION = "1"  # bump when what is exported changes
 
 def package_path(cache_dir: Path, key: dict[str, Any]) -> Path:
     """The package file for ``key`` (JSON-serialisable: what decides the compiled code) plus PyTorch's version."""
-    described = {**key, "torch": torch.__version__, "format": PACKAGE_FORMAT_VERSION}
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir / f"encoder-{digest}.pt2"
+    return cache_file(cache_dir, "encoder", {**key, "torch": torch.__version__, "format": PACKAGE_FORMAT_VERSION}, ".pt2")
 
 
 def load_or_compile(module: nn.Module, example: torch.Tensor, path: Path) -> tuple[Callable[[torch.Tensor], Any], str]:

@@ -15,8 +15,6 @@ weights identity, shape, OpenVINO version); later loads read it in milliseconds.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -26,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from retrieval.model.cache_files import cache_file
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,10 @@ class OpenVinoModule:
 
         self.precision = "bf16" if bf16 else "f32"
         core = ov.Core()
-        digest = hashlib.sha256(json.dumps({
+        ir_path = cache_file(cache_dir, name, {
             "identity": identity, "shape": list(item_shape), "module": name,
             "openvino": ov.__version__, "format": IR_FORMAT_VERSION,
-        }, sort_keys=True).encode()).hexdigest()[:24]
-        ir_path = cache_dir / f"{name}-{digest}.xml"
+        }, ".xml")
         if ir_path.exists() and ir_path.with_suffix(".bin").exists():
             ov_model = core.read_model(str(ir_path))
         else:

@@ -345,6 +345,7 @@ class SpaceIndex:
             try:
                 merged = index.merged_into(data)
                 merged.write_structure(pending)
+                _fsync(data)
                 _fsync(pending)
                 self._publish(pending, self._sidecar(data_file=data.name), force=True)
                 self.index = merged

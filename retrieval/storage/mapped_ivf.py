@@ -123,8 +123,8 @@ class MappedIVF:
         return cls(base, data_path)
 
     def merged_into(self, data_path: Path) -> MappedIVF:
-        """Base and delta written together into the new file ``data_path`` (read-only from then on), as a
-        MappedIVF on it with an empty delta. Write its structure with :meth:`write_structure`."""
+        """Base and delta written together into the new file ``data_path`` (read-only from then on; not yet
+        fsynced), as a MappedIVF on it with an empty delta. Write its structure with :meth:`write_structure`."""
         ivf = faiss.extract_index_ivf(self.base)
         merged_lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(data_path))
         sources = faiss.InvertedListsPtrVector()
@@ -132,8 +132,6 @@ class MappedIVF:
             sources.push_back(faiss.extract_index_ivf(part).invlists)
         with _c_stdout_to_stderr():  # FAISS prints "resizing <file> to N bytes" on stdout, where --json goes
             total = merged_lists.merge_from_multiple(sources.data(), sources.size(), False, False)
-        with open(data_path, "rb+") as handle:
-            os.fsync(handle.fileno())
         _serve_only(merged_lists)
         merged = _empty_copy(self.base)
         _set_lists(merged, merged_lists, total)
