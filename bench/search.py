@@ -359,6 +359,11 @@ def main() -> None:
     parser.add_argument("--name", default="search", help="result file: bench/results/<name>-<date>.json")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
+    forms = [form for form in args.ivfpq_forms.split(",") if form]
+    if unknown := sorted(set(args.types.split(",")) - {"flat", "hnsw", "ivfpq"}):
+        parser.error(f"--types: unknown index type {', '.join(unknown)} (flat, hnsw, ivfpq)")
+    if unknown := sorted(set(forms) - set(IVFPQ_FORMS)):
+        parser.error(f"--ivfpq-forms: unknown form {', '.join(unknown)} ({', '.join(IVFPQ_FORMS)})")
     if args.filtered:
         result = run_filtered(args.filtered, args.queries, Path(args.out))
         print("\n| vectors | selectivity | path | p50 ms | p99 ms | index p50 / p99 ms | SQL p50 / p99 ms | recall@10 |")
@@ -371,7 +376,7 @@ def main() -> None:
         return
     result = run([int(s) for s in args.sizes.split(",")], args.queries, [int(e) for e in args.ef.split(",")],
                  Path(args.out), kinds=tuple(args.types.split(",")), dim=args.dim, memory_gb=args.memory_gb,
-                 ivfpq_forms=[form for form in args.ivfpq_forms.split(",") if form])
+                 ivfpq_forms=forms)
     print("\n| vectors | index | efSearch / nprobe, rescore | build s | MB | p50 ms | p99 ms | QPS | recall@10 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in result["rows"]:
