@@ -247,3 +247,50 @@ def test_the_device_fit_equals_the_pillow_fit(shape: tuple[int, int]) -> None:
     assert float(np.abs(fitted.numpy() - stretch_to_square(pixels, 384)).max()) < 2e-6
     flat = on_device(np.full(shape, 0.3, np.float32), 384, torch.device("cpu"))
     assert float(flat.abs().max()) == 0.0 and not stretch_to_square(np.full(shape, 0.3, np.float32), 384).any()
+
+
+def _stored_value_cases(folder: Path) -> list[tuple[Path, str]]:
+    """Files of every kind of UnitMap, and of kinds that stay mapped on the CPU, with the kind expected."""
+    from retrieval.ops.sample import study_variant, synthetic_chest
+
+    rng = np.random.default_rng(7)
+    chest = synthetic_chest(rng, 1024, variant=study_variant(rng))[:1000, :900]
+    raw = (chest * 3000 + 200).astype(np.uint16)
+    Image.fromarray(raw).save(folder / "chest16.png")
+    Image.fromarray((chest * 255).astype(np.uint8)).save(folder / "chest8.png")
+    Image.fromarray((chest * 255).astype(np.uint8)).convert("RGB").save(folder / "chest_rgb.png")
+    return [
+        (folder / "chest16.png", "minmax"),
+        (folder / "chest8.png", "minmax"),
+        (folder / "chest_rgb.png", "unit"),
+        (write_dicom(folder / "linear.dcm", raw, slope=2, intercept=-1024, window=(1800, 3000)), "window"),
+        (write_dicom(folder / "exact.dcm", raw, window=(1500, 2000), VOILUTFunction="LINEAR_EXACT"), "window"),
+        (write_dicom(folder / "sigmoid.dcm", raw, window=(1500, 2000), VOILUTFunction="SIGMOID"), "window"),
+        (write_dicom(folder / "mono1.dcm", raw, window=(1500, 3001), photometric="MONOCHROME1"), "window"),
+        (write_dicom(folder / "flat.dcm", np.full((64, 80), 900, np.uint16), window=(1500, 3001)), "window"),
+        (Path(get_testdata_file("RG1_UNCR.dcm")), "window"),  # a real CR: MONOCHROME1, window 15000 / 30000
+        (Path(get_testdata_file("CT_small.dcm")), "unit"),  # no window: percentile clipping stays on the CPU
+    ]
+
+
+def test_stored_values_fitted_on_the_device_equal_the_cpu_path(tmp_path: Path) -> None:
+    """Issue 18: a decode worker hands over stored integers and their map to [0, 1]; mapped and fitted in torch
+    (on the encoder's device; here CPU tensors) they give the CPU path's model input within 1e-5."""
+    import torch
+
+    from retrieval.imaging.device_fit import fit_frame
+
+    spec = preprocess_spec(2, 384)
+    for path, kind in _stored_value_cases(tmp_path):
+        stored = decode_path(path, max_pixels=CAP, keep_stored_values=True)
+        expected = to_model_input(decode_path(path, max_pixels=CAP), spec)
+        assert stored.unit.kind == kind, path.name
+        if kind == "unit":  # mapped on the CPU as always; the worker fits it too
+            assert np.array_equal(to_model_input(stored, spec), expected), path.name
+            continue
+        assert stored.pixels.dtype.kind in "ui" and stored.pixels.dtype.isnative, path.name
+        with pytest.raises(TypeError, match="stored values"):
+            to_model_input(stored, spec)
+        fitted = fit_frame(stored.pixels, stored.unit, 384, torch.device("cpu"))
+        assert fitted.dtype == torch.float32 and tuple(fitted.shape) == (384, 384)
+        assert float(np.abs(fitted.numpy() - expected).max()) < 1e-5, path.name

@@ -17,6 +17,11 @@ Contract of this module (it never imports torch, so decode worker processes stay
   rule of incremental ingest simple.
 * Pixel-count caps are enforced *before* decoding: Pillow's decompression-bomb warning is an
   error, and DICOM ``Rows x Columns x Frames x Samples`` is checked from the header alone.
+* ``keep_stored_values=True`` (ingest fitting on the encoder's device, decision 36): a grayscale raster
+  or a MONOCHROME DICOM with a rescale and a window is returned as its stored integers, with the
+  :class:`UnitMap` that takes them to [0, 1] (min-max, or rescale -> window -> invert), to be applied
+  where the image is fitted (:func:`retrieval.imaging.device_fit.fit_frame`); everything else is
+  mapped here as always and its ``unit`` is :data:`IN_UNIT`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -43,16 +48,40 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+@dataclass(frozen=True)
+class UnitMap:
+    """The elementwise map from a frame's stored values to its [0, 1] pixels, as this module applies it.
+
+    ``unit``: the values are the pixels already. ``minmax``: :func:`minmax_scale`. ``window``: DICOM's
+    rescale (``values * slope + intercept``; slope 1, intercept 0 when the file has no rescale), then
+    :func:`apply_window` with ``center``, ``width`` and ``function``, then ``1 - x`` when ``invert``
+    (MONOCHROME1). Small and picklable: it travels from a decode worker with the values.
+    """
+
+    kind: Literal["unit", "minmax", "window"] = "unit"
+    slope: float = 1.0
+    intercept: float = 0.0
+    center: float = 0.0
+    width: float = 1.0
+    function: str = "LINEAR"
+    invert: bool = False
+
+
+IN_UNIT = UnitMap()
+"""The values are [0, 1] pixels: nothing left to map."""
+
+
 @dataclass
 class DecodedImage:
     """Normalised pixels of one image and what was learnt while decoding it."""
 
-    pixels: np.ndarray  # (H, W) float32 in [0, 1]
+    pixels: np.ndarray  # (H, W) float32 in [0, 1]; with keep_stored_values, the stored values ``unit`` maps there
     kind: str  # "dicom" or "raster"
     width: int
     height: int
     frames: int = 1
     dicom: Any | None = field(default=None, repr=False)  # pydicom Dataset, header only
+    unit: UnitMap = IN_UNIT
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -60,8 +89,9 @@ def looks_like_dicom(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def decode_path(path: str | Path, *, max_pixels: int) -> DecodedImage:
-    """Decode one file; raises :class:`ImageDecodeError` naming the file on any failure."""
+def decode_path(path: str | Path, *, max_pixels: int, keep_stored_values: bool = False) -> DecodedImage:
+    """Decode one file; raises :class:`ImageDecodeError` naming the file on any failure. ``keep_stored_values``:
+    see the module's contract."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
@@ -72,8 +102,8 @@ def decode_path(path: str | Path, *, max_pixels: int) -> DecodedImage:
         raise ImageDecodeError(f"{path}: file is empty", detail={"source": str(path)})
     try:
         if looks_like_dicom(head) or path.suffix.lower() in DICOM_SUFFIXES:
-            return _decode_dicom(str(path), max_pixels=max_pixels)
-        return _decode_raster(path, max_pixels=max_pixels)
+            return _decode_dicom(str(path), max_pixels=max_pixels, keep_stored_values=keep_stored_values)
+        return _decode_raster(path, max_pixels=max_pixels, keep_stored_values=keep_stored_values)
     except ImageDecodeError as exc:
         exc.detail.setdefault("source", str(path))
         if not exc.message.startswith(str(path)):
@@ -100,7 +130,7 @@ def decode_bytes(data: bytes, *, name: str = "upload", max_pixels: int) -> Decod
 # --------------------------------------------------------------------------- raster
 
 
-def _decode_raster(source: Path | io.BytesIO, *, max_pixels: int) -> DecodedImage:
+def _decode_raster(source: Path | io.BytesIO, *, max_pixels: int, keep_stored_values: bool = False) -> DecodedImage:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         previous_cap = Image.MAX_IMAGE_PIXELS
@@ -115,7 +145,8 @@ def _decode_raster(source: Path | io.BytesIO, *, max_pixels: int) -> DecodedImag
                     )
                 with decoding(width * height):
                     image.load()
-                    pixels = minmax_scale(_raster_to_gray(image))
+                    stored = _stored_gray(image) if keep_stored_values else None
+                    pixels = stored if stored is not None else minmax_scale(_raster_to_gray(image))
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise ImageTooLargeError(f"image exceeds the pixel cap of {max_pixels}: {exc}") from exc
         except UnidentifiedImageError as exc:
@@ -128,7 +159,19 @@ def _decode_raster(source: Path | io.BytesIO, *, max_pixels: int) -> DecodedImag
             Image.MAX_IMAGE_PIXELS = previous_cap
     if pixels.shape[0] < 1 or pixels.shape[1] < 1:
         raise ImageDecodeError("image has no pixels")
-    return DecodedImage(pixels=pixels, kind="raster", width=width, height=height)
+    return DecodedImage(pixels=pixels, kind="raster", width=width, height=height,
+                        unit=UnitMap(kind="minmax") if stored is not None else IN_UNIT)
+
+
+def _stored_gray(image: Image.Image) -> np.ndarray | None:
+    """A grayscale integer image's stored values in native byte order (what min-max maps to [0, 1]); None for
+    every other mode, which :func:`_raster_to_gray` converts."""
+    if image.mode != "L" and image.mode != "I" and not image.mode.startswith("I;16"):
+        return None
+    values = np.asarray(image)
+    if values.ndim != 2:
+        raise ImageDecodeError(f"unexpected pixel array shape {values.shape}")
+    return values if values.dtype.isnative else values.astype(values.dtype.newbyteorder("="))
 
 
 def _raster_to_gray(image: Image.Image) -> np.ndarray:
@@ -154,7 +197,7 @@ def _raster_to_gray(image: Image.Image) -> np.ndarray:
 # --------------------------------------------------------------------------- DICOM
 
 
-def _decode_dicom(source: str | io.BytesIO, *, max_pixels: int) -> DecodedImage:
+def _decode_dicom(source: str | io.BytesIO, *, max_pixels: int, keep_stored_values: bool = False) -> DecodedImage:
     import pydicom
 
     try:
@@ -176,10 +219,11 @@ def _decode_dicom(source: str | io.BytesIO, *, max_pixels: int) -> DecodedImage:
     if isinstance(source, io.BytesIO):
         source.seek(0)
     with decoding(declared):
-        return _decode_dicom_pixels(source, rows=rows, cols=cols, frames=frames)
+        return _decode_dicom_pixels(source, rows=rows, cols=cols, frames=frames, keep_stored_values=keep_stored_values)
 
 
-def _decode_dicom_pixels(source: str | io.BytesIO, *, rows: int, cols: int, frames: int) -> DecodedImage:
+def _decode_dicom_pixels(source: str | io.BytesIO, *, rows: int, cols: int, frames: int,
+                         keep_stored_values: bool) -> DecodedImage:
     import pydicom
 
     try:
@@ -191,21 +235,27 @@ def _decode_dicom_pixels(source: str | io.BytesIO, *, rows: int, cols: int, fram
     if "TransferSyntaxUID" not in dataset.file_meta:
         dataset.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     try:
-        pixels = _dicom_first_frame(dataset, frames)
+        pixels, unit = _dicom_first_frame(dataset, frames, keep_stored_values=keep_stored_values)
     except ImageDecodeError:
         raise
     except Exception as exc:  # decoder plugins raise their own types
         syntax = getattr(dataset.file_meta.TransferSyntaxUID, "name", str(dataset.file_meta.TransferSyntaxUID))
         raise ImageDecodeError(f"cannot decode pixel data ({syntax}): {exc}") from exc
     del dataset.PixelData
-    return DecodedImage(pixels=pixels, kind="dicom", width=cols, height=rows, frames=frames, dicom=dataset)
+    return DecodedImage(pixels=pixels, kind="dicom", width=cols, height=rows, frames=frames, dicom=dataset, unit=unit)
 
 
-def _dicom_first_frame(dataset: Any, frames: int) -> np.ndarray:
+def _dicom_first_frame(dataset: Any, frames: int, *, keep_stored_values: bool = False) -> tuple[np.ndarray, UnitMap]:
+    """The first frame: [0, 1] pixels and :data:`IN_UNIT`, or (``keep_stored_values``, a windowed grayscale
+    frame) its stored values and the map that :func:`_voi_to_unit` would apply."""
     from pydicom.pixels import apply_modality_lut, pixel_array
 
     raw = pixel_array(dataset, index=0 if frames > 1 else None)
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric in ("MONOCHROME1", "MONOCHROME2") and keep_stored_values and raw.ndim == 2:
+        unit = _window_map(dataset, invert=photometric == "MONOCHROME1")
+        if unit is not None:
+            return raw if raw.dtype.isnative else raw.astype(raw.dtype.newbyteorder("=")), unit
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         values = apply_modality_lut(raw, dataset).astype(np.float32)
         if values.ndim != 2:
@@ -213,7 +263,7 @@ def _dicom_first_frame(dataset: Any, frames: int) -> np.ndarray:
         scaled = _voi_to_unit(values, dataset)
         if photometric == "MONOCHROME1":
             scaled = 1.0 - scaled
-        return scaled.astype(np.float32)
+        return scaled.astype(np.float32), IN_UNIT
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
@@ -224,7 +274,29 @@ def _dicom_first_frame(dataset: Any, frames: int) -> np.ndarray:
     else:
         raise ImageDecodeError(f"unsupported PhotometricInterpretation {photometric!r}")
     gray = rgb @ _LUMA
-    return minmax_scale(gray)
+    return minmax_scale(gray), IN_UNIT
+
+
+def _window_map(dataset: Any, *, invert: bool) -> UnitMap | None:
+    """The rescale + window map of a grayscale frame, when that is all its modality and VOI transforms are (no
+    LUT sequence, a window of positive width); else None (the frame is mapped on the CPU)."""
+    if "ModalityLUTSequence" in dataset or "VOILUTSequence" in dataset:
+        return None
+    if "WindowCenter" not in dataset or "WindowWidth" not in dataset:
+        return None
+    center, width = _first(dataset.WindowCenter), _first(dataset.WindowWidth)
+    if not width > 0:
+        return None
+    rescaled = "RescaleSlope" in dataset and "RescaleIntercept" in dataset  # pydicom's apply_modality_lut rule
+    return UnitMap(
+        kind="window",
+        slope=float(dataset.RescaleSlope) if rescaled else 1.0,
+        intercept=float(dataset.RescaleIntercept) if rescaled else 0.0,
+        center=center,
+        width=width,
+        function=str(dataset.get("VOILUTFunction", "LINEAR")).upper(),
+        invert=invert,
+    )
 
 
 def _first(value: Any) -> float:

@@ -63,6 +63,8 @@ def to_model_input(decoded: DecodedImage | Volume, spec: PreprocessSpec) -> np.n
         return fit_volume(decoded, max_voxels=spec.input_size).voxels
     if not isinstance(decoded, DecodedImage):
         raise TypeError(f"a 2-D space takes a decoded image, not {type(decoded).__name__}")
+    if decoded.unit.kind != "unit":
+        raise TypeError("stored values, not [0, 1] pixels: retrieval.imaging.device_fit.fit_frame fits those")
     if spec.version == PREPROCESSING_VERSIONS["letterbox"]:
         return fit_to_square(decoded.pixels, spec.input_size)
     return stretch_to_square(decoded.pixels, spec.input_size)
