@@ -8,9 +8,12 @@
 # Then, with the device tool:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # Rehearse the CPU half here first (small sizes, the same steps):  DEVICE=cpu bash bench/gpu_session.sh
 #
-# Steps: (1) the device fit (decision 35) against the Pillow fit on the GPU; (2) bench/encode.py: medvae's
+# Steps: (1) the device fit (decisions 35, 36) against the Pillow fit on the GPU, from [0, 1] pixels and from stored
+# 16-bit values with a DICOM window; (2) bench/encode.py: medvae's
 # reference, ours eager and ours compiled (AOTInductor, decision 34) at batch 64; (3) bench/ingest.py on 2048²
 # 16-bit PNG with a cold and a warm start (load seconds: the <= 10 s target); (4) the same on uncompressed DICOM.
+# Ingest on the GPU maps and fits there (RETRIEVAL_INGEST_FIT_DEVICE auto, decision 36): its rows' device_fit
+# says how many frames came through shared memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,6 +61,12 @@ for shape in ((2048, 2048), (2500, 2048), (512, 640), (200, 400)):
     pixels = synthetic_chest(rng, max(shape), variant=study_variant(rng))[: shape[0], : shape[1]].copy()
     fitted = on_device(pixels, 384, device).cpu().numpy()
     errors["x".join(map(str, shape))] = float(np.abs(fitted - stretch_to_square(pixels, 384)).max())
+from retrieval.imaging.decode import UnitMap, apply_window
+from retrieval.imaging.device_fit import fit_frame
+stored = (synthetic_chest(rng, 2048, variant=study_variant(rng)) * 4095).astype(np.uint16)
+window = UnitMap(kind="window", slope=1.0, intercept=-1024.0, center=800.0, width=2400.0, invert=True)
+cpu = stretch_to_square(1.0 - apply_window(stored.astype(np.float32) - 1024, center=800.0, width=2400.0), 384)
+errors["stored-2048-window"] = float(np.abs(fit_frame(stored, window, 384, device).cpu().numpy() - cpu).max())
 print(json.dumps(errors))
 json.dump({"device": str(device), "max_abs_error": errors}, open(f"{out}/device-fit-{device.type}.json", "w"), indent=2)
 assert max(errors.values()) < 1e-4, errors

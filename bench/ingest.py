@@ -10,10 +10,14 @@ compares peak RSS (memory must stay flat as the archive grows). ``--warm-start``
 twice, each time in a new process with an empty inductor cache (as on a new machine), the second time
 with the first one's compile cache (``retrieval/model/compile_cache.py``) copied into its data dir:
 rows ``"cache": "cold"`` and ``"warm"``, whose ``load`` seconds are the start-up cost (issue 18, item 3).
+``--fit-device cpu,encoder`` ingests each folder once per ``RETRIEVAL_INGEST_FIT_DEVICE``: the decode workers'
+CPU per image with and without the mapping and fitting, which ``encoder`` moves to the encoder's device
+(``device_fit_ms_per_image``: what that costs the pipeline's thread; on a GPU, issuing the work).
 
     python -m bench.ingest --kind png,dicom --count 64 --size 2048
     python -m bench.ingest --kind dicom --count 50 --scale
     python -m bench.ingest --kind png --count 64 --device cuda --warm-start
+    python -m bench.ingest --kind png,dicom --count 32 --fit-device cpu,encoder
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def run_ingest(folder: Path, data_dir: Path, args: argparse.Namespace) -> dict[s
 
     settings = Settings(
         data_dir=data_dir, weights="random", input_size=args.input_size, batch_size=args.batch,
-        decode_workers=args.workers, device=args.device, compile=args.compile,
+        decode_workers=args.workers, device=args.device, compile=args.compile, ingest_fit_device=args.fit_device,
     )
     service = SpaceService(settings)
     report = IngestPipeline(service).run(folder)
@@ -103,6 +107,9 @@ def run_ingest(folder: Path, data_dir: Path, args: argparse.Namespace) -> dict[s
         "seconds": seconds,
         "encoder_busy_fraction": seconds["encode"] / seconds["wall"] if seconds["wall"] else 0.0,
         "decode_cpu_ms_per_image": 1e3 * seconds["decode_cpu"] / max(report.ingested, 1),
+        "fit_device": args.fit_device,
+        "device_fit": report.as_dict()["device_fit"],
+        "device_fit_ms_per_image": 1e3 * seconds.get("device_fit", 0.0) / max(report.device_frames, 1),
         "peak_rss_mb_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_mb_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "stored_bytes_per_image": (db_bytes + index_bytes) / max(report.ingested, 1),
@@ -122,6 +129,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=-1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="RETRIEVAL_COMPILE")
+    parser.add_argument("--fit-device", default="auto", help="RETRIEVAL_INGEST_FIT_DEVICE, or several: cpu,encoder")
     parser.add_argument("--warm-start", action="store_true", help="each folder twice: without, then with, a compile cache")
     parser.add_argument("--scale", action="store_true", help="compare peak RSS at count and 10x count")
     parser.add_argument("--out", default="bench/results")
@@ -142,26 +150,27 @@ def main() -> None:
                 source_bytes = generate(kind, folder, count, args.size, gen_workers)
                 generated = time.perf_counter() - tick
                 starts = ["cold", "warm"] if args.warm_start else [""]
-                for start in starts:
-                    data_dir = Path(tmp) / f"data-{kind}-{count}{'-' + start if start else ''}"
+                for fit, start in [(fit, start) for fit in args.fit_device.split(",") for start in starts]:
+                    data_dir = Path(tmp) / f"data-{kind}-{count}-{fit}{'-' + start if start else ''}"
                     if start == "warm":  # a new data dir holding only the cold start's compile cache
-                        shutil.copytree(Path(tmp) / f"data-{kind}-{count}-cold" / "compile-cache", data_dir / "compile-cache")
-                    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"inductor-{kind}-{count}-{start}"))
+                        shutil.copytree(Path(tmp) / f"data-{kind}-{count}-{fit}-cold" / "compile-cache",
+                                        data_dir / "compile-cache")
+                    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"inductor-{kind}-{count}-{fit}-{start}"))
                     child = subprocess.run(
                         [sys.executable, "-m", "bench.ingest", "--one", str(folder), str(data_dir), "--input-size",
                          str(args.input_size), "--batch", str(args.batch), "--workers", str(args.workers), "--device",
-                         args.device, "--compile", args.compile],
+                         args.device, "--compile", args.compile, "--fit-device", fit],
                         capture_output=True, text=True, check=True, env=env,
                     )
                     row = json.loads(child.stdout.strip().splitlines()[-1])
                     row.update(kind=kind, count=count, size=args.size, source_bytes_per_image=source_bytes / count,
                                generate_seconds=generated)
                     rows.append(row)
-    print(f"{'kind':<6}{'count':>7}{'cache':>6}{'load s':>8}{'img/s':>9}{'decode ms/img':>15}{'encode s':>10}{'write s':>9}{'wall s':>8}"
+    print(f"{'kind':<6}{'count':>7}{'fit':>8}{'cache':>6}{'load s':>8}{'img/s':>9}{'decode ms/img':>15}{'encode s':>10}{'write s':>9}{'wall s':>8}"
           f"{'enc busy':>10}{'RSS MB':>8}{'stored B/img':>14}{'source B/img':>14}")
     for r in rows:
         s = r["seconds"]
-        print(f"{r['kind']:<6}{r['count']:>7}{r['cache'] or '-':>6}{s.get('load', 0.0):>8.1f}{r['images_per_s']:>9.1f}{r['decode_cpu_ms_per_image']:>15.1f}{s['encode']:>10.1f}"
+        print(f"{r['kind']:<6}{r['count']:>7}{r['fit_device']:>8}{r['cache'] or '-':>6}{s.get('load', 0.0):>8.1f}{r['images_per_s']:>9.1f}{r['decode_cpu_ms_per_image']:>15.1f}{s['encode']:>10.1f}"
               f"{s['write']:>9.1f}{s['wall']:>8.1f}{r['encoder_busy_fraction']:>10.2f}{r['peak_rss_mb_main']:>8.0f}"
               f"{r['stored_bytes_per_image']:>14.0f}{r['source_bytes_per_image']:>14.0f}")
     if args.scale:

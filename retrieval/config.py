@@ -220,6 +220,12 @@ class IngestSettings(SettingsGroup):
         "", description="Comma-separated extra manifest columns to store with each image (e.g. `site,split`); "
         "other unknown columns are dropped, since they may hold identifiers.",
     )
+    fit_device: Literal["auto", "cpu", "encoder"] = Field(
+        "auto", alias="ingest_fit_device", description="Where ingest maps a 2-D image's stored values to [0, 1] "
+        "(min-max, DICOM rescale and window) and resizes it: cpu (in the decode workers, Pillow), or on the "
+        "encoder's device (torch; decode workers only read and unpack pixels, handed over in shared memory); "
+        "auto = the encoder's when it is a GPU.",
+    )
     roots: str = Field(
         "", alias="ingest_roots",
         description="Comma-separated server folders that API ingest jobs may read; empty = API ingest disabled.",

@@ -179,3 +179,38 @@ def test_queries_fitted_on_the_encoders_device_find_what_the_cpu_fit_finds(setti
     for other in (found["encoder", "off"], found["encoder", "on"]):
         assert [i for i, _ in other] == [i for i, _ in reference]
         assert np.allclose([s for _, s in other], [s for _, s in reference], atol=1e-5)
+
+
+def test_ingest_fitted_on_the_encoders_device_stores_what_the_cpu_fit_stores(settings: Settings, tmp_path: Path) -> None:
+    """RETRIEVAL_INGEST_FIT_DEVICE=encoder (auto on a GPU): decode workers hand over stored integers (in shared
+    memory), the pipeline maps and fits them on the encoder's device; the vectors equal the CPU path's."""
+    from dicom_factory import write_dicom
+    from PIL import Image
+
+    root = tmp_path / "files"
+    for i in range(6):
+        write_png(root / f"p{i}.png", synthetic_image(70 + i, size=300), bits=16)
+    for i in range(3):
+        raw = (synthetic_image(80 + i, size=260) * 3000).astype(np.uint16)
+        write_dicom(root / f"d{i}.dcm", raw, slope=1, intercept=-1024, window=(600, 2400),
+                    photometric="MONOCHROME1" if i == 0 else "MONOCHROME2")
+    Image.fromarray((synthetic_image(90, size=200) * 255).astype(np.uint8)).convert("RGB").save(root / "rgb.png")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    vectors, reports = {}, {}
+    for fit, workers in (("cpu", 2), ("encoder", 2), ("encoder", 0)):
+        service = SpaceService(settings.replaced(data_dir=tmp_path / f"{fit}-{workers}", ingest_fit_device=fit,
+                                                 decode_workers=workers))
+        reports[fit, workers] = report = IngestPipeline(service).run(root)
+        assert (report.ingested, report.failed) == (10, 1), report.failures
+        images = service.store.images_by_sha256([img.sha256 for chunk in service.store.iter_images() for img in chunk])
+        matrix = service.store.vectors_of(service.space.id, [image.id for image in images])
+        vectors[fit, workers] = {image.sha256: row for image, row in zip(images, matrix, strict=True)}
+        service.close()
+    assert reports["cpu", 2].device_frames == 0
+    for key in (("encoder", 2), ("encoder", 0)):
+        assert reports[key].device_frames == 9  # the PNGs and DICOMs; the RGB PNG is mapped and fitted by its worker
+        assert vectors[key].keys() == vectors["cpu", 2].keys()
+        for sha, vector in vectors["cpu", 2].items():
+            assert np.allclose(vectors[key][sha], vector, atol=1e-4), sha
+    assert 1 <= reports["encoder", 2].shared_frames <= 9 and reports["encoder", 0].shared_frames == 0
+    assert reports["encoder", 2].as_dict()["device_fit"] == {"frames": 9, "shared_memory": reports["encoder", 2].shared_frames}

@@ -17,11 +17,12 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,10 @@ from retrieval.domain.metadata import (
     dropped_manifest_columns,
 )
 from retrieval.errors import reason_of
+from retrieval.imaging import device_fit
+from retrieval.imaging.preprocess import PREPROCESSING_VERSIONS
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
+from retrieval.ingest.frame_slots import FrameSlots
 from retrieval.ingest.prepare import (
     Fingerprint,
     Prepared,
@@ -52,7 +56,9 @@ from retrieval.ingest.report import (
     ProgressCallback,
 )
 from retrieval.ingest.sources import scan
+from retrieval.ingest.stages import Stage, abandon
 from retrieval.ingest.volume_pipeline import ingest_volumes
+from retrieval.model.batching import stacked
 from retrieval.query.previews import previews_for
 from retrieval.query.quality import score_latents
 from retrieval.service import SpaceService
@@ -68,6 +74,15 @@ class _InProcessExecutor:
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int = 1) -> Iterator[Any]:
         return map(fn, items)
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """``fn(*args)`` now; its result (or error) in a done future."""
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - as a pool's future carries it
+            future.set_exception(exc)
+        return future
+
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         return None
 
@@ -79,19 +94,32 @@ def decode_worker_count(setting: int) -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def make_executor(workers: int) -> Executor | _InProcessExecutor:
-    """A process pool whose workers import only the torch-free ``retrieval.ingest.prepare`` and end with this process."""
+def make_executor(workers: int, *, frame_slots: int = 0) -> tuple[Executor | _InProcessExecutor, FrameSlots | None]:
+    """A process pool whose workers import only the torch-free ``retrieval.ingest.prepare`` and end with this
+    process, and (``frame_slots`` > 0) the shared-memory slots they hand decoded frames over in, if any fit."""
     if workers == 0:
-        return _InProcessExecutor()
+        return _InProcessExecutor(), None
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
         context.set_forkserver_preload(["retrieval.ingest.prepare"])
+    slots = FrameSlots.sized_for(context, wanted=frame_slots) if frame_slots else None
     # each worker ends with this process (a SIGKILL leaves no worker, forkserver or tracker behind),
     # and the workers decode large images one at a time (retrieval.imaging.decode_gate)
-    return ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=start_decode_worker, initargs=(os.getpid(), context.Lock())
+    executor = ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=start_decode_worker,
+        initargs=(os.getpid(), context.Lock(), slots.handle() if slots is not None else None),
     )
+    return executor, slots
+
+
+def fits_on_device(service: SpaceService) -> bool:
+    """Whether ingest maps and fits 2-D images on the encoder's device (``ingest.fit_device``; auto: a GPU).
+    Only the stretch fit has a device twin (:mod:`retrieval.imaging.device_fit`)."""
+    choice = service.settings.ingest.fit_device
+    if choice == "cpu" or service.is_volume_space or service.preprocessing.version != PREPROCESSING_VERSIONS["stretch"]:
+        return False
+    return choice == "encoder" or service.encoder.device.type == "cuda"
 
 
 def prepare_options(service: SpaceService) -> PrepareOptions:
@@ -131,12 +159,15 @@ def new_images(batch: list[Prepared], z: Any, heads: Any, vectors: np.ndarray,
 
 @dataclass
 class BatchOutcome:
-    """What became of one batch: failed at ``stage`` (encode or store, nothing of it stored) with ``reason``, or
-    written (``written``: the vectors it stored in the space, not those stored before; ``z`` its latents)."""
+    """What became of one batch: failed at ``stage`` (encode or store, nothing of it stored) with ``reason``; or
+    encoded (``z`` its latents, ``rows`` and ``also`` what to store); then written (``written``: the vectors it
+    stored in the space, not those stored before)."""
 
     stage: str = ""
     reason: str = ""
     z: Any = None
+    rows: list[NewImage] = field(default_factory=list, repr=False)
+    also: Any = field(default=None, repr=False)  # the extra poolings' vectors
     written: list[StoredVector] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # encode, quality, write
 
@@ -145,14 +176,13 @@ class BatchOutcome:
         return bool(self.stage)
 
 
-def encode_and_write(service: SpaceService, batch: list[Prepared], *, job_id: str | None = None) -> BatchOutcome:
-    """Encode one batch of decoded images (latents, heads, vectors, the extra poolings' vectors, ``--quality``'s
-    scores) and store it in one transaction. Never raises: a failing batch is reported, the run goes on. Shared by
-    the local pipeline and the Ray encoder actors."""
+def encode_batch(service: SpaceService, batch: list[Prepared]) -> BatchOutcome:
+    """Encode one batch of decoded images: latents, heads, vectors, the extra poolings' vectors, ``--quality``'s
+    scores, as the rows to store. Never raises: a failing batch is reported, the run goes on."""
     seconds: dict[str, float] = {}
     tick = time.perf_counter()
     try:
-        pixels = np.stack([p.pixels for p in batch])  # every batched item decoded: z[i] is batch[i]
+        pixels = stacked([p.pixels for p in batch])  # every batched item decoded: z[i] is batch[i]
         z, heads, vectors = service.encode_for_storage(pixels)
         also = service.fan_out(heads) if service.extra_poolings else []
         seconds["encode"] = time.perf_counter() - tick
@@ -161,18 +191,33 @@ def encode_and_write(service: SpaceService, batch: list[Prepared], *, job_id: st
             tick = time.perf_counter()
             quality = [*score_latents(service, z, pixels)]
             seconds["quality"] = time.perf_counter() - tick
+        rows = new_images(batch, z, heads, vectors, quality)
     except Exception as exc:  # noqa: BLE001 - one batch failing never stops the run
         logger.exception("encode failed for a batch of %d", len(batch))
         return BatchOutcome(stage="encode", reason=f"{type(exc).__name__}: {exc}", seconds=seconds)
+    return BatchOutcome(z=z, rows=rows, also=also, seconds=seconds)
+
+
+def write_encoded(service: SpaceService, outcome: BatchOutcome, *, job_id: str | None = None) -> BatchOutcome:
+    """Store an encoded batch (:func:`encode_batch`) in one transaction: ``outcome`` with ``written``, or failed at
+    the ``store`` stage (rolled back). Never raises."""
     tick = time.perf_counter()
     try:
-        written = service.store.write_batch(space=service.space, images=new_images(batch, z, heads, vectors, quality),
-                                            job_id=job_id, also=also)
+        outcome.written = service.store.write_batch(space=service.space, images=outcome.rows, job_id=job_id,
+                                                    also=outcome.also)
     except Exception as exc:  # noqa: BLE001 - the transaction rolled back; nothing of the batch was stored
-        logger.exception("database write failed for a batch of %d", len(batch))
-        return BatchOutcome(stage="store", reason=reason_of(exc), seconds=seconds)
-    seconds["write"] = time.perf_counter() - tick
-    return BatchOutcome(z=z, written=written, seconds=seconds)
+        logger.exception("database write failed for a batch of %d", len(outcome.rows))
+        outcome.stage, outcome.reason = "store", reason_of(exc)
+        return outcome
+    outcome.seconds["write"] = time.perf_counter() - tick
+    return outcome
+
+
+def encode_and_write(service: SpaceService, batch: list[Prepared], *, job_id: str | None = None) -> BatchOutcome:
+    """:func:`encode_batch` then :func:`write_encoded`, one after the other (the Ray encoder actors: Ray Data
+    overlaps their batches; the local pipeline runs the two in stages of their own)."""
+    outcome = encode_batch(service, batch)
+    return outcome if outcome.failed else write_encoded(service, outcome, job_id=job_id)
 
 
 @dataclass
@@ -190,6 +235,23 @@ class SeenInRun:
             return False
         self.decoded_sop_uids.add(sop_uid)
         return True
+
+
+@dataclass
+class RunState:
+    """What one run's stages share: its report, what it has seen, the batch being formed, the last index save."""
+
+    report: IngestReport
+    seen: SeenInRun
+    batch: list[Prepared] = field(default_factory=list)
+    last_save: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_seconds(self, spent: dict[str, float]) -> None:
+        """Add to the report's step timings (stages on several threads add to the same ones)."""
+        with self._lock:
+            for step, seconds in spent.items():
+                self.report.seconds[step] = self.report.seconds.get(step, 0.0) + seconds
 
 
 class IngestPipeline:
@@ -217,6 +279,7 @@ class IngestPipeline:
         self.spool: Path | None = None  # where fetched remote instances wait for decoding
         self.volumes_seen: set[str] = set()  # 3-D: content hashes stored by this run
         self.options = prepare_options(service)
+        self.slots: FrameSlots | None = None  # where decode workers leave frames for the device to fit
 
     def run(self, source: str | Path, *, job_id: str | None = None) -> IngestReport:
         """Ingest everything under ``source``; returns the report (failures included).
@@ -224,9 +287,13 @@ class IngestPipeline:
         A job passes its ``job_id``: it names the run in the ingest-errors table, and every batch
         write adds to the job's ``ingested`` count in its own transaction.
 
-        Over 60 lines on purpose: the chunk loop, the batch flush, the periodic index save, the stop
-        checks and the ``finally`` that always saves the index and records failures are one piece
-        of crash-safety logic that reads best in one place.
+        The steps overlap (:mod:`retrieval.ingest.stages`): this thread fingerprints each chunk, skips what is
+        stored and hands the rest to the decode workers; ``collect`` takes the decoded images in order, fits
+        them on the device where the workers left that, and forms batches; ``encode`` encodes a batch while
+        ``write`` stores the one before it, feeds the index and saves it every ``index_save_seconds``. A stop
+        request ends the run between batches: batches already encoded are stored, what is decoded but
+        unbatched is redone by the next run. The ``finally`` always ends the stages, saves the index and
+        records the failures, also after a crash.
         """
         self.job_id = job_id
         report = IngestReport(run_id=job_id or uuid.uuid4().hex[:12], source=printable_path(source))
@@ -248,44 +315,38 @@ class IngestPipeline:
         report.seconds["load"] = time.perf_counter() - report.started
         report.started = time.perf_counter()
         logger.info("ingest %s: %d candidate files into space %s", source, len(items), space.key[:12])
-        executor = make_executor(decode_worker_count(self.settings.ingest.decode_workers))
-        last_save = time.monotonic()
-        seen = SeenInRun()
-        batch: list[Prepared] = []
-        chunk_size = max(4 * self.settings.model.batch_size, 32)
+        batch_size, workers = self.settings.model.batch_size, decode_worker_count(self.settings.ingest.decode_workers)
+        lookahead = 2 * batch_size + workers  # decoded images waiting for the encoder, at most
+        self.options = replace(self.options, fit_on_device=fits_on_device(self.service))
+        executor, self.slots = make_executor(workers, frame_slots=lookahead + 2 * workers if self.options.fit_on_device else 0)
+        run = RunState(report=report, seen=SeenInRun())
+        write = Stage("ingest-write", lambda outcome: self._write(outcome, run))
+        encode = Stage("ingest-encode", lambda batch: self._encode(batch, run, write))
+        collect = Stage("ingest-collect", lambda future: self._collect(future, run, encode), depth=lookahead)
+        chunk_size = max(4 * batch_size, 32)
         try:
             for start in range(0, len(items), chunk_size):
-                if self.should_stop():
+                if report.stopped or self.should_stop():
                     report.stopped = True
                     break
-                chunk = items[start : start + chunk_size]
-                todo = self._new_items(executor, chunk, report, seen)
-                tasks = [(fp, self.options) for fp in todo]
-                for prepared in self._prepared(executor, tasks):
-                    report.seconds["decode_cpu"] += prepared.seconds
-                    if prepared.error:
-                        report.failures.append(Failure(prepared.item.display, "decode", prepared.error))
-                        continue
-                    if not seen.first_decode(prepared.metadata.sop_uid):
-                        report.skip(SAME_SOP_UID)  # another file of this run already gave this SOP instance
-                        continue
-                    batch.append(prepared)
-                    if len(batch) >= self.settings.model.batch_size:
-                        self._flush(batch, report)
-                        batch = []
-                        if time.monotonic() - last_save > self.index_save_seconds:
-                            index.save()
-                            last_save = time.monotonic()
-                        if self.should_stop():  # stop between batches; what is decoded but unstored is redone later
-                            report.stopped = True
-                            break
-                if report.stopped:
-                    break
+                for fp in self._new_items(executor, items[start : start + chunk_size], report, run.seen):
+                    if report.stopped:
+                        break
+                    collect.put(executor.submit(prepare, (fp, self.options)))
                 self.notify(report)
-            if batch and not report.stopped:
-                self._flush(batch, report)
+            collect.close()
+            if run.batch and not report.stopped:
+                encode.put(run.batch)
+            encode.close()
+            write.close()
+        except BaseException:  # an error or an interrupt: what is queued is dropped (the next run redoes it)
+            abandon(collect, encode, write)
+            raise
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
+            if self.slots is not None:
+                self.slots.close()
+                self.slots = None
             if self.spool is not None:
                 shutil.rmtree(self.spool, ignore_errors=True)
                 self.spool = None
@@ -293,6 +354,61 @@ class IngestPipeline:
             self._finish(report)
         logger.info("ingest %s: %s in %.1fs", report.run_id, report.summary(), report.seconds["wall"])
         return report
+
+    def _collect(self, future: Future[Prepared], run: RunState, encode: Stage[list[Prepared]]) -> None:
+        """Stage ``collect``: one decoded image (in submission order) into the next batch; a full batch to ``encode``."""
+        report = run.report
+        if report.stopped:
+            future.cancel()
+            return
+        prepared = future.result()
+        if prepared.item.remote is not None:  # a fetched (spooled) instance is deleted once decoded
+            Path(prepared.item.path).unlink(missing_ok=True)
+        if prepared.pixels is None and not prepared.error:
+            self._fit_on_device(prepared, run)
+        run.add_seconds({"decode_cpu": prepared.seconds})
+        if prepared.error:
+            report.failures.append(Failure(prepared.item.display, "decode", prepared.error))
+            return
+        if not run.seen.first_decode(prepared.metadata.sop_uid):
+            report.skip(SAME_SOP_UID)  # another file of this run already gave this SOP instance
+            return
+        run.batch.append(prepared)
+        if len(run.batch) >= self.settings.model.batch_size:
+            encode.put(run.batch)
+            run.batch = []
+            if self.should_stop():  # stop between batches; what is decoded but unstored is redone later
+                report.stopped = True
+
+    def _encode(self, batch: list[Prepared], run: RunState, write: Stage[tuple[list[Prepared], BatchOutcome]]) -> None:
+        """Stage ``encode``: one batch through the encoder, on to ``write``."""
+        outcome = encode_batch(self.service, batch)
+        run.add_seconds(outcome.seconds)
+        if outcome.failed:
+            run.report.failures.extend(Failure(p.item.display, outcome.stage, outcome.reason) for p in batch)
+            return
+        write.put((batch, outcome))
+
+    def _write(self, encoded: tuple[list[Prepared], BatchOutcome], run: RunState) -> None:
+        """Stage ``write``: store an encoded batch in one transaction, feed the index (and save it now and then)."""
+        batch, outcome = encoded
+        report, seconds_before = run.report, dict(outcome.seconds)
+        outcome = write_encoded(self.service, outcome, job_id=self.job_id)
+        run.add_seconds({step: spent for step, spent in outcome.seconds.items() if step not in seconds_before})
+        if outcome.failed:
+            report.failures.extend(Failure(p.item.display, outcome.stage, outcome.reason) for p in batch)
+            return
+        tick = time.perf_counter()
+        # add what the database committed (ours and any concurrent writer's), never only ours
+        self.service.index.catch_up(self.service.store)
+        if self.previews:
+            self._store_previews(batch, outcome.z)
+        if time.monotonic() - run.last_save > self.index_save_seconds:
+            self.service.index.save()
+            run.last_save = time.monotonic()
+        run.add_seconds({"write": time.perf_counter() - tick})
+        report.ingested += len(batch)
+        self.notify(report)
 
     def _scanned(self, source: str | Path, report: IngestReport) -> list[SourceItem]:
         """The source's items, reporting how many were found every second while a large folder is listed."""
@@ -322,12 +438,23 @@ class IngestPipeline:
         report.seconds["wall"] = time.perf_counter() - report.started
         self.notify(report)
 
-    def _prepared(self, executor: Any, tasks: list[tuple[Fingerprint, PrepareOptions]]) -> Iterator[Prepared]:
-        """Decode a chunk's new files; fetched (spooled) files are deleted once decoded."""
-        for prepared in executor.map(prepare, tasks, chunksize=2):
-            if prepared.item.remote is not None:
-                Path(prepared.item.path).unlink(missing_ok=True)
-            yield prepared
+    def _fit_on_device(self, prepared: Prepared, run: RunState) -> None:
+        """Map and fit a frame of stored values on the encoder's device, freeing its shared-memory slot; a failure
+        is the image's decode failure."""
+        slot, tick = prepared.frame_slot, time.perf_counter()
+        try:
+            values = self.slots.view(slot) if slot is not None and self.slots is not None else prepared.frame
+            prepared.pixels = device_fit.fit_frame(values, prepared.unit, self.service.preprocessing.input_size,
+                                                   self.service.encoder.device)
+            run.report.device_frames += 1
+            run.report.shared_frames += slot is not None
+        except Exception as exc:  # noqa: BLE001 - one bad frame never stops the run
+            prepared.error = f"cannot fit the image on {self.service.encoder.device} ({type(exc).__name__}: {exc})"
+        finally:
+            if slot is not None and self.slots is not None:
+                self.slots.release(slot)
+            prepared.frame, prepared.frame_slot = None, None
+            run.add_seconds({"device_fit": time.perf_counter() - tick})
 
     def _new_items(
         self, executor: Any, chunk: list[SourceItem], report: IngestReport, seen: SeenInRun
@@ -399,23 +526,6 @@ class IngestPipeline:
         with ThreadPoolExecutor(max_workers=self.settings.dicomweb.fetch_workers) as pool:
             fetched = {id(item): item for item in pool.map(fetch, remote) if item is not None}
         return [item for item in chunk if item.remote is None or id(item) in fetched]
-
-    def _flush(self, batch: list[Prepared], report: IngestReport) -> None:
-        """Encode one batch and store it in one transaction; failures are per batch stage."""
-        outcome = encode_and_write(self.service, batch, job_id=self.job_id)
-        for step, spent in outcome.seconds.items():
-            report.seconds[step] = report.seconds.get(step, 0.0) + spent
-        if outcome.failed:
-            report.failures.extend(Failure(p.item.display, outcome.stage, outcome.reason) for p in batch)
-            return
-        tick = time.perf_counter()
-        # add what the database committed (ours and any concurrent writer's), never only ours
-        self.service.index.catch_up(self.service.store)
-        if self.previews:
-            self._store_previews(batch, outcome.z)
-        report.seconds["write"] += time.perf_counter() - tick
-        report.ingested += len(batch)
-        self.notify(report)
 
     def _store_previews(self, batch: list[Prepared], z: Any) -> None:
         """``--previews``: decode the batch's latents at once and keep them as the space's previews."""

@@ -19,9 +19,17 @@ from retrieval.domain.items import SourceItem
 from retrieval.domain.metadata import ImageMetadata, from_dicom, merge_manifest_row
 from retrieval.domain.spaces import PreprocessSpec
 from retrieval.errors import RetrievalError
-from retrieval.imaging.decode import DICOM_SUFFIXES, decode_path, looks_like_dicom
+from retrieval.imaging.decode import (
+    DICOM_SUFFIXES,
+    IN_UNIT,
+    UnitMap,
+    decode_path,
+    looks_like_dicom,
+)
 from retrieval.imaging.decode_gate import share_gate
 from retrieval.imaging.preprocess import to_model_input
+from retrieval.ingest import frame_slots
+from retrieval.ingest.frame_slots import SlotRef, SlotsHandle
 from retrieval.ingest.lifeline import exit_with
 
 
@@ -35,11 +43,20 @@ class Fingerprint:
 
 @dataclass
 class Prepared:
-    """A decoded image ready for the encoder, or the reason it is not."""
+    """A decoded image ready for the encoder, or the reason it is not.
+
+    Fitted in the worker, ``pixels`` is the model input. Left to the device (``fit_on_device``, a frame whose
+    ``unit`` is not :data:`IN_UNIT`), ``pixels`` is None and the frame's stored values are in ``frame`` or in
+    the shared-memory slot ``frame_slot``, until the pipeline fits them (:mod:`retrieval.imaging.device_fit`)
+    and sets ``pixels`` to the fitted tensor.
+    """
 
     item: SourceItem
     sha256: str
-    pixels: np.ndarray | None = field(default=None, repr=False)  # (S, S) float32 in [0, 1]
+    pixels: Any = field(default=None, repr=False)  # (S, S) float32 in [0, 1]: an array, or a tensor on the device
+    frame: np.ndarray | None = field(default=None, repr=False)
+    frame_slot: SlotRef | None = None
+    unit: UnitMap = IN_UNIT
     kind: str = ""
     width: int = 0
     height: int = 0
@@ -58,6 +75,7 @@ class PrepareOptions:
     id_secret: str
     date_shift_days: int = 0
     manifest_columns: frozenset[str] = frozenset()  # extra manifest columns the user chose to store
+    fit_on_device: bool = False  # leave mapping and fitting a 2-D stretch frame to the pipeline's device
 
 
 def manifest_metadata(row: dict[str, str], options: PrepareOptions) -> ImageMetadata:
@@ -65,10 +83,12 @@ def manifest_metadata(row: dict[str, str], options: PrepareOptions) -> ImageMeta
     return merge_manifest_row(ImageMetadata(), row, secret=options.id_secret, keep=options.manifest_columns)
 
 
-def start_decode_worker(owner_pid: int, large_decode_lock: Any) -> None:
-    """Pool initializer: end with the process that owns the pool, and share its one-large-decode-at-a-time gate."""
+def start_decode_worker(owner_pid: int, large_decode_lock: Any, slots: SlotsHandle | None = None) -> None:
+    """Pool initializer: end with the process that owns the pool, share its one-large-decode-at-a-time gate, and
+    hand frames over in its shared-memory ``slots`` when it has them."""
     exit_with(owner_pid)
     share_gate(large_decode_lock)
+    frame_slots.attach(slots)
 
 
 def fingerprint(item: SourceItem) -> Fingerprint:
@@ -110,13 +130,17 @@ def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
     item = fp.item
     started = time.perf_counter()
     try:
-        decoded = decode_path(item.path, max_pixels=options.max_pixels)
+        decoded = decode_path(item.path, max_pixels=options.max_pixels, keep_stored_values=options.fit_on_device)
         metadata = (
             from_dicom(decoded.dicom, secret=options.id_secret, date_shift_days=options.date_shift_days) if decoded.dicom is not None else ImageMetadata()
         )
         if item.row:
             metadata = merge_manifest_row(metadata, item.row, secret=options.id_secret, keep=options.manifest_columns)
-        pixels = to_model_input(decoded, options.preprocessing)
+        if decoded.unit.kind == "unit":
+            pixels, frame, slot = to_model_input(decoded, options.preprocessing), None, None
+        else:  # the device maps and fits it: hand over the stored values, in shared memory where a slot is free
+            pixels, slot = None, frame_slots.offer(decoded.pixels)
+            frame = decoded.pixels if slot is None else None
     except RetrievalError as exc:  # the failure already names the source: keep the reason alone
         return Prepared(item=item, sha256=fp.sha256, error=exc.message.removeprefix(f"{item.path}: "))
     except MemoryError:
@@ -128,6 +152,9 @@ def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
         item=item,
         sha256=fp.sha256,
         pixels=pixels,
+        frame=frame,
+        frame_slot=slot,
+        unit=decoded.unit,
         kind=decoded.kind,
         width=decoded.width,
         height=decoded.height,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ class Failure:
         self.source = printable_path(self.source)
 
 
+_COUNTING = threading.Lock()  # the pipeline's stages count skips from two threads
+
 STORED = "already stored in this space"
 SAME_CONTENT = "same bytes as another file of this run"
 SAME_SOP_UID = "same SOPInstanceUID as another file (a copy of one DICOM instance)"
@@ -40,6 +43,8 @@ class IngestReport:
     failures: list[Failure] = field(default_factory=list)
     stopped: bool = False  # should_stop ended the run before every item was seen
     dropped_columns: list[str] = field(default_factory=list)  # manifest columns not stored (names only)
+    device_frames: int = 0  # images mapped and fitted on the encoder's device (RETRIEVAL_INGEST_FIT_DEVICE)
+    shared_frames: int = 0  # of those, handed over by a decode worker in shared memory, not pickled
     seconds: dict[str, float] = field(
         default_factory=lambda: {"decode_cpu": 0.0, "encode": 0.0, "write": 0.0, "wall": 0.0}
     )
@@ -47,8 +52,9 @@ class IngestReport:
 
     def skip(self, reason: str) -> None:
         """Count one skipped item under ``reason`` (:data:`STORED`, :data:`SAME_CONTENT`, :data:`SAME_SOP_UID`)."""
-        self.skipped += 1
-        self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
+        with _COUNTING:
+            self.skipped += 1
+            self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
 
     @property
     def failed(self) -> int:
@@ -95,6 +101,7 @@ class IngestReport:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "failures": [f.__dict__ for f in self.failures],
             "dropped_manifest_columns": self.dropped_columns,
+            "device_fit": {"frames": self.device_frames, "shared_memory": self.shared_frames},
         }
 
 

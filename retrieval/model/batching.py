@@ -66,7 +66,7 @@ class MicroBatcher:
                 return
             items = self._collect(first)
             try:
-                z, vectors = self.encode_batch(_stacked([pixels for pixels, _ in items]))
+                z, vectors = self.encode_batch(stacked([pixels for pixels, _ in items]))
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
                 for _, future in items:
                     future.set_exception(exc)
@@ -77,8 +77,11 @@ class MicroBatcher:
                 future.set_result((z[row], vectors[row]))
 
 
-def _stacked(images: list[Any]) -> Any:
-    """One batch of the queued images: arrays stacked by numpy, tensors (fitted on the encoder's device) by torch."""
-    if isinstance(images[0], torch.Tensor):
-        return torch.stack(images)
+def stacked(images: list[Any]) -> Any:
+    """One batch of images: arrays stacked by numpy; when any is a tensor (fitted on the encoder's device), all of
+    them by torch, on that tensor's device (an ingest batch mixes frames fitted there with ones its workers fitted)."""
+    tensors = [image for image in images if isinstance(image, torch.Tensor)]
+    if tensors:
+        device = tensors[0].device
+        return torch.stack([torch.as_tensor(image, device=device) for image in images])
     return np.stack(images)

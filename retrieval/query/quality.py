@@ -54,12 +54,12 @@ def ssim(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
 
 def reconstruction_quality(decoded: np.ndarray | torch.Tensor, pixels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``(B, S, S)`` reconstructions and inputs in [0, 1] -> (PSNR dB, SSIM) arrays of length B."""
-    a = torch.as_tensor(np.asarray(pixels), dtype=torch.float32)
-    b = torch.as_tensor(np.asarray(decoded), dtype=torch.float32)
+    a = torch.as_tensor(pixels, dtype=torch.float32).cpu()  # inputs fitted on a GPU are tensors there
+    b = torch.as_tensor(decoded, dtype=torch.float32).cpu()
     return psnr(a, b).numpy(), ssim(a, b).numpy()
 
 
-def score_latents(service: SpaceService, z: np.ndarray | torch.Tensor, pixels: np.ndarray) -> list[tuple[float, float]]:
+def score_latents(service: SpaceService, z: np.ndarray | torch.Tensor, pixels: np.ndarray | torch.Tensor) -> list[tuple[float, float]]:
     """Decode a batch of z and score it against its ``(B, S, S)`` inputs: ``[(PSNR dB, SSIM), ...]``."""
     psnr_db, ssim_value = reconstruction_quality(service.encoder.decode(z), pixels)
     return [(float(p), float(s)) for p, s in zip(psnr_db, ssim_value, strict=True)]
