@@ -3,7 +3,9 @@
 Generates ``--images`` synthetic chest radiographs (16-bit PNG, zlib level 6, as bench/ingest.py does),
 then times, per image (mean over the images, best of ``--repeats`` passes): Pillow's decode alone,
 imagecodecs' libpng decode, :func:`retrieval.imaging.decode.decode_path` (decode + float + min-max),
-and the fit to the model input (Pillow bicubic to 384).
+the same keeping the stored values (what a decode worker does when ingest fits on the encoder's device,
+decision 36), and the fit to the model input (Pillow bicubic to 384); then ``decode_path`` with and without
+the stored values on as many uncompressed 2048² DICOM (12-bit, windowed: bench/ingest.py's files).
 
     python -m bench.decode_steps --images 8
 """
@@ -24,6 +26,7 @@ import imagecodecs
 import numpy as np
 from PIL import Image
 
+from bench.ingest import _write_one
 from bench.results_io import write_result
 from retrieval.imaging.decode import decode_path
 from retrieval.imaging.preprocess import stretch_to_square
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--name", default="decode-steps", help="result file: <out>/<name>-<date>.json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
@@ -61,14 +65,22 @@ def main() -> None:
             "imagecodecs_png_decode_ms": _per_image_ms(lambda p: imagecodecs.png_decode(Path(p).read_bytes()), paths,
                                                         args.repeats),
             "decode_path_ms": _per_image_ms(lambda p: decode_path(p, max_pixels=10**9), paths, args.repeats),
+            "decode_path_stored_values_ms": _per_image_ms(
+                lambda p: decode_path(p, max_pixels=10**9, keep_stored_values=True), paths, args.repeats),
             "fit_to_384_ms": _per_image_ms(lambda _p: stretch_to_square(decoded.pixels, 384), paths, args.repeats),
         }
+        dicoms = [str(Path(folder) / f"{i}.dcm") for i in range(args.images)]
+        for i, path in enumerate(dicoms):
+            _write_one(("dicom", path, i, args.size))
+        rows["dicom_decode_path_ms"] = _per_image_ms(lambda p: decode_path(p, max_pixels=10**9), dicoms, args.repeats)
+        rows["dicom_decode_path_stored_values_ms"] = _per_image_ms(
+            lambda p: decode_path(p, max_pixels=10**9, keep_stored_values=True), dicoms, args.repeats)
     for name, value in rows.items():
         print(f"{name:40} {value}")
     result = {"benchmark": "decode_steps", "date": dt.date.today().isoformat(),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "images": args.images, "size": args.size, "format": "16-bit PNG, zlib level 6", **rows}
-    print(f"wrote {write_result(args.out, 'decode-steps', result)}")
+              "images": args.images, "size": args.size, "format": "16-bit PNG, zlib level 6; DICOM explicit VR little endian, 12 bits stored", **rows}
+    print(f"wrote {write_result(args.out, args.name, result)}")
 
 
 if __name__ == "__main__":
