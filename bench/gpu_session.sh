@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18's GPU figures in one device run (planned at about 7 minutes on the H200), prepared so that a session
+# Issue 18's GPU figures in one device run (planned at about 9 minutes on the H200 with all five steps; STEPS can split them over two runs), prepared so that a session
 # lent a GPU spends its 15 device minutes measuring, not setting up. Writes every result under $OUT (or
 # bench/results when OUT is unset) and prints a summary.
 #
@@ -13,14 +13,18 @@
 # reference, ours eager and ours compiled (AOTInductor, decision 34) at batch 64; (3) bench/ingest.py on 2048²
 # 16-bit PNG with a cold and a warm start (load seconds: the <= 10 s target); (4) the same on uncompressed DICOM.
 # Ingest on the GPU maps and fits there (RETRIEVAL_INGEST_FIT_DEVICE auto, decision 36): its rows' device_fit
-# says how many frames came through shared memory.
+# says how many frames came through shared memory. (5) bench/api.py: a 2048² 16-bit PNG upload searched over
+# HTTP, micro-batched (item 4's p50 <= 20 ms); last, and allowed to fail without losing the rest.
+# STEPS="2 3" runs only those steps (default: all five).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # the versions installed here by `pip install -e .` (2026-11-30); the GPU machine has torch 2.11 and none of these
 WHEELS=(medvae==0.1.7 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4
         annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 sqlalchemy==2.1.9
-        alembic==1.20.1 mako==1.4.3 faiss-cpu==1.15.1 pydicom==3.0.2)
+        alembic==1.20.1 mako==1.4.3 faiss-cpu==1.15.1 pydicom==3.0.2
+        fastapi==0.165.0 fastapi-offline==1.7.7 starlette==1.10.0 uvicorn==0.54.0 python-multipart==0.0.34
+        opentelemetry-api==1.45.2)  # the last row: `retrieval serve` for step 5
 
 if [ "${1:-}" = "--download" ]; then
   for wheel in "${WHEELS[@]}"; do
@@ -33,6 +37,8 @@ if [ "${1:-}" = "--download" ]; then
 fi
 
 DEVICE="${DEVICE:-cuda}"
+STEPS="${STEPS:-1 2 3 4 5}"
+step() { [[ " $STEPS " == *" $1 "* ]]; }
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -41,13 +47,14 @@ if [ -d .whl ] && [ "$DEVICE" = "cuda" ]; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 if [ "$DEVICE" = "cuda" ]; then
-  SIZE=384 IMAGES=1024 BATCH=64 COUNT=128 SOURCE=2048 WORKERS=15
+  SIZE=384 IMAGES=1024 BATCH=64 COUNT=128 SOURCE=2048 WORKERS=15 API_SECONDS=20
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 else  # the CPU rehearsal: every step, at sizes that finish in a few minutes on 2 cores
-  SIZE=64 IMAGES=4 BATCH=2 COUNT=2 SOURCE=256 WORKERS=1
+  SIZE=64 IMAGES=4 BATCH=2 COUNT=2 SOURCE=256 WORKERS=1 API_SECONDS=3
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
+if step 1; then
 echo "== 1. device fit against the Pillow fit"
 python3 - "$DEVICE" "$OUT" <<'EOF'
 import json, sys
@@ -71,16 +78,22 @@ print(json.dumps(errors))
 json.dump({"device": str(device), "max_abs_error": errors}, open(f"{out}/device-fit-{device.type}.json", "w"), indent=2)
 assert max(errors.values()) < 1e-4, errors
 EOF
+fi
 
-echo "== 2. encoder: medvae's path, ours eager, ours compiled (AOTInductor)"
+step 2 && echo "== 2. encoder: medvae's path, ours eager, ours compiled (AOTInductor)" &&
 python3 -m bench.encode --device "$DEVICE" --sizes "$SIZE" --ref-images 4 --images "$IMAGES" --batch "$BATCH" \
   --compile --runtime torch --data-dir /tmp/encode-data --out "$OUT"
 
-echo "== 3. ingest, 16-bit PNG, cold then warm start"
+step 3 && echo "== 3. ingest, 16-bit PNG, cold then warm start" &&
 python3 -m bench.ingest --kind png --count "$COUNT" --size "$SOURCE" --input-size "$SIZE" --batch "$BATCH" \
   --workers "$WORKERS" --device "$DEVICE" --compile on --warm-start --out "$OUT" --name "ingest-png-$DEVICE"
 
-echo "== 4. ingest, uncompressed DICOM"
+step 4 && echo "== 4. ingest, uncompressed DICOM" &&
 python3 -m bench.ingest --kind dicom --count "$COUNT" --size "$SOURCE" --input-size "$SIZE" --batch "$BATCH" \
   --workers "$WORKERS" --device "$DEVICE" --compile on --out "$OUT" --name "ingest-dicom-$DEVICE"
+if step 5; then
+  echo "== 5. search over HTTP with a 2048² 16-bit PNG upload (micro-batching: auto, on with CUDA)"
+  python3 -m bench.api --clients 1,4 --seconds "$API_SECONDS" --input-size "$SIZE" --image-size "$SOURCE" \
+    --out "$OUT" --name "api-$DEVICE" || echo "step 5 failed (the results above stand)"
+fi
 ls -l "$OUT"
