@@ -259,8 +259,10 @@ def _stored_value_cases(folder: Path) -> list[tuple[Path, str]]:
     Image.fromarray(raw).save(folder / "chest16.png")
     Image.fromarray((chest * 255).astype(np.uint8)).save(folder / "chest8.png")
     Image.fromarray((chest * 255).astype(np.uint8)).convert("RGB").save(folder / "chest_rgb.png")
+    Image.fromarray((chest * 65535).astype(np.uint16)).save(folder / "full16.png")  # values above 32767 too
     return [
         (folder / "chest16.png", "minmax"),
+        (folder / "full16.png", "minmax"),
         (folder / "chest8.png", "minmax"),
         (folder / "chest_rgb.png", "unit"),
         (write_dicom(folder / "linear.dcm", raw, slope=2, intercept=-1024, window=(1800, 3000)), "window"),

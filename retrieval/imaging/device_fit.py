@@ -28,16 +28,21 @@ FLAT = 1e-12
 
 
 def to_device(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``values`` on ``device`` in their own dtype, copied into a new tensor (``values`` may be reused at once
-    after the call). To a GPU through a pinned staging buffer without waiting: torch's pinned-memory cache
-    keeps the buffer until the copy has run."""
+    """``values`` on ``device``, copied into a new tensor (``values`` may be reused at once after the call), in their
+    own dtype, except uint16 (16-bit PNG and DICOM), which arrives as int32 with the same values: it travels as
+    int16 bits and is widened on the device, as torch's uint16 has only "limited support" (copies, not every
+    kernel on every device). To a GPU through a pinned staging buffer without waiting: torch's pinned-memory
+    cache keeps the buffer until the copy has run."""
     pinned = device.type == "cuda"
     if isinstance(values, torch.Tensor):
         return values.pin_memory().to(device, non_blocking=True) if pinned else values.to(device, copy=True)
-    dtype = torch.from_numpy(np.empty(0, dtype=values.dtype)).dtype  # numpy's dtype in torch (uint16 included)
-    staging = torch.empty(values.shape, dtype=dtype, pin_memory=pinned)
-    staging.numpy()[...] = values  # one copy, from a read-only array or a shared-memory slot alike
-    return staging.to(device, non_blocking=True) if pinned else staging
+    unsigned16 = values.dtype == np.uint16
+    source = values.view(np.int16) if unsigned16 else values
+    dtype = torch.from_numpy(np.empty(0, dtype=source.dtype)).dtype  # numpy's dtype in torch
+    staging = torch.empty(source.shape, dtype=dtype, pin_memory=pinned)
+    staging.numpy()[...] = source  # one copy, from a read-only array or a shared-memory slot alike
+    moved = staging.to(device, non_blocking=True) if pinned else staging
+    return moved.to(torch.int32).bitwise_and_(0xFFFF) if unsigned16 else moved
 
 
 def fit_frame(values: np.ndarray | torch.Tensor, unit: UnitMap, size: int, device: torch.device) -> torch.Tensor:
