@@ -392,9 +392,8 @@ class IngestPipeline:
     def _write(self, encoded: tuple[list[Prepared], BatchOutcome], run: RunState) -> None:
         """Stage ``write``: store an encoded batch in one transaction, feed the index (and save it now and then)."""
         batch, outcome = encoded
-        report, seconds_before = run.report, dict(outcome.seconds)
+        report = run.report
         outcome = write_encoded(self.service, outcome, job_id=self.job_id)
-        run.add_seconds({step: spent for step, spent in outcome.seconds.items() if step not in seconds_before})
         if outcome.failed:
             report.failures.extend(Failure(p.item.display, outcome.stage, outcome.reason) for p in batch)
             return
@@ -406,7 +405,7 @@ class IngestPipeline:
         if time.monotonic() - run.last_save > self.index_save_seconds:
             self.service.index.save()
             run.last_save = time.monotonic()
-        run.add_seconds({"write": time.perf_counter() - tick})
+        run.add_seconds({"write": outcome.seconds["write"] + time.perf_counter() - tick})
         report.ingested += len(batch)
         self.notify(report)
 
