@@ -207,7 +207,8 @@ class IngestSettings(SettingsGroup):
     """Reading and decoding sources."""
 
     decode_workers: int = Field(
-        -1, ge=-1, le=64, description="Decode processes; -1 = one per spare core, 0 = in-process."
+        -1, ge=-1, le=64, description="Decode processes; -1 = one per spare core (at most 8 when encoding on the CPU), "
+        "0 = in-process."
     )
     max_image_pixels: int = Field(
         80_000_000, ge=1, description="Largest decoded value count of an image: rows x cols x samples of the one frame decoded."

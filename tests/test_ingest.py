@@ -214,3 +214,14 @@ def test_ingest_fitted_on_the_encoders_device_stores_what_the_cpu_fit_stores(set
             assert np.allclose(vectors[key][sha], vector, atol=1e-4), sha
     assert 1 <= reports["encoder", 2].shared_frames <= 9 and reports["encoder", 0].shared_frames == 0
     assert reports["encoder", 2].as_dict()["device_fit"] == {"frames": 9, "shared_memory": reports["encoder", 2].shared_frames}
+
+
+def test_decode_workers_default_to_every_spare_core_for_a_gpu_encoder_and_at_most_8_for_a_cpu_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from retrieval.ingest import pipeline
+
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 16)
+    assert pipeline.decode_worker_count(-1, gpu_encoder=True) == 15  # the GPU machine: decoding is the bound
+    assert pipeline.decode_worker_count(-1) == 8  # a CPU encoder is the bound: workers would only take its cores
+    assert pipeline.decode_worker_count(4, gpu_encoder=True) == 4 and pipeline.decode_worker_count(0) == 0
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+    assert pipeline.decode_worker_count(-1) == pipeline.decode_worker_count(-1, gpu_encoder=True) == 1
