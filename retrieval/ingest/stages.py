@@ -8,11 +8,12 @@ back the ones before it instead of letting decoded images pile up in memory.
 
 Contract:
 
-* :meth:`Stage.put` blocks while the inbox is full. If the stage's function has raised, ``put`` raises
-  :class:`StageFailed` from that error instead; the stage drops what is still queued (a failing stage
-  never blocks its feeders).
-* :meth:`Stage.close` lets the queued items run, ends the thread and raises :class:`StageFailed` if the
-  function raised; closing twice is harmless. :func:`abandon` ends stages without running what is still
+* :meth:`Stage.put` blocks while the inbox is full. If the stage's function has raised, ``put`` raises that
+  same error instead (its type kept, so a :class:`~retrieval.errors.RetrievalError` still reaches the CLI's
+  and the API's error handling; a note names the stage); the stage drops what is still queued (a failing
+  stage never blocks its feeders).
+* :meth:`Stage.close` lets the queued items run, ends the thread and raises the function's error if it
+  raised; closing twice is harmless. :func:`abandon` ends stages without running what is still
   queued (after an error or an interrupt: each finishes the item in hand and drops the rest).
 """
 
@@ -29,10 +30,7 @@ logger = logging.getLogger(__name__)
 Item = TypeVar("Item")
 
 _END = object()
-
-
-class StageFailed(RuntimeError):
-    """A stage's function raised; ``__cause__`` is its error."""
+_NOTE = "(in the ingest stage"
 
 
 class Stage(Generic[Item]):
@@ -61,7 +59,7 @@ class Stage(Generic[Item]):
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise StageFailed(f"ingest stage {self.name!r} failed: {self._error}") from self._error
+            raise self._error
 
     def _run(self) -> None:
         while (item := self._inbox.get()) is not _END:
@@ -70,7 +68,9 @@ class Stage(Generic[Item]):
             try:
                 self._work(item)
             except BaseException as exc:  # noqa: BLE001 - handed to whoever puts or closes next
-                logger.exception("ingest stage %s failed", self.name)
+                logger.debug("ingest stage %s failed", self.name, exc_info=True)
+                if not any(note.startswith(_NOTE) for note in getattr(exc, "__notes__", [])):  # the stage it began in
+                    exc.add_note(f"{_NOTE} {self.name!r})")
                 self._error = exc
 
 
