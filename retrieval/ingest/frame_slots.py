@@ -15,6 +15,9 @@ Contract:
 * A worker's :func:`offer` never waits: with no free slot, or a frame larger than a slot, it returns None
   and the frame travels inline (pickled) instead. So results consumed in order can never deadlock on slots.
 * A slot's frame is valid until the pipeline :meth:`~FrameSlots.release`\\ s it, once copied out.
+* A SIGKILLed pipeline leaves no block behind: its workers end with it (:mod:`retrieval.ingest.lifeline`), and
+  multiprocessing's resource tracker then unlinks the block it registered (checked by hand, 2026-11-30). Only
+  killing the tracker too (a whole process group) leaves it in ``/dev/shm``.
 * Slots are sized to what ``/dev/shm`` can hold: a container's small default (64 MB) gets fewer slots, or
   none, rather than a SIGBUS when a page of an over-committed block is touched.
 """
