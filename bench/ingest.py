@@ -174,10 +174,10 @@ def main() -> None:
               f"{s['write']:>9.1f}{s['wall']:>8.1f}{r['encoder_busy_fraction']:>10.2f}{r['peak_rss_mb_main']:>8.0f}"
               f"{r['stored_bytes_per_image']:>14.0f}{r['source_bytes_per_image']:>14.0f}")
     if args.scale:
-        for kind in args.kind.split(","):
-            small, large = [r for r in rows if r["kind"] == kind][:2]
+        for kind, fit in [(kind, fit) for kind in args.kind.split(",") for fit in args.fit_device.split(",")]:
+            small, large = [r for r in rows if (r["kind"], r["fit_device"]) == (kind, fit) and r["cache"] != "warm"][:2]
             growth = large["peak_rss_mb_main"] / small["peak_rss_mb_main"] - 1
-            print(f"{kind}: peak RSS {small['peak_rss_mb_main']:.0f} MB at {small['count']} -> "
+            print(f"{kind} (fit {fit}): peak RSS {small['peak_rss_mb_main']:.0f} MB at {small['count']} -> "
                   f"{large['peak_rss_mb_main']:.0f} MB at {large['count']} images ({growth:+.1%})")
     import torch
 
