@@ -11,6 +11,11 @@ Prints a table and writes JSON to ``bench/results/``. Example::
 
     python -m bench.encode --device cpu --sizes 384 --ref-images 2 --images 8 --batch 4
     python -m bench.encode --device cuda --sizes 384,1024 --ref-images 20 --images 512 --batch 32,64 --compile
+    python -m bench.encode --device cuda --sizes 384 --images 256 --batch 64 --compile --profile
+
+``--profile`` also runs two batches of each of our configurations under ``torch.profiler`` and writes the
+operators by their own device time (CPU time on a CPU) to ``<out>/encode-profile-<device>-<path>-<size>-<batch>.txt``,
+with the top ten in the row's ``profile_top``: where the encoder's time goes, for issue 18's item 2.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import datetime as dt
 import platform
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,7 +78,7 @@ def bench_reference(size: int, images: int, device: torch.device) -> dict[str, A
 
 
 def bench_ours(size: int, images: int, batch: int, device: torch.device, precision: str, compile_model: bool,
-               runtime: str, data_dir: str) -> dict[str, Any]:
+               runtime: str, data_dir: str, profile_to: str | None = None) -> dict[str, Any]:
     encoder = MedVAEEncoder(
         Settings(weights="random", input_size=size, device=device.type, precision=precision, batch_size=batch,
                  compile="on" if compile_model else "off", runtime=runtime, data_dir=data_dir)  # compiled: this batch
@@ -91,9 +97,32 @@ def bench_ours(size: int, images: int, batch: int, device: torch.device, precisi
         pool(encoder.s2_latent(encoder.encode(pixels)), spec)
     _sync(device)
     seconds = (time.perf_counter() - start) / (steps * batch)
-    return {"path": "ours" + ("+compile" if compile_model else ""), "size": size, "batch": batch,
-            "precision": encoder.precision_label, "ms_per_image": seconds * 1e3, "images_per_s": 1 / seconds,
-            "peak_mb": _peak_memory_mb(device)}
+    path = "ours" + ("+compile" if compile_model else "")
+    row = {"path": path, "size": size, "batch": batch, "precision": encoder.precision_label,
+           "ms_per_image": seconds * 1e3, "images_per_s": 1 / seconds, "peak_mb": _peak_memory_mb(device)}
+    if profile_to is not None:
+        row["profile_top"] = _profile(lambda: pool(encoder.s2_latent(encoder.encode(pixels)), spec), device,
+                                      f"{profile_to}/encode-profile-{device.type}-{path.replace('+', '-')}-{size}-{batch}.txt")
+    return row
+
+
+def _profile(step: Any, device: torch.device, table_path: str) -> list[dict[str, Any]]:
+    """Two ``step()`` calls under torch.profiler: the operator table (by own device time; CPU time on a CPU) to
+    ``table_path``, and the top ten as ``[{"op", "self_ms", "calls"}]`` per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        _sync(device)
+    events = prof.key_averages()
+    own = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    Path(table_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(table_path).write_text(events.table(sort_by=own, row_limit=40))
+    top = sorted(events, key=lambda event: getattr(event, own), reverse=True)[:10]
+    return [{"op": event.key, "self_ms": round(getattr(event, own) / 1e3 / 2, 3), "calls": event.count // 2}
+            for event in top]
 
 
 def main() -> None:
@@ -108,6 +137,7 @@ def main() -> None:
     parser.add_argument("--runtime", default="auto", help="auto | torch | openvino (CPU; comma-separated to compare)")
     parser.add_argument("--data-dir", default="data", help="where the OpenVINO runtime caches its converted model")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--profile", action="store_true", help="also profile each of our configurations (see above)")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows: list[dict[str, Any]] = []
@@ -117,7 +147,8 @@ def main() -> None:
         for batch, runtime in ((int(b), r) for b in args.batch.split(",") for r in args.runtime.split(",")):
             for compiled in ([False, True] if args.compile else [False]):
                 try:
-                    row = bench_ours(size, args.images, batch, device, args.precision, compiled, runtime, args.data_dir)
+                    row = bench_ours(size, args.images, batch, device, args.precision, compiled, runtime, args.data_dir,
+                                     profile_to=args.out if args.profile else None)
                 except torch.OutOfMemoryError:
                     row = {"path": "ours", "size": size, "batch": batch, "error": "out of memory"}
                 if "images_per_s" in row:
