@@ -178,11 +178,17 @@ class SpaceService:
     def query_input(self, decoded: DecodedImage | Volume) -> np.ndarray | torch.Tensor:
         """:meth:`model_input` for a query: fitted on the encoder's device where ``query.fit_device`` says so (2-D
         images stretched to the square: :mod:`retrieval.imaging.device_fit`), else on the CPU."""
-        choice = self.settings.query.fit_device
-        on_device = choice == "encoder" or (choice == "auto" and self.encoder.device.type == "cuda")
-        if on_device and isinstance(decoded, DecodedImage) and self.preprocessing.version == PREPROCESSING_VERSIONS["stretch"]:
+        if isinstance(decoded, DecodedImage) and self.fits_on_device(self.settings.query.fit_device):
             return device_fit.stretch_to_square(decoded.pixels, self.preprocessing.input_size, self.encoder.device)
         return self.model_input(decoded)
+
+    def fits_on_device(self, choice: str) -> bool:
+        """Whether 2-D images are fitted on the encoder's device for a ``fit_device`` setting (``query.fit_device``,
+        ``ingest.fit_device``): ``encoder``, or ``auto`` on a GPU. Only the stretch fit has a device twin
+        (:mod:`retrieval.imaging.device_fit`): volumes and letterboxed spaces are fitted on the CPU whatever it says."""
+        if choice == "cpu" or self.is_volume_space or self.preprocessing.version != PREPROCESSING_VERSIONS["stretch"]:
+            return False
+        return choice == "encoder" or self.encoder.device.type == "cuda"
 
     def embed_pixels(self, pixels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """``(B, S, S)`` normalised pixels -> (z ``(B, C, h, w)``, vectors ``(B, D)`` float32)."""

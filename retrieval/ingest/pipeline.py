@@ -35,7 +35,6 @@ from retrieval.domain.metadata import (
 )
 from retrieval.errors import reason_of
 from retrieval.imaging import device_fit
-from retrieval.imaging.preprocess import PREPROCESSING_VERSIONS
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.ingest.frame_slots import FrameSlots
 from retrieval.ingest.prepare import (
@@ -113,15 +112,6 @@ def make_executor(workers: int, *, frame_slots: int = 0) -> tuple[Executor | _In
         initargs=(os.getpid(), context.Lock(), slots.handle() if slots is not None else None),
     )
     return executor, slots
-
-
-def fits_on_device(service: SpaceService) -> bool:
-    """Whether ingest maps and fits 2-D images on the encoder's device (``ingest.fit_device``; auto: a GPU).
-    Only the stretch fit has a device twin (:mod:`retrieval.imaging.device_fit`)."""
-    choice = service.settings.ingest.fit_device
-    if choice == "cpu" or service.is_volume_space or service.preprocessing.version != PREPROCESSING_VERSIONS["stretch"]:
-        return False
-    return choice == "encoder" or service.encoder.device.type == "cuda"
 
 
 def prepare_options(service: SpaceService) -> PrepareOptions:
@@ -249,6 +239,10 @@ class RunState:
     last_save: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def fail(self, batch: list[Prepared], outcome: BatchOutcome) -> None:
+        """Record every image of a batch as failed at the outcome's stage, with its reason."""
+        self.report.failures.extend(Failure(p.item.display, outcome.stage, outcome.reason) for p in batch)
+
     def add_seconds(self, spent: dict[str, float]) -> None:
         """Add to the report's step timings (stages on several threads add to the same ones)."""
         with self._lock:
@@ -321,7 +315,7 @@ class IngestPipeline:
         workers = decode_worker_count(self.settings.ingest.decode_workers,
                                       gpu_encoder=self.service.encoder.device.type == "cuda")
         lookahead = 2 * batch_size + workers  # decoded images waiting for the encoder, at most
-        self.options = replace(self.options, fit_on_device=fits_on_device(self.service))
+        self.options = replace(self.options, fit_on_device=self.service.fits_on_device(self.settings.ingest.fit_device))
         executor, self.slots = make_executor(workers, frame_slots=lookahead + 2 * workers if self.options.fit_on_device else 0)
         run = RunState(report=report, seen=SeenInRun())
         write = Stage("ingest-write", lambda outcome: self._write(outcome, run))
@@ -389,7 +383,7 @@ class IngestPipeline:
         outcome = encode_batch(self.service, batch)
         run.add_seconds(outcome.seconds)
         if outcome.failed:
-            run.report.failures.extend(Failure(p.item.display, outcome.stage, outcome.reason) for p in batch)
+            run.fail(batch, outcome)
             return
         write.put((batch, outcome))
 
@@ -399,7 +393,7 @@ class IngestPipeline:
         report = run.report
         outcome = write_encoded(self.service, outcome, job_id=self.job_id)
         if outcome.failed:
-            report.failures.extend(Failure(p.item.display, outcome.stage, outcome.reason) for p in batch)
+            run.fail(batch, outcome)
             return
         tick = time.perf_counter()
         # add what the database committed (ours and any concurrent writer's), never only ours
