@@ -12,6 +12,7 @@ Prints a table and writes JSON to ``bench/results/``. Example::
     python -m bench.encode --device cpu --sizes 384 --ref-images 2 --images 8 --batch 4
     python -m bench.encode --device cuda --sizes 384,1024 --ref-images 20 --images 512 --batch 32,64 --compile
     python -m bench.encode --device cuda --sizes 384 --images 256 --batch 64 --compile --profile
+    python -m bench.encode --device cuda --sizes 384 --images 512 --batch 64 --compile --cudnn-benchmark off,on
 
 ``--profile`` also runs two batches of each of our configurations under ``torch.profiler`` and writes the
 operators by their own device time (CPU time on a CPU) to ``<out>/encode-profile-<device>-<path>-<size>-<batch>.txt``,
@@ -78,7 +79,8 @@ def bench_reference(size: int, images: int, device: torch.device) -> dict[str, A
 
 
 def bench_ours(size: int, images: int, batch: int, device: torch.device, precision: str, compile_model: bool,
-               runtime: str, data_dir: str, profile_to: str | None = None) -> dict[str, Any]:
+               runtime: str, data_dir: str, profile_to: str | None = None, cudnn_benchmark: bool = False) -> dict[str, Any]:
+    torch.backends.cudnn.benchmark = cudnn_benchmark  # cuDNN times its algorithms per shape (CUDA only)
     encoder = MedVAEEncoder(
         Settings(weights="random", input_size=size, device=device.type, precision=precision, batch_size=batch,
                  compile="on" if compile_model else "off", runtime=runtime, data_dir=data_dir)  # compiled: this batch
@@ -97,8 +99,8 @@ def bench_ours(size: int, images: int, batch: int, device: torch.device, precisi
         pool(encoder.s2_latent(encoder.encode(pixels)), spec)
     _sync(device)
     seconds = (time.perf_counter() - start) / (steps * batch)
-    path = "ours" + ("+compile" if compile_model else "")
-    row = {"path": path, "size": size, "batch": batch, "precision": encoder.precision_label,
+    path = "ours" + ("+compile" if compile_model else "") + ("+cudnn-bench" if cudnn_benchmark else "")
+    row = {"path": path, "size": size, "batch": batch, "precision": encoder.precision_label, "cudnn_benchmark": cudnn_benchmark,
            "ms_per_image": seconds * 1e3, "images_per_s": 1 / seconds, "peak_mb": _peak_memory_mb(device)}
     if profile_to is not None:
         row["profile_top"] = _profile(lambda: pool(encoder.s2_latent(encoder.encode(pixels)), spec), device,
@@ -138,6 +140,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data", help="where the OpenVINO runtime caches its converted model")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--profile", action="store_true", help="also profile each of our configurations (see above)")
+    parser.add_argument("--cudnn-benchmark", default="off",
+                        help="off | on | off,on: torch.backends.cudnn.benchmark for our rows (CUDA: cuDNN picks the fastest "
+                             "convolution algorithm per shape)")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows: list[dict[str, Any]] = []
@@ -145,10 +150,12 @@ def main() -> None:
         reference = bench_reference(size, args.ref_images, device)
         rows.append(reference)
         for batch, runtime in ((int(b), r) for b in args.batch.split(",") for r in args.runtime.split(",")):
-            for compiled in ([False, True] if args.compile else [False]):
+            variants = [(compiled, benchmark == "on") for compiled in ([False, True] if args.compile else [False])
+                        for benchmark in args.cudnn_benchmark.split(",")]
+            for compiled, cudnn_benchmark in variants:
                 try:
                     row = bench_ours(size, args.images, batch, device, args.precision, compiled, runtime, args.data_dir,
-                                     profile_to=args.out if args.profile else None)
+                                     profile_to=args.out if args.profile else None, cudnn_benchmark=cudnn_benchmark)
                 except torch.OutOfMemoryError:
                     row = {"path": "ours", "size": size, "batch": batch, "error": "out of memory"}
                 if "images_per_s" in row:
@@ -159,12 +166,12 @@ def main() -> None:
         "date": dt.date.today().isoformat(), "device": device_name, "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(), "rows": rows,
     }
-    print(f"{'path':<16}{'size':>6}{'batch':>7}{'precision':>15}{'ms/img':>11}{'img/s':>10}{'peak MB':>10}{'speed-up':>10}")
+    print(f"{'path':<28}{'size':>6}{'batch':>7}{'precision':>15}{'ms/img':>11}{'img/s':>10}{'peak MB':>10}{'speed-up':>10}")
     for row in rows:
         if "error" in row:
-            print(f"{row['path']:<16}{row['size']:>6}{row['batch']:>7}  {row['error']}")
+            print(f"{row['path']:<28}{row['size']:>6}{row['batch']:>7}  {row['error']}")
             continue
-        print(f"{row['path']:<16}{row['size']:>6}{row['batch']:>7}{row['precision']:>15}{row['ms_per_image']:>11.1f}"
+        print(f"{row['path']:<28}{row['size']:>6}{row['batch']:>7}{row['precision']:>15}{row['ms_per_image']:>11.1f}"
               f"{row['images_per_s']:>10.2f}{row['peak_mb']:>10.0f}{row.get('speedup_vs_medvae', 1.0):>10.1f}")
     path = write_result(args.out, f"encode-{device.type}", result)
     print(f"wrote {path} ({device_name}, torch {torch.__version__})")

@@ -10,12 +10,17 @@
 #
 # Steps: (1) the device fit (decisions 35, 36) against the Pillow fit on the GPU, from [0, 1] pixels and from stored
 # 16-bit values with a DICOM window; (2) bench/encode.py: medvae's
-# reference, ours eager and ours compiled (AOTInductor, decision 34) at batch 64, each profiled (item 2: where its time goes); (3) bench/ingest.py on 2048²
-# 16-bit PNG with a cold and a warm start (load seconds: the <= 10 s target); (4) the same on uncompressed DICOM.
+# reference, ours eager and ours compiled (AOTInductor, decision 34) at batch 64, each with cuDNN's algorithm search off and on,
+# each profiled (item 2: where its time goes); (3) bench/ingest.py on 2048²
+# 16-bit PNG with a cold and a warm start (load seconds: the <= 10 s target); (4) uncompressed DICOM, mapped and
+# fitted by the decode workers (cpu) and on the GPU (encoder), both loading step 3's compiled package.
 # Ingest on the GPU maps and fits there (RETRIEVAL_INGEST_FIT_DEVICE auto, decision 36): its rows' device_fit
 # says how many frames came through shared memory. (5) bench/api.py: a 2048² 16-bit PNG upload searched over
 # HTTP, micro-batched (item 4's p50 <= 20 ms); last, and allowed to fail without losing the rest.
-# STEPS="2 3" runs only those steps (default: all five).
+# STEPS="2 3" runs only those steps (default: all five). One device call that keeps each step's failure from stopping the
+# rest and brings every file back in one archive (the tool returns at most 8 files), stopping itself before the call's limit:
+#   D=$OUT; export OUT=/tmp/res; mkdir -p $OUT; timeout -k 5 510 bash -c 'for s in 1 2 3 4 5; do STEPS=$s bash
+#   bench/gpu_session.sh || echo "STEP $s FAILED"; done' >$OUT/log 2>&1; grep -v USDT $OUT/log; tar czf $D/res.tgz -C $OUT .
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,8 +47,9 @@ step() { [[ " $STEPS " == *" $1 "* ]]; }
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if [ -d .whl ] && [ "$DEVICE" = "cuda" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if [ -d .whl ] && [ "$DEVICE" = "cuda" ]; then  # once per machine (STEPS=1, STEPS=2, ... in turn install once)
+  [ -d /tmp/site/medvae ] ||
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 if [ "$DEVICE" = "cuda" ]; then
@@ -82,15 +88,17 @@ fi
 
 step 2 && echo "== 2. encoder: medvae's path, ours eager, ours compiled (AOTInductor)" &&
 python3 -m bench.encode --device "$DEVICE" --sizes "$SIZE" --ref-images 4 --images "$IMAGES" --batch "$BATCH" \
-  --compile --runtime torch --data-dir /tmp/encode-data --profile --out "$OUT"
+  --compile --runtime torch --data-dir /tmp/encode-data --profile --cudnn-benchmark off,on --out "$OUT"
 
 step 3 && echo "== 3. ingest, 16-bit PNG, cold then warm start" &&
 python3 -m bench.ingest --kind png --count "$COUNT" --size "$SOURCE" --input-size "$SIZE" --batch "$BATCH" \
-  --workers "$WORKERS" --device "$DEVICE" --compile on --warm-start --out "$OUT" --name "ingest-png-$DEVICE"
+  --workers "$WORKERS" --device "$DEVICE" --compile on --warm-start --compile-cache /tmp/compile-cache \
+  --out "$OUT" --name "ingest-png-$DEVICE"
 
-step 4 && echo "== 4. ingest, uncompressed DICOM" &&
+step 4 && echo "== 4. ingest, uncompressed DICOM, fitted by the decode workers and on the GPU (step 3's compile cache)" &&
 python3 -m bench.ingest --kind dicom --count "$COUNT" --size "$SOURCE" --input-size "$SIZE" --batch "$BATCH" \
-  --workers "$WORKERS" --device "$DEVICE" --compile on --out "$OUT" --name "ingest-dicom-$DEVICE"
+  --workers "$WORKERS" --device "$DEVICE" --compile on --fit-device cpu,encoder --compile-cache /tmp/compile-cache \
+  --out "$OUT" --name "ingest-dicom-$DEVICE"
 if step 5; then
   echo "== 5. search over HTTP with a 2048² 16-bit PNG upload (micro-batching: auto, on with CUDA)"
   python3 -m bench.api --clients 1,4 --seconds "$API_SECONDS" --input-size "$SIZE" --image-size "$SOURCE" \

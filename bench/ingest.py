@@ -10,6 +10,7 @@ compares peak RSS (memory must stay flat as the archive grows). ``--warm-start``
 twice, each time in a new process with an empty inductor cache (as on a new machine), the second time
 with the first one's compile cache (``retrieval/model/compile_cache.py``) copied into its data dir:
 rows ``"cache": "cold"`` and ``"warm"``, whose ``load`` seconds are the start-up cost (issue 18, item 3).
+``--compile-cache DIR`` keeps the compiled packages in DIR across rows and runs, so that only the first compiles.
 ``--fit-device cpu,encoder`` ingests each folder once per ``RETRIEVAL_INGEST_FIT_DEVICE``: the decode workers'
 CPU per image with and without the mapping and fitting, which ``encoder`` moves to the encoder's device
 (``device_fit_ms_per_image``: what that costs the pipeline's thread; on a GPU, issuing the work).
@@ -18,6 +19,7 @@ CPU per image with and without the mapping and fitting, which ``encoder`` moves 
     python -m bench.ingest --kind dicom --count 50 --scale
     python -m bench.ingest --kind png --count 64 --device cuda --warm-start
     python -m bench.ingest --kind png,dicom --count 32 --fit-device cpu,encoder
+    python -m bench.ingest --kind dicom --count 128 --device cuda --fit-device cpu,encoder --compile-cache /tmp/cc
 """
 
 from __future__ import annotations
@@ -131,6 +133,9 @@ def main() -> None:
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="RETRIEVAL_COMPILE")
     parser.add_argument("--fit-device", default="auto", help="RETRIEVAL_INGEST_FIT_DEVICE, or several: cpu,encoder")
     parser.add_argument("--warm-start", action="store_true", help="each folder twice: without, then with, a compile cache")
+    parser.add_argument("--compile-cache", default="", metavar="DIR",
+                        help="a compile-cache folder kept across runs: copied into each data dir first (but a --warm-start "
+                             "cold row's), and each run's packages copied back into it (one compile per bench, not per row)")
     parser.add_argument("--scale", action="store_true", help="compare peak RSS at count and 10x count")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="", help="result file: <out>/<name>-<date>.json (default ingest-<device>)")
@@ -155,6 +160,8 @@ def main() -> None:
                     if start == "warm":  # a new data dir holding only the cold start's compile cache
                         shutil.copytree(Path(tmp) / f"data-{kind}-{count}-{fit}-cold" / "compile-cache",
                                         data_dir / "compile-cache")
+                    elif start == "" and args.compile_cache and Path(args.compile_cache).is_dir():
+                        shutil.copytree(args.compile_cache, data_dir / "compile-cache")
                     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"inductor-{kind}-{count}-{fit}-{start}"))
                     child = subprocess.run(
                         [sys.executable, "-m", "bench.ingest", "--one", str(folder), str(data_dir), "--input-size",
@@ -163,6 +170,8 @@ def main() -> None:
                         capture_output=True, text=True, check=True, env=env,
                     )
                     row = json.loads(child.stdout.strip().splitlines()[-1])
+                    if args.compile_cache and (data_dir / "compile-cache").is_dir():
+                        shutil.copytree(data_dir / "compile-cache", args.compile_cache, dirs_exist_ok=True)
                     row.update(kind=kind, count=count, size=args.size, source_bytes_per_image=source_bytes / count,
                                generate_seconds=generated)
                     rows.append(row)
