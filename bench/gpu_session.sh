@@ -46,7 +46,7 @@ STEPS="${STEPS:-1 2 3 4 5}"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a crash prints every thread's Python stack
 if [ -d .whl ] && [ "$DEVICE" = "cuda" ]; then  # once per machine (STEPS=1, STEPS=2, ... in turn install once)
   [ -d /tmp/site/medvae ] ||
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import tiny_settings
 from torch import nn
 
+from retrieval.model import compile_cache, encoder
 from retrieval.model.compile_cache import load_or_compile, package_path
+from retrieval.model.encoder import MedVAEEncoder
 
 
 def test_the_package_is_compiled_once_and_later_starts_load_it_without_compiling(
@@ -21,7 +26,9 @@ def test_the_package_is_compiled_once_and_later_starts_load_it_without_compiling
     path = package_path(tmp_path / "compile-cache", {"model": "tiny", "input_size": 8, "batch_size": 2})
     assert path != package_path(tmp_path / "compile-cache", {"model": "tiny", "input_size": 16, "batch_size": 2})
     run, state = load_or_compile(module, example, path)
-    assert state == "cold" and path.is_file() and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert state == "cold" and path.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".probe"]
+    assert (path.parent / (path.name + ".probe")).read_text() == "ran\n"  # loaded and run in a child process first
     assert torch.allclose(run(example), expected, atol=1e-5)
 
     def compiling(*_args: object, **_kwargs: object) -> None:
@@ -35,3 +42,49 @@ def test_the_package_is_compiled_once_and_later_starts_load_it_without_compiling
     path.write_bytes(path.read_bytes()[:1000])  # damaged: logged, compiled again, replaced
     run, state = load_or_compile(module, example, path)
     assert state == "cold" and "not loaded" in caplog.text and torch.allclose(run(example), expected, atol=1e-5)
+
+
+def _crashing_probe(*_args: object) -> list[str]:
+    """A test process that dies as the H200's did on loading a package (SIGSEGV, 2026-11-30)."""
+    return [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+
+
+def test_a_package_that_crashes_its_test_process_is_never_loaded_and_the_start_goes_on_uncompiled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.SiLU()).eval()
+    example = torch.randn(2, 2, 8, 8)
+    path = package_path(tmp_path / "compile-cache", {"model": "tiny", "input_size": 8, "batch_size": 2})
+    loaded: list[str] = []
+    real_load = torch._inductor.aoti_load_package
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda p: loaded.append(p) or real_load(p))
+    with monkeypatch.context() as patched:
+        patched.setattr(compile_cache, "_probe_command", _crashing_probe)
+        run, state = load_or_compile(module, example, path)
+    assert (run, state) == (None, "unusable") and loaded == []
+    assert path.is_file() and (path.parent / (path.name + ".probe")).read_text() == "crashed: SIGSEGV\n"
+    assert "is not loaded" in caplog.text and "SIGSEGV" in caplog.text and str(path) in caplog.text
+
+    def never(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a later start probed or compiled again")
+
+    with monkeypatch.context() as patched:  # a later start: the kept verdict, no second probe, no rebuild
+        patched.setattr(compile_cache, "_probe_command", never)
+        patched.setattr(torch.export, "export", never)
+        assert load_or_compile(module, example, path) == (None, "unusable") and loaded == []
+
+    (path.parent / (path.name + ".probe")).unlink()  # the way to try again (after a PyTorch upgrade, say)
+    run, state = load_or_compile(module, example, path)
+    assert state == "warm" and loaded == [str(path)] and run is not None
+
+
+def test_an_encoder_whose_package_is_unusable_encodes_uncompiled_the_same_vectors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encoder, "load_or_compile", lambda *_args: (None, "unusable"))
+    settings = tiny_settings(tmp_path, weights="random", compile="on", batch_size=2)
+    compiled = MedVAEEncoder(settings)
+    assert compiled.compile_cache == "unusable" and not compiled.compiled
+    pixels = np.random.default_rng(0).random((3, 64, 64), dtype=np.float32)  # not a multiple of batch_size
+    eager = MedVAEEncoder(tiny_settings(tmp_path, weights="random", compile="off", batch_size=2))
+    assert torch.equal(compiled.encode(pixels), eager.encode(pixels))

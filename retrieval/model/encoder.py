@@ -101,13 +101,15 @@ class MedVAEEncoder:
         self.openvino = self._openvino(settings.model.runtime)
         self._decoder_ov: OpenVinoModule | None = None
         self._compiled_posterior: Any = None  # the AOTInductor package's runner, when compiled
-        self.compile_cache: str | None = None  # "cold" (built at this start) | "warm" (loaded) when compiled
+        # when compiled: "cold" (built at this start) | "warm" (loaded) | "unusable" (it crashed a test process)
+        self.compile_cache: str | None = None
         if self.compiled:  # at load, from the data dir's package when it has this encoder's (decision 34)
             size, batch = settings.model.input_size, settings.model.batch_size
             example = self.to_model_input(np.zeros((batch, size, size), np.float32))
             self._compiled_posterior, self.compile_cache = load_or_compile(
                 AutocastPosteriorMode(self.model, self.device.type, self.autocast_dtype), example,
                 self._compiled_package_path(fold=fold, fused_attention=fused_attention))
+            self.compiled = self._compiled_posterior is not None  # unusable: the eager model, any batch size
         logger.info(
             "MedVAE %s loaded (%s) on %s, precision %s",
             self.architecture.name,
