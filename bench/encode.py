@@ -13,6 +13,7 @@ Prints a table and writes JSON to ``bench/results/``. Example::
     python -m bench.encode --device cuda --sizes 384,1024 --ref-images 20 --images 512 --batch 32,64 --compile
     python -m bench.encode --device cuda --sizes 384 --images 256 --batch 64 --compile --profile
     python -m bench.encode --device cuda --sizes 384 --images 512 --batch 64 --compile --cudnn-benchmark off,on
+    python -m bench.encode --device cuda --sizes 384 --images 512 --batch 64 --precision bf16,bf16-weights
 
 ``--profile`` also runs two batches of each of our configurations under ``torch.profiler`` and writes the
 operators by their own device time (CPU time on a CPU) to ``<out>/encode-profile-<device>-<path>-<size>-<batch>.txt``,
@@ -99,12 +100,14 @@ def bench_ours(size: int, images: int, batch: int, device: torch.device, precisi
         pool(encoder.s2_latent(encoder.encode(pixels)), spec)
     _sync(device)
     seconds = (time.perf_counter() - start) / (steps * batch)
-    path = "ours" + ("+compile" if compile_model else "") + ("+cudnn-bench" if cudnn_benchmark else "")
+    compiled = "+compile" if encoder.compiled else "+compile-unusable" if compile_model else ""  # unusable: ran eager
+    path = "ours" + compiled + ("+cudnn-bench" if cudnn_benchmark else "")
     row = {"path": path, "size": size, "batch": batch, "precision": encoder.precision_label, "cudnn_benchmark": cudnn_benchmark,
+           "compile_cache": encoder.compile_cache,  # "unusable": the package crashed its test process, so this ran eager
            "ms_per_image": seconds * 1e3, "images_per_s": 1 / seconds, "peak_mb": _peak_memory_mb(device)}
     if profile_to is not None:
         row["profile_top"] = _profile(lambda: pool(encoder.s2_latent(encoder.encode(pixels)), spec), device,
-                                      f"{profile_to}/encode-profile-{device.type}-{path.replace('+', '-')}-{size}-{batch}.txt")
+                                      f"{profile_to}/encode-profile-{device.type}-{path.replace('+', '-')}-{row['precision']}-{size}-{batch}.txt")
     return row
 
 
@@ -134,7 +137,7 @@ def main() -> None:
     parser.add_argument("--ref-images", type=int, default=2)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--batch", default="4")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default="auto", help="RETRIEVAL_PRECISION, or several: bf16,bf16-weights")
     parser.add_argument("--compile", action="store_true", help="also measure the compiled encoder (AOTInductor package)")
     parser.add_argument("--runtime", default="auto", help="auto | torch | openvino (CPU; comma-separated to compare)")
     parser.add_argument("--data-dir", default="data", help="where the OpenVINO runtime caches its converted model")
@@ -150,11 +153,12 @@ def main() -> None:
         reference = bench_reference(size, args.ref_images, device)
         rows.append(reference)
         for batch, runtime in ((int(b), r) for b in args.batch.split(",") for r in args.runtime.split(",")):
-            variants = [(compiled, benchmark == "on") for compiled in ([False, True] if args.compile else [False])
+            variants = [(precision, compiled, benchmark == "on") for precision in args.precision.split(",")
+                        for compiled in ([False, True] if args.compile else [False])
                         for benchmark in args.cudnn_benchmark.split(",")]
-            for compiled, cudnn_benchmark in variants:
+            for precision, compiled, cudnn_benchmark in variants:
                 try:
-                    row = bench_ours(size, args.images, batch, device, args.precision, compiled, runtime, args.data_dir,
+                    row = bench_ours(size, args.images, batch, device, precision, compiled, runtime, args.data_dir,
                                      profile_to=args.out if args.profile else None, cudnn_benchmark=cudnn_benchmark)
                 except torch.OutOfMemoryError:
                     row = {"path": "ours", "size": size, "batch": batch, "error": "out of memory"}

@@ -10,8 +10,9 @@
 #
 # Steps: (1) the device fit (decisions 35, 36) against the Pillow fit on the GPU, from [0, 1] pixels and from stored
 # 16-bit values with a DICOM window; (2) bench/encode.py: medvae's
-# reference, ours eager and ours compiled (AOTInductor, decision 34) at batch 64, each with cuDNN's algorithm search off and on,
-# each profiled (item 2: where its time goes); (3) bench/ingest.py on 2048²
+# reference, ours eager and ours compiled (AOTInductor, decision 34) at batch 64, each under bf16 autocast and with bf16
+# weights (decision 37), each profiled (item 2: where its time goes; cuDNN's algorithm search changed nothing on
+# 2026-11-30, so it is not repeated); (3) bench/ingest.py on 2048²
 # 16-bit PNG with a cold and a warm start (load seconds: the <= 10 s target); (4) uncompressed DICOM, mapped and
 # fitted by the decode workers (cpu) and on the GPU (encoder), both loading step 3's compiled package.
 # Ingest on the GPU maps and fits there (RETRIEVAL_INGEST_FIT_DEVICE auto, decision 36): its rows' device_fit
@@ -88,7 +89,7 @@ fi
 
 step 2 && echo "== 2. encoder: medvae's path, ours eager, ours compiled (AOTInductor)" &&
 python3 -m bench.encode --device "$DEVICE" --sizes "$SIZE" --ref-images 4 --images "$IMAGES" --batch "$BATCH" \
-  --compile --runtime torch --data-dir /tmp/encode-data --profile --cudnn-benchmark off,on --out "$OUT"
+  --compile --runtime torch --data-dir /tmp/encode-data --profile --precision bf16,bf16-weights --out "$OUT"
 
 step 3 && echo "== 3. ingest, 16-bit PNG, cold then warm start" &&
 python3 -m bench.ingest --kind png --count "$COUNT" --size "$SOURCE" --input-size "$SIZE" --batch "$BATCH" \

@@ -124,8 +124,9 @@ class ModelSettings(SettingsGroup):
         64, ge=16, le=512, description="3-D models: sliding-window size; larger volumes are encoded window by window."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast on CUDA and on CPUs with bf16 units, else fp32."
+    precision: Literal["auto", "fp32", "bf16", "bf16-weights"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA and on CPUs with bf16 units, else fp32. bf16-weights: the "
+        "encoder's weights and activations in bf16, no autocast (PyTorch runtime; the decoder keeps bf16 autocast)."
     )
     runtime: Literal["auto", "torch", "openvino"] = Field(
         "auto", description="2-D encoding on the CPU: auto = OpenVINO when installed (1.3-1.4x PyTorch, measured), else torch."

@@ -161,6 +161,25 @@ def test_openvino_runtime_equals_torch_and_caches_its_conversion(encoder: MedVAE
     assert relative < 5e-2, relative  # bf16 tolerance, as PyTorch's bf16 autocast
 
 
+def test_bf16_weights_hold_the_encoder_in_bf16_and_stay_within_bf16_tolerance(encoder: MedVAEEncoder, tmp_path: Path) -> None:
+    pixels = np.stack([synthetic_image(seed, size=64) for seed in range(3)]).astype(np.float32)
+    expected = encoder.encode(pixels)  # PyTorch fp32
+    held = MedVAEEncoder(tiny_settings(tmp_path, precision="bf16-weights", runtime="auto"))
+    assert held.precision_label == "bf16-weights" and held.openvino is None  # auto picks PyTorch for bf16 weights
+    assert {p.dtype for p in held.model.encoder.parameters()} == {p.dtype for p in held.model.quant_conv.parameters()} == {
+        torch.bfloat16}
+    assert {p.dtype for p in held.model.decoder.parameters()} == {p.dtype for p in held.model.channel_proj.parameters()} == {
+        torch.float32}
+    z = held.encode(pixels)
+    assert z.dtype == torch.float32 and z.shape == expected.shape
+    relative = float((z - expected).norm() / expected.norm())
+    assert relative < 5e-2, relative  # bf16 tolerance, as PyTorch's bf16 autocast
+    assert torch.equal(held.encode(pixels[1:2])[0], z[1])
+    assert held.decode(z).shape == (3, 64, 64) and held.s2_latent(z).dtype == torch.float32
+    with pytest.raises(ConfigurationError, match="precision auto, fp32 or bf16"):
+        MedVAEEncoder(tiny_settings(tmp_path, precision="bf16-weights", runtime="openvino"))
+
+
 def test_openvino_runtime_is_refused_where_it_cannot_run(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="2-D models on the CPU only"):
         MedVAEEncoder(tiny_settings(tmp_path, runtime="openvino", model="medvae_4_1_3d", volume_max_voxels=16**3))

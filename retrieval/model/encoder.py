@@ -67,16 +67,18 @@ def cpu_has_bf16() -> bool:
 
 
 class AutocastPosteriorMode(nn.Module):
-    """The posterior mode (:class:`PosteriorMode`) under the encoder's autocast, float32 out: what is compiled."""
+    """The posterior mode (:class:`PosteriorMode`) under the encoder's autocast (``dtype``; None: none), its input cast to
+    ``input_dtype`` (bf16 for bf16 weights), float32 out: what is compiled."""
 
-    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype | None,
+                 input_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.posterior_mode = PosteriorMode(model)
-        self.device_type, self.dtype = device_type, dtype
+        self.device_type, self.dtype, self.input_dtype = device_type, dtype, input_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         with torch.autocast(device_type=self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
-            return self.posterior_mode(x).float()
+            return self.posterior_mode(x.to(self.input_dtype)).float()
 
 
 
@@ -93,6 +95,9 @@ class MedVAEEncoder:
         self.weights: WeightsSource = resolve_weights(settings, self.architecture)
         self.device = self._pick_device(settings.model.device)
         self.autocast_dtype = self._pick_precision(settings.model.precision)
+        # the posterior's modules (encoder, quant_conv) held and run in bf16: no casts around every GroupNorm, which
+        # autocast runs in fp32 (46 % of the eager encoder's GPU time was copies, H200 profile, docs/benchmarks.md)
+        self.bf16_weights = settings.model.precision == "bf16-weights"
         self._lock = threading.Lock()
         # 2-D only: volumes come in many shapes, and each new shape would compile again
         self.compiled = self.dims == 2 and (
@@ -106,8 +111,10 @@ class MedVAEEncoder:
         if self.compiled:  # at load, from the data dir's package when it has this encoder's (decision 34)
             size, batch = settings.model.input_size, settings.model.batch_size
             example = self.to_model_input(np.zeros((batch, size, size), np.float32))
+            posterior = (AutocastPosteriorMode(self.model, self.device.type, None, torch.bfloat16) if self.bf16_weights
+                         else AutocastPosteriorMode(self.model, self.device.type, self.autocast_dtype))
             self._compiled_posterior, self.compile_cache = load_or_compile(
-                AutocastPosteriorMode(self.model, self.device.type, self.autocast_dtype), example,
+                posterior, example,
                 self._compiled_package_path(fold=fold, fused_attention=fused_attention))
             self.compiled = self._compiled_posterior is not None  # unusable: the eager model, any batch size
         logger.info(
@@ -115,7 +122,7 @@ class MedVAEEncoder:
             self.architecture.name,
             self.weights.identity,
             self.device,
-            "bf16-autocast" if self.autocast_dtype else "fp32",
+            self.precision_label,
         )
 
     # -- construction
@@ -131,7 +138,7 @@ class MedVAEEncoder:
     def _pick_precision(self, choice: str) -> torch.dtype | None:
         if choice == "fp32":
             return None
-        if choice == "bf16":
+        if choice in ("bf16", "bf16-weights"):  # bf16 weights: autocast still serves the decoder and the fast s2 head
             return torch.bfloat16
         if self.device.type == "cuda" or cpu_has_bf16():
             return torch.bfloat16
@@ -139,12 +146,13 @@ class MedVAEEncoder:
 
     def _openvino(self, choice: str) -> OpenVinoModule | None:
         """The OpenVINO encoder for CPU encoding (``runtime``: auto = when installed, 2-D, CPU)."""
-        usable = self.device.type == "cpu" and self.dims == 2 and not self.compiled
+        usable = self.device.type == "cpu" and self.dims == 2 and not self.compiled and not self.bf16_weights
         if choice == "torch" or (choice == "auto" and not (usable and openvino_available())):
             return None
         if not usable:
             raise ConfigurationError(
-                "runtime=openvino encodes 2-D models on the CPU only (set RETRIEVAL_RUNTIME=torch or auto)",
+                "runtime=openvino encodes 2-D models on the CPU only, uncompiled, with precision auto, fp32 or bf16 "
+                "(set RETRIEVAL_RUNTIME=torch or auto)",
                 detail={"field": "runtime"},
             )
         if not openvino_available():
@@ -183,7 +191,11 @@ class MedVAEEncoder:
             fold_lora(model)
         if fused_attention:
             use_fused_attention(model)
-        return model.to(self.device).to(memory_format=self._memory_format)
+        model = model.to(self.device).to(memory_format=self._memory_format)
+        if self.bf16_weights:  # the decoder and the stage-2 head keep float32 weights
+            model.encoder.to(torch.bfloat16)
+            model.quant_conv.to(torch.bfloat16)
+        return model
 
     def _compiled_package_path(self, *, fold: bool, fused_attention: bool) -> Path:
         """The compiled package of this encoder: named by what decides its compiled code."""
@@ -193,6 +205,7 @@ class MedVAEEncoder:
             "model": self.architecture.name, "weights": self.weights.identity, "device": device,
             "capability": capability, "input_size": self.settings.model.input_size,
             "batch_size": self.settings.model.batch_size, "autocast": str(self.autocast_dtype),
+            "bf16_weights": self.bf16_weights,
             "channels_last": self.channels_last, "fold": fold, "fused_attention": fused_attention,
         })
 
@@ -221,6 +234,8 @@ class MedVAEEncoder:
     def precision_label(self) -> str:
         if self.openvino is not None:
             return f"openvino-{self.openvino.precision}"
+        if self.bf16_weights:
+            return "bf16-weights"
         return "bf16-autocast" if self.autocast_dtype is not None else "fp32"
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -271,12 +286,14 @@ class MedVAEEncoder:
         if self._compiled_posterior is not None:  # always a full batch_size batch (see encode)
             with self._lock:
                 return self._compiled_posterior(x)
-        with self._lock, self._autocast():
+        with self._lock, (contextlib.nullcontext() if self.bf16_weights else self._autocast()):
             if self._needs_sliding_window(x.shape[2:]):
                 return self._sliding_window(x, self._posterior_mode, roi=self.settings.model.volume_roi)
             return self._posterior_mode(x)
 
     def _posterior_mode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bf16_weights:
+            x = x.to(torch.bfloat16)
         moments = self.model.quant_conv(self.model.encoder(x))
         mean, _logvar = torch.chunk(moments.float(), 2, dim=1)
         return mean
