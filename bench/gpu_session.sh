@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Issue 18's GPU figures in one device run (planned at about 9 minutes on the H200 with all five steps; STEPS can split them over two runs), prepared so that a session
+# Issue 18's GPU figures in one device run, prepared so that a session
 # lent a GPU spends its 15 device minutes measuring, not setting up. Writes every result under $OUT (or
 # bench/results when OUT is unset) and prints a summary.
 #
 # Here, once per session (the wheels travel in .whl/, as the device tool's README says):
 #   echo /.whl/ >> .git/info/exclude && bash bench/gpu_session.sh --download
-# Then, with the device tool:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# Then, with the device tool, the call below that runs each step on its own (carry=[".whl"], timeout_s=580). On
+# 2026-11-30 (H200) that call took 493 s with steps 2-5 crashing in the compiled encoder (since then tried in a child
+# process first, decision 34): the start and that call left 6 of the 15 device minutes. A lease that has to rerun
+# one step had better split the steps over two calls (STEPS="1 2 3", then "4 5").
 # Rehearse the CPU half here first (small sizes, the same steps):  DEVICE=cpu bash bench/gpu_session.sh
 #
 # Steps: (1) the device fit (decisions 35, 36) against the Pillow fit on the GPU, from [0, 1] pixels and from stored
@@ -54,10 +57,12 @@ if [ -d .whl ] && [ "$DEVICE" = "cuda" ]; then  # once per machine (STEPS=1, STE
   export PYTHONPATH=/tmp/site:$PWD
 fi
 if [ "$DEVICE" = "cuda" ]; then
-  SIZE=384 IMAGES=1024 BATCH=64 COUNT=128 SOURCE=2048 WORKERS=15 API_SECONDS=20
+  # 1,024 images to ingest, 128 of them drawn (2026-11-30: drawing 128 2048² PNGs took 42 s there; 128 images were
+  # too few to see the pipeline's steady state)
+  SIZE=384 IMAGES=1024 BATCH=64 COUNT=1024 UNIQUE=128 SOURCE=2048 WORKERS=15 API_SECONDS=20
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 else  # the CPU rehearsal: every step, at sizes that finish in a few minutes on 2 cores
-  SIZE=64 IMAGES=4 BATCH=2 COUNT=2 SOURCE=256 WORKERS=1 API_SECONDS=3
+  SIZE=64 IMAGES=4 BATCH=2 COUNT=4 UNIQUE=2 SOURCE=256 WORKERS=1 API_SECONDS=3
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
@@ -92,12 +97,12 @@ python3 -m bench.encode --device "$DEVICE" --sizes "$SIZE" --ref-images 4 --imag
   --compile --runtime torch --data-dir /tmp/encode-data --profile --precision bf16,bf16-weights --out "$OUT"
 
 step 3 && echo "== 3. ingest, 16-bit PNG, cold then warm start" &&
-python3 -m bench.ingest --kind png --count "$COUNT" --size "$SOURCE" --input-size "$SIZE" --batch "$BATCH" \
+python3 -m bench.ingest --kind png --count "$COUNT" --unique "$UNIQUE" --size "$SOURCE" --input-size "$SIZE" --batch "$BATCH" \
   --workers "$WORKERS" --device "$DEVICE" --compile on --warm-start --compile-cache /tmp/compile-cache \
   --out "$OUT" --name "ingest-png-$DEVICE"
 
 step 4 && echo "== 4. ingest, uncompressed DICOM, fitted by the decode workers and on the GPU (step 3's compile cache)" &&
-python3 -m bench.ingest --kind dicom --count "$COUNT" --size "$SOURCE" --input-size "$SIZE" --batch "$BATCH" \
+python3 -m bench.ingest --kind dicom --count "$COUNT" --unique "$UNIQUE" --size "$SOURCE" --input-size "$SIZE" --batch "$BATCH" \
   --workers "$WORKERS" --device "$DEVICE" --compile on --fit-device cpu,encoder --compile-cache /tmp/compile-cache \
   --out "$OUT" --name "ingest-dicom-$DEVICE"
 if step 5; then

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +77,38 @@ def _write_one(task: tuple[str, str, int, int]) -> int:
     return os.path.getsize(path)
 
 
-def generate(kind: str, folder: Path, count: int, size: int, workers: int) -> int:
-    """Write ``count`` images into ``folder``; returns total bytes."""
+def _variant_of(kind: str, source: Path, target: Path, number: int) -> int:
+    """A copy of ``source`` that ingest does not skip as a duplicate, with the same pixels: a PNG with a tEXt chunk
+    after its header (another sha256), a DICOM with new instance UIDs. Returns its size."""
+    if kind == "png":
+        data = source.read_bytes()
+        text = b"Comment\x00copy " + str(number).encode()
+        chunk = len(text).to_bytes(4, "big") + b"tEXt" + text + zlib.crc32(b"tEXt" + text).to_bytes(4, "big")
+        header_end = 8 + 25  # the signature, then IHDR: length, type, 13 bytes, CRC
+        target.write_bytes(data[:header_end] + chunk + data[header_end:])
+    else:
+        import pydicom
+        from pydicom.uid import generate_uid
+
+        ds = pydicom.dcmread(source)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.save_as(target, enforce_file_format=True)
+    return target.stat().st_size
+
+
+def generate(kind: str, folder: Path, count: int, size: int, workers: int, unique: int = 0) -> int:
+    """Write ``count`` images into ``folder`` (``unique`` > 0: that many drawn, the rest copies of them that differ
+    only in a tag, so a long run is not bound by drawing 2048² images); returns total bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     suffix = "png" if kind == "png" else "dcm"
-    tasks = [(kind, str(folder / f"s{i // 4:05d}" / f"img_{i:06d}.{suffix}"), i, size) for i in range(count)]
-    for _, path, _, _ in tasks:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"s{i // 4:05d}" / f"img_{i:06d}.{suffix}" for i in range(count)]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    drawn = min(count, unique) if unique > 0 else count
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return sum(pool.map(_write_one, tasks, chunksize=4))
+        total = sum(pool.map(_write_one, [(kind, str(paths[i]), i, size) for i in range(drawn)], chunksize=4))
+    return total + sum(_variant_of(kind, paths[i % drawn], paths[i], i) for i in range(drawn, count))
 
 
 def run_ingest(folder: Path, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -132,6 +156,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="RETRIEVAL_COMPILE")
     parser.add_argument("--fit-device", default="auto", help="RETRIEVAL_INGEST_FIT_DEVICE, or several: cpu,encoder")
+    parser.add_argument("--unique", type=int, default=0,
+                        help="draw only this many images, the rest tagged copies with the same pixels (0: all drawn)")
     parser.add_argument("--warm-start", action="store_true", help="each folder twice: without, then with, a compile cache")
     parser.add_argument("--compile-cache", default="", metavar="DIR",
                         help="a compile-cache folder kept across runs: copied into each data dir first (but a --warm-start "
@@ -152,7 +178,7 @@ def main() -> None:
             for count in counts:
                 folder = Path(tmp) / f"{kind}-{count}"
                 tick = time.perf_counter()
-                source_bytes = generate(kind, folder, count, args.size, gen_workers)
+                source_bytes = generate(kind, folder, count, args.size, gen_workers, args.unique)
                 generated = time.perf_counter() - tick
                 starts = ["cold", "warm"] if args.warm_start else [""]
                 for fit, start in [(fit, start) for fit in args.fit_device.split(",") for start in starts]:
@@ -172,7 +198,8 @@ def main() -> None:
                     row = json.loads(child.stdout.strip().splitlines()[-1])
                     if args.compile_cache and (data_dir / "compile-cache").is_dir():
                         shutil.copytree(data_dir / "compile-cache", args.compile_cache, dirs_exist_ok=True)
-                    row.update(kind=kind, count=count, size=args.size, source_bytes_per_image=source_bytes / count,
+                    row.update(kind=kind, count=count, size=args.size, unique=args.unique or count,
+                               source_bytes_per_image=source_bytes / count,
                                generate_seconds=generated)
                     rows.append(row)
     print(f"{'kind':<6}{'count':>7}{'fit':>8}{'cache':>6}{'load s':>8}{'img/s':>9}{'decode ms/img':>15}{'encode s':>10}{'write s':>9}{'wall s':>8}"

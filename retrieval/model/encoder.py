@@ -12,7 +12,8 @@ Contract:
 
 Speed-ups that keep the function identical: LoRA folded into the conv weights after loading,
 the attention block computed with ``scaled_dot_product_attention``, ``channels_last``, and
-bf16 autocast on CUDA and on CPUs with bf16 matrix units (``precision="fp32"`` turns it off).
+bf16 autocast on CUDA and on CPUs with bf16 matrix units (``precision="fp32"`` turns it off;
+``precision="bf16-weights"`` holds the encoder's modules in bf16 instead, decision 37).
 On the CPU, 2-D encoding runs in OpenVINO when it is installed (``runtime``; see
 :mod:`retrieval.model.openvino_runtime`), in bf16 exactly where autocast would be.
 """
