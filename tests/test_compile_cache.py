@@ -44,9 +44,20 @@ def test_the_package_is_compiled_once_and_later_starts_load_it_without_compiling
     assert state == "cold" and "not loaded" in caplog.text and torch.allclose(run(example), expected, atol=1e-5)
 
 
-def _crashing_probe(*_args: object) -> list[str]:
-    """A test process that dies as the H200's did on loading a package (SIGSEGV, 2026-11-30)."""
-    return [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+REAL_CHILD = compile_cache._child_command
+
+
+def _crashing(task: str) -> object:
+    """The child command, whose ``task`` dies as the H200's load did (SIGSEGV, 2026-11-30)."""
+    def command(which: str, arguments: list[str]) -> list[str]:
+        if which == task:
+            return [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+        return REAL_CHILD(which, arguments)
+    return command
+
+
+def _never(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("a later start probed or compiled again")
 
 
 def test_a_package_that_crashes_its_test_process_is_never_loaded_and_the_start_goes_on_uncompiled(
@@ -59,23 +70,36 @@ def test_a_package_that_crashes_its_test_process_is_never_loaded_and_the_start_g
     real_load = torch._inductor.aoti_load_package
     monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda p: loaded.append(p) or real_load(p))
     with monkeypatch.context() as patched:
-        patched.setattr(compile_cache, "_probe_command", _crashing_probe)
+        patched.setattr(compile_cache, "_child_command", _crashing("probe"))
         run, state = load_or_compile(module, example, path)
-    assert (run, state) == (None, "unusable") and loaded == []
+    assert (run, state) == (None, "unusable") and loaded == []  # built in a child, never loaded here
     assert path.is_file() and (path.parent / (path.name + ".probe")).read_text() == "crashed: SIGSEGV\n"
-    assert "is not loaded" in caplog.text and "SIGSEGV" in caplog.text and str(path) in caplog.text
-
-    def never(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("a later start probed or compiled again")
+    assert "is not used: crashed: SIGSEGV" in caplog.text and str(path) in caplog.text
 
     with monkeypatch.context() as patched:  # a later start: the kept verdict, no second probe, no rebuild
-        patched.setattr(compile_cache, "_probe_command", never)
-        patched.setattr(torch.export, "export", never)
+        patched.setattr(compile_cache, "_child_command", _never)
+        patched.setattr(torch.export, "export", _never)
         assert load_or_compile(module, example, path) == (None, "unusable") and loaded == []
 
     (path.parent / (path.name + ".probe")).unlink()  # the way to try again (after a PyTorch upgrade, say)
     run, state = load_or_compile(module, example, path)
     assert state == "warm" and loaded == [str(path)] and run is not None
+
+
+def test_a_build_that_crashes_its_process_leaves_no_package_and_is_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1)).eval()
+    example = torch.randn(2, 2, 8, 8)
+    path = package_path(tmp_path / "compile-cache", {"model": "tiny", "input_size": 8, "batch_size": 2})
+    with monkeypatch.context() as patched:
+        patched.setattr(compile_cache, "_child_command", _crashing("build"))
+        assert load_or_compile(module, example, path) == (None, "unusable")
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name + ".probe"]  # no package, no temporary files
+    assert (path.parent / (path.name + ".probe")).read_text() == "crashed: SIGSEGV while building\n"
+    monkeypatch.setattr(compile_cache, "_child_command", _never)
+    monkeypatch.setattr(torch.export, "export", _never)
+    assert load_or_compile(module, example, path) == (None, "unusable")
 
 
 def test_an_encoder_whose_package_is_unusable_encodes_uncompiled_the_same_vectors(

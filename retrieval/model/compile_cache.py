@@ -14,12 +14,14 @@ precision, memory layout, PyTorch), as the OpenVINO IR cache is. The package is 
 temporary name and renamed, so a killed build leaves no half file under the real name; a package
 that fails to load (a damaged file) is logged and rebuilt.
 
-A package is first loaded and run once in a child process (:func:`probe_package`), because loading one can
-crash the process outright: on an H200 with torch 2.11.0+cu130 ``aoti_load_package`` died with SIGSEGV
-(2026-11-30), which took every GPU ingest and server start down with it. The verdict is kept beside the
-package (``<package>.probe``), so the child runs once per package: a package that ran is loaded directly
-at every later start; one that crashed its child is never loaded, and the encoder runs uncompiled
-(``"unusable"``, logged as a warning) until the file is deleted, e.g. after a PyTorch upgrade.
+Building and trying a package happen in child processes, because native code there can kill the process
+outright: on an H200 with torch 2.11.0+cu130, ``aoti_load_package`` died with SIGSEGV in the process that
+had just built the package (2026-11-30), which took every GPU ingest and server start down with it. This
+process only traces the model (``torch.export``) and, once a child has loaded and run the package
+(:func:`probe_package`), loads it. The verdict is kept beside the package (``<package>.probe``), so each
+child runs once per package: a package that ran is loaded directly at every later start; a build or a
+package that crashed its child is never tried again, and the encoder runs uncompiled (``"unusable"``,
+logged as a warning) until the ``.probe`` file is deleted, e.g. after a PyTorch upgrade.
 """
 
 from __future__ import annotations
@@ -51,37 +53,34 @@ def package_path(cache_dir: Path, key: dict[str, Any]) -> Path:
 
 
 PROBE_SECONDS = 600  # a load and one run that take longer than this would hang the service too
+BUILD_SECONDS = 3600
 Runner = Callable[[torch.Tensor], Any]
 
 
 def load_or_compile(module: nn.Module, example: torch.Tensor, path: Path) -> tuple[Runner | None, str]:
     """``module`` compiled for inputs shaped (and strided) like ``example``: loaded from ``path`` when a package is
     there (``"warm"``), else exported, compiled and written there first (``"cold"``). ``(None, "unusable")`` when
-    the package crashed the child process that tried it (:func:`probe_package`): the caller runs ``module``."""
-    if path.exists():
-        verdict = _probe_verdict(path, example)
-        if verdict.startswith("crashed"):
-            return None, "unusable"
+    building or trying the package crashed a child process, or the build failed: the caller runs ``module``."""
+    verdict = _kept_verdict(path)
+    if path.exists() and not verdict.startswith("crashed"):
+        verdict = verdict or _probe_and_keep(path, example)
         if verdict == "ran":
             try:
                 return torch._inductor.aoti_load_package(str(path)), "warm"
             except Exception as exc:  # noqa: BLE001 - a damaged package never stops a start: build it again
-                logger.warning("compiled package %s not loaded (%s: %s); compiling afresh", path.name, type(exc).__name__, exc)
-        else:
+                verdict = f"failed: {type(exc).__name__}: {exc}"
+        if not verdict.startswith("crashed"):
             logger.warning("compiled package %s not loaded (%s); compiling afresh", path.name, verdict)
-    logger.info("compiling the encoder ahead of time (once per weights, input size and batch)")
-    with torch.inference_mode():
-        exported = torch.export.export(module.eval(), (example,))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _verdict_file(path).unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as folder:
-        pending = Path(folder) / path.name
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(pending))
-        os.replace(pending, path)
-    logger.info("compiled package written: %s (%.0f MB)", path, path.stat().st_size / 2**20)
-    if _probe_verdict(path, example).startswith("crashed"):
-        return None, "unusable"
-    return torch._inductor.aoti_load_package(str(path)), "cold"
+    if not verdict.startswith("crashed"):
+        verdict = _build(module, example, path)
+        if verdict == "ran":
+            verdict = _probe_and_keep(path, example)
+    if verdict == "ran":
+        return torch._inductor.aoti_load_package(str(path)), "cold"
+    logger.warning("the compiled encoder %s is not used: %s. Encoding uncompiled (slower, the same vectors)%s",
+                   path, verdict, "; delete its .probe file to try again, e.g. after a PyTorch upgrade"
+                   if verdict.startswith("crashed") else "")
+    return None, "unusable"
 
 
 def probe_package(path: Path, example: torch.Tensor) -> str:
@@ -90,45 +89,67 @@ def probe_package(path: Path, example: torch.Tensor) -> str:
     ``"failed: <error>"`` (it raised: a damaged or stale file, which a rebuild replaces)."""
     spec = {"shape": list(example.shape), "stride": list(example.stride()), "dtype": str(example.dtype).removeprefix("torch."),
             "device": str(example.device)}
+    return _in_child("probe", [str(path), json.dumps(spec)], PROBE_SECONDS)
+
+
+def _build(module: nn.Module, example: torch.Tensor, path: Path) -> str:
+    """Export ``module`` here, compile the package in a child process, and put it at ``path`` when that worked:
+    the child's verdict (a crash is kept beside ``path``)."""
+    logger.info("compiling the encoder ahead of time (once per weights, input size and batch)")
+    with torch.inference_mode():
+        exported = torch.export.export(module.eval(), (example,))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _verdict_file(path).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as folder:
+        program, pending = Path(folder) / "exported.pt2", Path(folder) / path.name
+        torch.export.save(exported, program)
+        verdict = _in_child("build", [str(program), str(pending)], BUILD_SECONDS)
+        if verdict == "ran":
+            os.replace(pending, path)
+            logger.info("compiled package written: %s (%.0f MB)", path, path.stat().st_size / 2**20)
+    if verdict.startswith("crashed"):
+        _verdict_file(path).write_text(f"{verdict} while building\n")
+        return f"{verdict} while building"
+    return verdict
+
+
+def _in_child(task: str, arguments: list[str], timeout: float) -> str:
+    """Run this module's ``task`` in a new Python process: ``"ran"``, ``"crashed: ..."`` or ``"failed: ..."``."""
     try:
-        child = subprocess.run(_probe_command(path, spec), capture_output=True, text=True, timeout=PROBE_SECONDS)
+        child = subprocess.run(_child_command(task, arguments), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return f"crashed: no answer in {PROBE_SECONDS} s"
+        return f"crashed: no answer in {timeout:.0f} s"
     if child.returncode < 0:
-        logger.warning("the test process loading %s died; the end of what it wrote:\n%s", path.name, child.stderr[-3000:])
+        logger.warning("the child process (%s) died; the end of what it wrote:\n%s", task, child.stderr[-3000:])
         return f"crashed: {signal.Signals(-child.returncode).name}"
     if child.returncode != 0:
-        last = (child.stderr.strip().splitlines() or ["exit status " + str(child.returncode)])[-1]
+        last = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
         return f"failed: {last}"
     return "ran"
 
 
-def _probe_command(path: Path, spec: dict[str, Any]) -> list[str]:
-    return [sys.executable, "-m", "retrieval.model.compile_cache", str(path), json.dumps(spec)]
+def _child_command(task: str, arguments: list[str]) -> list[str]:
+    return [sys.executable, "-m", "retrieval.model.compile_cache", task, *arguments]
 
 
 def _verdict_file(path: Path) -> Path:
     return path.with_name(path.name + ".probe")
 
 
-def _probe_verdict(path: Path, example: torch.Tensor) -> str:
-    """The kept verdict on ``path``, probing it first when none is kept; a crash is logged every time."""
+def _kept_verdict(path: Path) -> str:
     record = _verdict_file(path)
-    verdict = record.read_text().strip() if record.exists() else ""
-    if not verdict:
-        verdict = probe_package(path, example)
-        if not verdict.startswith("failed"):  # a failure is rebuilt, and the rebuilt file probed afresh
-            record.write_text(verdict + "\n")
-    if verdict.startswith("crashed"):
-        logger.warning(
-            "the compiled encoder %s is not loaded: a test process that loaded it %s; encoding uncompiled (slower, "
-            "the same vectors). Delete it and its .probe file to try again, e.g. after a PyTorch upgrade",
-            path, verdict)
+    return record.read_text().strip() if record.exists() else ""
+
+
+def _probe_and_keep(path: Path, example: torch.Tensor) -> str:
+    """:func:`probe_package`, its verdict kept unless it failed (a failed package is rebuilt and probed afresh)."""
+    verdict = probe_package(path, example)
+    if not verdict.startswith("failed"):
+        _verdict_file(path).write_text(verdict + "\n")
     return verdict
 
 
-def _run_probe(path: str, spec_json: str) -> None:
-    """The child of :func:`probe_package`."""
+def _child_probe(path: str, spec_json: str) -> None:
     spec = json.loads(spec_json)
     runner = torch._inductor.aoti_load_package(path)
     x = torch.empty_strided(spec["shape"], spec["stride"], dtype=getattr(torch, spec["dtype"]), device=spec["device"])
@@ -138,5 +159,9 @@ def _run_probe(path: str, spec_json: str) -> None:
         torch.cuda.synchronize()
 
 
+def _child_build(program: str, package: str) -> None:
+    torch._inductor.aoti_compile_and_package(torch.export.load(program), package_path=package)
+
+
 if __name__ == "__main__":
-    _run_probe(*sys.argv[1:3])
+    {"probe": _child_probe, "build": _child_build}[sys.argv[1]](*sys.argv[2:4])
