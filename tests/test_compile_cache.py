@@ -14,6 +14,7 @@ from torch import nn
 from retrieval.model import compile_cache, encoder
 from retrieval.model.compile_cache import load_or_compile, package_path
 from retrieval.model.encoder import MedVAEEncoder
+from retrieval.ops.doctor import diagnose
 
 
 def test_the_package_is_compiled_once_and_later_starts_load_it_without_compiling(
@@ -112,3 +113,11 @@ def test_an_encoder_whose_package_is_unusable_encodes_uncompiled_the_same_vector
     pixels = np.random.default_rng(0).random((3, 64, 64), dtype=np.float32)  # not a multiple of batch_size
     eager = MedVAEEncoder(tiny_settings(tmp_path, weights="random", compile="off", batch_size=2))
     assert torch.equal(compiled.encode(pixels), eager.encode(pixels))
+
+
+def test_doctor_warns_when_the_compiled_encoder_is_unusable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encoder, "load_or_compile", lambda *_args: (None, "unusable"))
+    report = diagnose(tiny_settings(tmp_path, weights="random", compile="on", batch_size=2))
+    assert report["weights"]["compiled"] == "unusable"
+    assert any("compiled encoder crashed" in warning and "compile-cache" in warning for warning in report["warnings"])
+    assert diagnose(tiny_settings(tmp_path, weights="random", compile="off"))["weights"]["compiled"] is None

@@ -78,6 +78,8 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
             "hub_commit": encoder.weights.identity.split("@", 1)[1].split(":", 1)[0] if encoder.weights.kind == "hub" else None,
             "precision": encoder.precision_label,
             "device": str(encoder.device),
+            # the compiled encoder (decision 34): None = not compiled, cold / warm, or unusable (it crashed a child)
+            "compiled": getattr(encoder, "compile_cache", None),
         }
         space = service.space
         count, top = store.vector_stats(space.id)
@@ -112,6 +114,10 @@ def _verdict(report: dict[str, Any], settings: Settings) -> dict[str, Any]:
     if settings.model.weights == "hub" and not (len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)):
         warnings.append(f"RETRIEVAL_HUB_REVISION={revision} is a branch, not a commit: set the commit sha "
                         f"(`hub_commit` above) to pin the weights")
+    if report.get("weights", {}).get("compiled") == "unusable":
+        warnings.append(f"the compiled encoder crashed a child process that built or loaded it, so it runs uncompiled "
+                        f"(slower, the same vectors); {settings.storage.data_dir / 'compile-cache'} holds the verdict "
+                        f"(*.probe): delete it to try again, e.g. after a PyTorch upgrade")
     if report.get("weights", {}).get("not_medvae_weights"):
         warnings.append(f"weights are not MedVAE's trained ones ({settings.model.weights}): similarity is not meaningful")
     report["problems"], report["warnings"] = problems, warnings
