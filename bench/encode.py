@@ -147,6 +147,8 @@ def main() -> None:
                         help="off | on | off,on: torch.backends.cudnn.benchmark for our rows (CUDA: cuDNN picks the fastest "
                              "convolution algorithm per shape)")
     args = parser.parse_args()
+    if unknown := sorted(set(args.cudnn_benchmark.split(",")) - {"off", "on"}):
+        parser.error(f"--cudnn-benchmark: unknown value {', '.join(unknown)} (off, on)")
     device = torch.device(args.device)
     rows: list[dict[str, Any]] = []
     for size in (int(s) for s in args.sizes.split(",")):

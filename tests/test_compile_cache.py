@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_the_package_is_compiled_once_and_later_starts_load_it_without_compiling
 REAL_CHILD = compile_cache._child_command
 
 
-def _crashing(task: str) -> object:
+def _crashing(task: str) -> Callable[[str, list[str]], list[str]]:
     """The child command, whose ``task`` dies as the H200's load did (SIGSEGV, 2026-11-30)."""
     def command(which: str, arguments: list[str]) -> list[str]:
         if which == task:

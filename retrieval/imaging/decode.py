@@ -171,6 +171,11 @@ def _stored_gray(image: Image.Image) -> np.ndarray | None:
     values = np.asarray(image)
     if values.ndim != 2:
         raise ImageDecodeError(f"unexpected pixel array shape {values.shape}")
+    return _native_order(values)
+
+
+def _native_order(values: np.ndarray) -> np.ndarray:
+    """``values`` in this machine's byte order (a big-endian 16-bit PNG or DICOM arrives swapped), copied only if needed."""
     return values if values.dtype.isnative else values.astype(values.dtype.newbyteorder("="))
 
 
@@ -255,7 +260,7 @@ def _dicom_first_frame(dataset: Any, frames: int, *, keep_stored_values: bool = 
     if photometric in ("MONOCHROME1", "MONOCHROME2") and keep_stored_values and raw.ndim == 2:
         unit = _window_map(dataset, invert=photometric == "MONOCHROME1")
         if unit is not None:
-            return raw if raw.dtype.isnative else raw.astype(raw.dtype.newbyteorder("=")), unit
+            return _native_order(raw), unit
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         values = apply_modality_lut(raw, dataset).astype(np.float32)
         if values.ndim != 2:

@@ -26,6 +26,7 @@ class Encoder(Protocol):
     device: torch.device
     openvino: Any
     compiled: bool
+    compile_cache: str | None  # when compiled was asked for: cold, warm or unusable (decision 34); else None
 
     @property
     def dims(self) -> int: ...

@@ -35,6 +35,7 @@ class FakeEncoder:
     precision_label = "fake"
     openvino = None
     compiled = False
+    compile_cache = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -79,7 +79,7 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
             "precision": encoder.precision_label,
             "device": str(encoder.device),
             # the compiled encoder (decision 34): None = not compiled, cold / warm, or unusable (it crashed a child)
-            "compiled": getattr(encoder, "compile_cache", None),
+            "compiled": encoder.compile_cache,
         }
         space = service.space
         count, top = store.vector_stats(space.id)
