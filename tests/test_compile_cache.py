@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +19,65 @@ from retrieval.model.compile_cache import load_or_compile, package_path
 from retrieval.model.encoder import MedVAEEncoder
 from retrieval.ops.doctor import diagnose
 
+REAL_CHILD = compile_cache._child_command
+ChildCommand = Callable[[str, list[str]], list[str]]
+
+
+def _tiny_module() -> tuple[nn.Module, torch.Tensor]:
+    """The same small module (weights included) and input at every call."""
+    generator = torch.Generator().manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.SiLU()).eval()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return module, torch.randn(2, 2, 8, 8, generator=generator)
+
+
+@dataclass
+class FirstBuild:
+    """The tiny module compiled for real, cold, once for this file (a build is about 15 s of C++ compilation)."""
+
+    path: Path
+    run: Callable[[torch.Tensor], torch.Tensor] | None
+    state: str
+    files: list[str]
+    pristine: Path  # a copy of the package, outside its folder
+
+
+@pytest.fixture(scope="module")
+def first_build(tmp_path_factory: pytest.TempPathFactory) -> FirstBuild:
+    module, example = _tiny_module()
+    path = package_path(tmp_path_factory.mktemp("compile-cache"), {"model": "tiny", "input_size": 8, "batch_size": 2})
+    run, state = load_or_compile(module, example, path)
+    files = sorted(p.name for p in path.parent.iterdir())
+    pristine = tmp_path_factory.mktemp("pristine") / path.name
+    shutil.copyfile(path, pristine)
+    return FirstBuild(path, run, state, files, pristine)
+
+
+def _copying_build(pristine: Path) -> ChildCommand:
+    """The child command, whose build writes the first build's package instead of compiling the same module again:
+    for the tests of what happens around a build (the build child itself ran for real in ``first_build``)."""
+    def command(which: str, arguments: list[str]) -> list[str]:
+        if which == "build":
+            return [sys.executable, "-c", "import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])",
+                    str(pristine), arguments[1]]
+        return REAL_CHILD(which, arguments)
+    return command
+
 
 def test_the_package_is_compiled_once_and_later_starts_load_it_without_compiling(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    first_build: FirstBuild, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    module = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.SiLU()).eval()
-    example = torch.randn(2, 2, 8, 8)
+    module, example = _tiny_module()
     with torch.inference_mode():
         expected = module(example)
-    path = package_path(tmp_path / "compile-cache", {"model": "tiny", "input_size": 8, "batch_size": 2})
-    assert path != package_path(tmp_path / "compile-cache", {"model": "tiny", "input_size": 16, "batch_size": 2})
-    run, state = load_or_compile(module, example, path)
-    assert state == "cold" and path.is_file()
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".probe"]
+    path = first_build.path
+    assert path != package_path(path.parent, {"model": "tiny", "input_size": 16, "batch_size": 2})
+    assert first_build.state == "cold" and first_build.run is not None
+    assert first_build.files == [path.name, path.name + ".probe"]
     assert (path.parent / (path.name + ".probe")).read_text() == "ran\n"  # loaded and run in a child process first
-    assert torch.allclose(run(example), expected, atol=1e-5)
+    assert torch.allclose(first_build.run(example), expected, atol=1e-5)
 
     def compiling(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("a later start compiled again")
@@ -41,20 +87,23 @@ def test_the_package_is_compiled_once_and_later_starts_load_it_without_compiling
         run, state = load_or_compile(module, example, path)
     assert state == "warm" and torch.allclose(run(example), expected, atol=1e-5)
 
-    path.write_bytes(path.read_bytes()[:1000])  # damaged: logged, compiled again, replaced
+    path.write_bytes(path.read_bytes()[:1000])  # damaged: logged, built again, probed, replaced
+    built: list[str] = []
+    copying = _copying_build(first_build.pristine)
+    monkeypatch.setattr(compile_cache, "_child_command", lambda which, arguments: built.append(which) or copying(which, arguments))
     run, state = load_or_compile(module, example, path)
-    assert state == "cold" and "not loaded" in caplog.text and torch.allclose(run(example), expected, atol=1e-5)
+    assert state == "cold" and "not loaded" in caplog.text and built == ["build", "probe"]
+    assert torch.allclose(run(example), expected, atol=1e-5)
 
 
-REAL_CHILD = compile_cache._child_command
 
 
-def _crashing(task: str) -> Callable[[str, list[str]], list[str]]:
+def _crashing(task: str, otherwise: ChildCommand = REAL_CHILD) -> ChildCommand:
     """The child command, whose ``task`` dies as the H200's load did (SIGSEGV, 2026-11-30)."""
     def command(which: str, arguments: list[str]) -> list[str]:
         if which == task:
             return [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
-        return REAL_CHILD(which, arguments)
+        return otherwise(which, arguments)
     return command
 
 
@@ -63,16 +112,15 @@ def _never(*_args: object, **_kwargs: object) -> None:
 
 
 def test_a_package_that_crashes_its_test_process_is_never_loaded_and_the_start_goes_on_uncompiled(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, first_build: FirstBuild, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    module = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.SiLU()).eval()
-    example = torch.randn(2, 2, 8, 8)
+    module, example = _tiny_module()
     path = package_path(tmp_path / "compile-cache", {"model": "tiny", "input_size": 8, "batch_size": 2})
     loaded: list[str] = []
     real_load = torch._inductor.aoti_load_package
     monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda p: loaded.append(p) or real_load(p))
     with monkeypatch.context() as patched:
-        patched.setattr(compile_cache, "_child_command", _crashing("probe"))
+        patched.setattr(compile_cache, "_child_command", _crashing("probe", otherwise=_copying_build(first_build.pristine)))
         run, state = load_or_compile(module, example, path)
     assert (run, state) == (None, "unusable") and loaded == []  # built in a child, never loaded here
     assert path.is_file() and (path.parent / (path.name + ".probe")).read_text() == "crashed: SIGSEGV\n"
