@@ -9,6 +9,8 @@ Contract of this module (it never imports torch, so decode worker processes stay
   palette. Colour is reduced to luminance (ITU-R 601), alpha is dropped, 16-bit values are read as
   integers (never wrapped through an 8-bit conversion); then min-max scaled to ``[0, 1]``, as the
   ``medvae`` package's own 2-D loader does (``ScaleIntensity(minv=0, maxv=1)``).
+  A PNG's image data is inflated by libdeflate, then unfiltered by Pillow (:mod:`.png_repack`): Pillow's
+  pixels, about twice as fast for a 16-bit radiograph.
 * DICOM: modality LUT (rescale slope/intercept or LUT) -> VOI LUT sequence, else the first window
   centre/width (LINEAR, LINEAR_EXACT or SIGMOID), else 0.5/99.5 percentile clipping ->
   MONOCHROME1 inverted so that dense structures are bright. Colour DICOM (RGB, YBR, palette) is
@@ -26,8 +28,10 @@ Contract of this module (it never imports torch, so decode worker processes stay
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +41,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from retrieval.errors import ImageDecodeError, ImageTooLargeError
 from retrieval.imaging.decode_gate import decoding
+from retrieval.imaging.png_repack import repack_png
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2", ".pgm", ".ppm"}
@@ -143,10 +148,10 @@ def _decode_raster(source: Path | io.BytesIO, *, max_pixels: int, keep_stored_va
                         f"image is {width}x{height} = {width * height} pixels, above the cap of {max_pixels}",
                         detail={"width": width, "height": height, "max_pixels": max_pixels},
                     )
-                with decoding(width * height):
-                    image.load()
-                    stored = _stored_gray(image) if keep_stored_values else None
-                    pixels = stored if stored is not None else minmax_scale(_raster_to_gray(image))
+                with decoding(width * height), _inflated_by_libdeflate(image, source, max_pixels=max_pixels) as loaded:
+                    loaded.load()
+                    stored = _stored_gray(loaded) if keep_stored_values else None
+                    pixels = stored if stored is not None else minmax_scale(_raster_to_gray(loaded))
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise ImageTooLargeError(f"image exceeds the pixel cap of {max_pixels}: {exc}") from exc
         except UnidentifiedImageError as exc:
@@ -161,6 +166,22 @@ def _decode_raster(source: Path | io.BytesIO, *, max_pixels: int, keep_stored_va
         raise ImageDecodeError("image has no pixels")
     return DecodedImage(pixels=pixels, kind="raster", width=width, height=height,
                         unit=UnitMap(kind="minmax") if stored is not None else IN_UNIT)
+
+
+@contextlib.contextmanager
+def _inflated_by_libdeflate(image: Image.Image, source: Path | io.BytesIO, *, max_pixels: int) -> Iterator[Image.Image]:
+    """``image`` (opened, not loaded), or when it is a PNG that :func:`repack_png` applies to, the same file re-packed
+    so that libdeflate inflates it and Pillow only unfilters it: the same pixels in about half the time."""
+    if image.format != "PNG":
+        yield image
+        return
+    repacked = repack_png(source.getvalue() if isinstance(source, io.BytesIO) else source.read_bytes(),
+                          max_pixels=max_pixels)
+    if repacked is None:
+        yield image
+        return
+    with Image.open(io.BytesIO(repacked)) as fast:
+        yield fast
 
 
 def _stored_gray(image: Image.Image) -> np.ndarray | None:
