@@ -7,6 +7,11 @@ the same keeping the stored values (what a decode worker does when ingest fits o
 decision 36), and the fit to the model input (Pillow bicubic to 384); then ``decode_path`` with and without
 the stored values on as many uncompressed 2048² DICOM (12-bit, windowed: bench/ingest.py's files).
 
+PNG decodes are inflated by libdeflate and unfiltered by Pillow (retrieval/imaging/png_repack.py); the rows
+ending ``_pillow_inflate_ms`` time the same step with Pillow's own zlib inflate, in the same run, and the
+``libpng_written_`` rows repeat the comparison on the same images written by libpng (imagecodecs), whose
+rows use all five PNG filters (Pillow's writer uses None, Sub, Up and Paeth).
+
     python -m bench.decode_steps --images 8
 """
 
@@ -14,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +33,11 @@ import imagecodecs
 import numpy as np
 from PIL import Image
 
+import retrieval.imaging.decode
 from bench.ingest import _write_one
 from bench.results_io import write_result
 from retrieval.imaging.decode import decode_path
+from retrieval.imaging.png_repack import repack_png
 from retrieval.imaging.preprocess import stretch_to_square
 from retrieval.ops.sample import study_variant, synthetic_chest
 
@@ -42,6 +51,38 @@ def _per_image_ms(step: Callable[[str], Any], paths: list[str], repeats: int) ->
             step(path)
         passes.append((time.perf_counter() - start) / len(paths) * 1e3)
     return round(min(passes), 2)
+
+
+@contextmanager
+def _pillow_inflate() -> Iterator[None]:
+    """Decode PNG files as before png_repack: Pillow inflates their image data with its own zlib."""
+    real = retrieval.imaging.decode.repack_png
+    retrieval.imaging.decode.repack_png = lambda data, max_pixels: None
+    try:
+        yield
+    finally:
+        retrieval.imaging.decode.repack_png = real
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _png_rows(paths: list[str], repeats: int, prefix: str = "") -> dict[str, float]:
+    stored_values = lambda p: decode_path(p, max_pixels=10**9, keep_stored_values=True)  # noqa: E731
+    rows = {
+        f"{prefix}pillow_decode_ms": _per_image_ms(lambda p: np.asarray(Image.open(p)), paths, repeats),
+        f"{prefix}repack_and_pillow_decode_ms": _per_image_ms(
+            lambda p: np.asarray(Image.open(io.BytesIO(repack_png(Path(p).read_bytes(), max_pixels=10**9)))),
+            paths, repeats),
+        f"{prefix}decode_path_stored_values_ms": _per_image_ms(stored_values, paths, repeats),
+    }
+    with _pillow_inflate():
+        rows[f"{prefix}decode_path_stored_values_pillow_inflate_ms"] = _per_image_ms(stored_values, paths, repeats)
+    return rows
 
 
 def main() -> None:
@@ -61,14 +102,16 @@ def main() -> None:
             Image.fromarray(pixels).save(paths[-1], compress_level=6)
         decoded = decode_path(paths[0], max_pixels=10**9)
         rows = {
-            "pillow_decode_ms": _per_image_ms(lambda p: np.asarray(Image.open(p)), paths, args.repeats),
+            **_png_rows(paths, args.repeats),
             "imagecodecs_png_decode_ms": _per_image_ms(lambda p: imagecodecs.png_decode(Path(p).read_bytes()), paths,
                                                         args.repeats),
             "decode_path_ms": _per_image_ms(lambda p: decode_path(p, max_pixels=10**9), paths, args.repeats),
-            "decode_path_stored_values_ms": _per_image_ms(
-                lambda p: decode_path(p, max_pixels=10**9, keep_stored_values=True), paths, args.repeats),
             "fit_to_384_ms": _per_image_ms(lambda _p: stretch_to_square(decoded.pixels, 384), paths, args.repeats),
         }
+        libpng_paths = [path.replace(".png", "-libpng.png") for path in paths]
+        for source, target in zip(paths, libpng_paths, strict=True):
+            Path(target).write_bytes(imagecodecs.png_encode(np.asarray(Image.open(source)), level=6))
+        rows.update(_png_rows(libpng_paths, args.repeats, prefix="libpng_written_"))
         dicoms = [str(Path(folder) / f"{i}.dcm") for i in range(args.images)]
         for i, path in enumerate(dicoms):
             _write_one(("dicom", path, i, args.size))
@@ -76,9 +119,9 @@ def main() -> None:
         rows["dicom_decode_path_stored_values_ms"] = _per_image_ms(
             lambda p: decode_path(p, max_pixels=10**9, keep_stored_values=True), dicoms, args.repeats)
     for name, value in rows.items():
-        print(f"{name:40} {value}")
+        print(f"{name:60} {value}")
     result = {"benchmark": "decode_steps", "date": dt.date.today().isoformat(),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "machine": f"{_cpu_model()}, {os.cpu_count()} cores",
               "images": args.images, "size": args.size, "format": "16-bit PNG, zlib level 6; DICOM explicit VR little endian, 12 bits stored", **rows}
     print(f"wrote {write_result(args.out, args.name, result)}")
 
