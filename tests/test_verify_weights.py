@@ -21,9 +21,9 @@ def _png(path: Path, height: int, width: int, seed: int) -> Path:
 
 
 @pytest.mark.parametrize(("model", "shapes"), [
-    ("medvae_8_4_2d", [(300, 300), (512, 640)]),  # the default model on both shapes
-    ("medvae_4_3_2d", [(512, 640)]),  # the others on the shape that a wrong fit would break (the model does not
-    ("medvae_4_1_2d", [(640, 512)]),  # change the pixel path, and the shape does not change the model)
+    ("medvae_8_4_2d", [(300, 300)]),  # each model on one shape: the model does not change the pixel path, and
+    ("medvae_4_3_2d", [(512, 640)]),  # the shape does not change the model; the two non-square shapes that a
+    ("medvae_4_1_2d", [(640, 512)]),  # wrong fit would break (wide and tall) on two models, a square one on two
     ("medvae_8_1_2d", [(300, 300)]),
 ])
 def test_random_weights_match_medvae_on_square_and_non_square_images(
