@@ -7,8 +7,9 @@ reports images/s, the split decode (summed worker CPU) / encode / database+index
 encoder's busy fraction of the wall time, peak RSS, and stored bytes per image against the
 source files. ``--scale`` runs the same folder kind at N and 10N images in separate processes and
 compares peak RSS (memory must stay flat as the archive grows). ``--warm-start`` ingests each folder
-twice, each time in a new process with an empty inductor cache (as on a new machine), the second time
-with the first one's compile cache (``retrieval/model/compile_cache.py``) copied into its data dir:
+twice, each time in a new process and a new data dir (as on a new machine; inductor's cache lives in the data
+dir's compile cache, decision 34), the second time with the first one's compile cache folder
+(``retrieval/model/compile_cache.py``) copied into its data dir:
 rows ``"cache": "cold"`` and ``"warm"``, whose ``load`` seconds are the start-up cost (issue 18, item 3).
 ``--compile-cache DIR`` keeps the compiled packages in DIR across rows and runs, so that only the first compiles.
 ``--fit-device cpu,encoder`` ingests each folder once per ``RETRIEVAL_INGEST_FIT_DEVICE``: the decode workers'
@@ -188,7 +189,8 @@ def main() -> None:
                                         data_dir / "compile-cache")
                     elif start == "" and args.compile_cache and Path(args.compile_cache).is_dir():
                         shutil.copytree(args.compile_cache, data_dir / "compile-cache")
-                    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / f"inductor-{kind}-{count}-{fit}-{start}"))
+                    # inductor's cache is kept in the data dir's compile-cache (decision 34): none from an earlier run
+                    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
                     child = subprocess.run(
                         [sys.executable, "-m", "bench.ingest", "--one", str(folder), str(data_dir), "--input-size",
                          str(args.input_size), "--batch", str(args.batch), "--workers", str(args.workers), "--device",

@@ -39,6 +39,15 @@ def tiny_settings(data_dir: Path, database_url: str | None = None, **overrides: 
     return Settings(**values)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_inductor_cache() -> None:
+    """Inductor's usual cache (under /tmp) for every test and child process, so its instruction-set probes compile
+    once per machine, not beside each test's compile cache, the default that test_compile_cache.py tests (decision 34)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return tiny_settings(tmp_path / "data")

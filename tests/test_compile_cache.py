@@ -15,7 +15,11 @@ from conftest import tiny_settings
 from torch import nn
 
 from retrieval.model import compile_cache, encoder
-from retrieval.model.compile_cache import load_or_compile, package_path
+from retrieval.model.compile_cache import (
+    keep_inductor_cache_beside,
+    load_or_compile,
+    package_path,
+)
 from retrieval.model.encoder import MedVAEEncoder
 from retrieval.ops.doctor import diagnose
 
@@ -170,3 +174,19 @@ def test_doctor_warns_when_the_compiled_encoder_is_unusable(tmp_path: Path, monk
     assert report["weights"]["compiled"] == "unusable"
     assert any("compiled encoder crashed" in warning and "compile-cache" in warning for warning in report["warnings"])
     assert diagnose(tiny_settings(tmp_path, weights="random", compile="off"))["weights"]["compiled"] is None
+
+
+def test_inductors_cache_is_kept_beside_the_package_unless_the_environment_names_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading a CPU package compiles inductor's instruction-set probes into its cache (14 s on a 2-core CPU): kept with
+    the data, a start on a fresh /tmp (a new container on the same volume) finds them."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    path = package_path(tmp_path / "compile-cache", {"model": "tiny", "input_size": 8, "batch_size": 2})
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    keep_inductor_cache_beside(path)
+    assert cache_dir() == str(tmp_path / "compile-cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))
+    keep_inductor_cache_beside(path)
+    assert cache_dir() == str(tmp_path / "chosen")
