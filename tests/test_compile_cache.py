@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -184,9 +185,22 @@ def test_inductors_cache_is_kept_beside_the_package_unless_the_environment_names
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     path = package_path(tmp_path / "compile-cache", {"model": "tiny", "input_size": 8, "batch_size": 2})
+    children: dict[str, str] = {}  # task -> the inductor cache its child process was given
+
+    def recorded(task: str, _arguments: list[str], _timeout: float, environment: dict[str, str] | None = None) -> str:
+        children[task] = (environment or os.environ)["TORCHINDUCTOR_CACHE_DIR"]
+        return "failed: only recorded"
+
+    monkeypatch.setattr(compile_cache, "_in_child", recorded)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     keep_inductor_cache_beside(path)
     assert cache_dir() == str(tmp_path / "compile-cache" / "inductor")
+    assert load_or_compile(*_tiny_module(), path) == (None, "unusable")
+    build_cache = Path(children["build"])  # a temporary cache, gone with the build's folder: not the kept one
+    assert build_cache.parent.parent == path.parent and build_cache.name == "inductor" and not build_cache.parent.exists()
+
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))
     keep_inductor_cache_beside(path)
     assert cache_dir() == str(tmp_path / "chosen")
+    load_or_compile(*_tiny_module(), path)
+    assert children["build"] == str(tmp_path / "chosen")  # the environment's choice, for the build as for the rest

@@ -90,8 +90,13 @@ def keep_inductor_cache_beside(path: Path) -> None:
 
     Loading a CPU package compiles inductor's instruction-set probes (ten small C++ files) into that cache:
     17.1 s for a warm start with an empty cache against 3.5 s with a kept one (2-core Xeon, 2026-11-30). Its default
-    place is under /tmp, which a new container or machine on the same data starts without."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path.parent / "inductor"))
+    place is under /tmp, which a new container or machine on the same data starts without. The build child gets a
+    temporary cache instead of this one (its files hold a second copy of the weights): :func:`_build`."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_inductor_cache(path)))
+
+
+def _inductor_cache(path: Path) -> Path:
+    return path.parent / "inductor"
 
 
 def probe_package(path: Path, example: torch.Tensor) -> str:
@@ -114,9 +119,12 @@ def _build(module: nn.Module, example: torch.Tensor, path: Path) -> str:
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
         program, pending = Path(folder) / "exported.pt2", Path(folder) / path.name
         torch.export.save(exported, program)
-        # the build's own files (a copy of the weights among them) go with the temporary folder, not the kept cache
-        verdict = _in_child("build", [str(program), str(pending)], BUILD_SECONDS,
-                            environment={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(folder) / "inductor")})
+        # the build's own files (a copy of the weights among them) go with the temporary folder, not the cache kept
+        # beside the package; an inductor cache that the environment chose gets them as inductor would put them there
+        environment = dict(os.environ)
+        if environment.get("TORCHINDUCTOR_CACHE_DIR") == str(_inductor_cache(path)):
+            environment["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder) / "inductor")
+        verdict = _in_child("build", [str(program), str(pending)], BUILD_SECONDS, environment=environment)
         if verdict == "ran":
             os.replace(pending, path)
             logger.info("compiled package written: %s (%.0f MB)", path, path.stat().st_size / 2**20)
