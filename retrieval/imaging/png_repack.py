@@ -59,9 +59,10 @@ def repack_png(data: bytes, *, max_pixels: int) -> bytes | None:
     stored = imagecodecs.deflate_encode(filtered_rows, level=0)  # zlib stream of stored blocks: inflating is a copy
     if len(stored) > _MAX_CHUNK:
         return None
-    new_idat = struct.pack(">I", len(stored)) + b"IDAT" + stored + struct.pack(
-        ">I", imagecodecs.deflate_crc32(stored, imagecodecs.deflate_crc32(b"IDAT")))
-    return b"".join([PNG_SIGNATURE, *map(_as_stored, chunks[:idat[0]]), new_idat, *map(_as_stored, chunks[idat[-1] + 1:])])
+    idat_crc = imagecodecs.deflate_crc32(stored, imagecodecs.deflate_crc32(b"IDAT"))
+    return b"".join([PNG_SIGNATURE, *map(_as_stored, chunks[:idat[0]]),
+                     struct.pack(">I", len(stored)), b"IDAT", stored, struct.pack(">I", idat_crc),
+                     *map(_as_stored, chunks[idat[-1] + 1:])])
 
 
 def _chunks(data: bytes) -> list[_Chunk] | None:
