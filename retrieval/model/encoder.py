@@ -69,7 +69,7 @@ def cpu_has_bf16() -> bool:
 
 class AutocastPosteriorMode(nn.Module):
     """The posterior mode (:class:`PosteriorMode`) under the encoder's autocast (``dtype``; None: none), its input cast to
-    ``input_dtype`` (bf16 for bf16 weights), float32 out: what is compiled."""
+    ``input_dtype`` (bf16 for bf16 weights), float32 out: what the encoder runs, eager or compiled."""
 
     def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype | None,
                  input_dtype: torch.dtype = torch.float32) -> None:
@@ -109,14 +109,14 @@ class MedVAEEncoder:
         self._compiled_posterior: Any = None  # the AOTInductor package's runner, when compiled
         # when compiled: "cold" (built at this start) | "warm" (loaded) | "unusable" (it crashed a test process)
         self.compile_cache: str | None = None
+        # what PyTorch runs to encode, eager or compiled: bf16 weights take bf16 input and no autocast
+        self._posterior = (AutocastPosteriorMode(self.model, self.device.type, None, torch.bfloat16) if self.bf16_weights
+                           else AutocastPosteriorMode(self.model, self.device.type, self.autocast_dtype))
         if self.compiled:  # at load, from the data dir's package when it has this encoder's (decision 34)
             size, batch = settings.model.input_size, settings.model.batch_size
             example = self.to_model_input(np.zeros((batch, size, size), np.float32))
-            posterior = (AutocastPosteriorMode(self.model, self.device.type, None, torch.bfloat16) if self.bf16_weights
-                         else AutocastPosteriorMode(self.model, self.device.type, self.autocast_dtype))
             self._compiled_posterior, self.compile_cache = load_or_compile(
-                posterior, example,
-                self._compiled_package_path(fold=fold, fused_attention=fused_attention))
+                self._posterior, example, self._compiled_package_path(fold=fold, fused_attention=fused_attention))
             self.compiled = self._compiled_posterior is not None  # unusable: the eager model, any batch size
         logger.info(
             "MedVAE %s loaded (%s) on %s, precision %s",
@@ -287,17 +287,10 @@ class MedVAEEncoder:
         if self._compiled_posterior is not None:  # always a full batch_size batch (see encode)
             with self._lock:
                 return self._compiled_posterior(x)
-        with self._lock, (contextlib.nullcontext() if self.bf16_weights else self._autocast()):
+        with self._lock:
             if self._needs_sliding_window(x.shape[2:]):
-                return self._sliding_window(x, self._posterior_mode, roi=self.settings.model.volume_roi)
-            return self._posterior_mode(x)
-
-    def _posterior_mode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bf16_weights:
-            x = x.to(torch.bfloat16)
-        moments = self.model.quant_conv(self.model.encoder(x))
-        mean, _logvar = torch.chunk(moments.float(), 2, dim=1)
-        return mean
+                return self._sliding_window(x, self._posterior, roi=self.settings.model.volume_roi)
+            return self._posterior(x)
 
     def _needs_sliding_window(self, spatial: torch.Size | tuple[int, ...]) -> bool:
         return self.dims == 3 and max(spatial) > self.settings.model.volume_roi
