@@ -228,6 +228,12 @@ class IngestSettings(SettingsGroup):
         "encoder's device (torch; decode workers only read and unpack pixels, handed over in shared memory); "
         "auto = the encoder's when it is a GPU.",
     )
+    frame_decoder: Literal["auto", "cpu", "nvimgcodec"] = Field(
+        "auto", alias="ingest_frame_decoder", description="Who decodes a JPEG / JPEG 2000 / HTJ2K compressed DICOM "
+        "frame (unsigned grayscale with a window) that is fitted on the encoder's device: cpu (the decode workers, "
+        "pydicom), or nvimgcodec (nvImageCodec on the encoder's GPU; the workers pass the compressed frame on); "
+        "auto = nvimgcodec when the encoder is a GPU and nvidia-nvimgcodec is installed.",
+    )
     roots: str = Field(
         "", alias="ingest_roots",
         description="Comma-separated server folders that API ingest jobs may read; empty = API ingest disabled.",

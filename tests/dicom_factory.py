@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -24,9 +27,12 @@ def write_dicom(
     with_pixels: bool = True,
     rows: int | None = None,
     columns: int | None = None,
+    compression: str | None = None,
     **tags: object,
 ) -> Path:
-    """Write a 16-bit unsigned grayscale DICOM; extra keyword arguments become tags."""
+    """Write a 16-bit unsigned grayscale DICOM; extra keyword arguments become tags. ``compression``:
+    ``"jpeg2000-lossless"`` (pydicom's encoder, pylibjpeg-openjpeg) or ``"jpeg-lossless-sv1"`` (libjpeg-turbo
+    through imagecodecs, which pydicom has no encoder for), one encapsulated fragment."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -55,6 +61,17 @@ def write_dicom(
         setattr(ds, key, value)
     if with_pixels:
         ds.PixelData = np.ascontiguousarray(pixels.astype(np.uint16)).tobytes()
+    if compression == "jpeg2000-lossless":
+        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    elif compression == "jpeg-lossless-sv1":
+        import imagecodecs
+
+        frame = imagecodecs.jpeg8_encode(pixels.astype(np.uint16), lossless=True, predictor=1, bitspersample=16)
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.PixelData = encapsulate([bytes(frame)])
+        ds["PixelData"].VR = "OB"
+    elif compression is not None:
+        raise ValueError(f"unknown compression {compression!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -213,7 +213,8 @@ def test_ingest_fitted_on_the_encoders_device_stores_what_the_cpu_fit_stores(set
         for sha, vector in vectors["cpu", 2].items():
             assert np.allclose(vectors[key][sha], vector, atol=1e-4), sha
     assert 1 <= reports["encoder", 2].shared_frames <= 9 and reports["encoder", 0].shared_frames == 0
-    assert reports["encoder", 2].as_dict()["device_fit"] == {"frames": 9, "shared_memory": reports["encoder", 2].shared_frames}
+    assert reports["encoder", 2].as_dict()["device_fit"] == {"frames": 9, "shared_memory": reports["encoder", 2].shared_frames,
+                                                             "device_decoded": 0, "device_decode_fallbacks": 0}
 
 
 def test_decode_workers_default_to_every_spare_core_for_a_gpu_encoder_and_at_most_8_for_a_cpu_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]

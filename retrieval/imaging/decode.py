@@ -24,6 +24,10 @@ Contract of this module (it never imports torch, so decode worker processes stay
   :class:`UnitMap` that takes them to [0, 1] (min-max, or rescale -> window -> invert), to be applied
   where the image is fitted (:func:`retrieval.imaging.device_fit.fit_frame`); everything else is
   mapped here as always and its ``unit`` is :data:`IN_UNIT`.
+* ``pass_encoded`` (ingest decoding compressed DICOM on the encoder's GPU, decision 39): a DICOM frame that
+  ``keep_stored_values`` would hand over, stored in one of these transfer syntaxes, unsigned, 8 or 16 bits
+  allocated, is not decoded here: its compressed bytes come back as :class:`EncodedFrame` (``pixels`` is None),
+  for :mod:`retrieval.imaging.device_codec` to decode where the frame is fitted.
 """
 
 from __future__ import annotations
@@ -76,17 +80,33 @@ IN_UNIT = UnitMap()
 """The values are [0, 1] pixels: nothing left to map."""
 
 
+@dataclass(frozen=True)
+class EncodedFrame:
+    """A DICOM file's first frame still compressed, with what its decoded values must look like: ``rows`` x
+    ``columns`` unsigned integers of ``bits_allocated`` (8 or 16) bits, ``bits_stored`` of them significant.
+    Picklable: it travels from a decode worker to the device codec."""
+
+    transfer_syntax: str
+    data: bytes = field(repr=False)
+    rows: int
+    columns: int
+    bits_allocated: int
+    bits_stored: int
+
+
 @dataclass
 class DecodedImage:
     """Normalised pixels of one image and what was learnt while decoding it."""
 
-    pixels: np.ndarray  # (H, W) float32 in [0, 1]; with keep_stored_values, the stored values ``unit`` maps there
+    pixels: np.ndarray | None  # (H, W) float32 in [0, 1]; with keep_stored_values, the stored values ``unit`` maps
+    # there; None only for a frame passed on still encoded (``encoded``)
     kind: str  # "dicom" or "raster"
     width: int
     height: int
     frames: int = 1
     dicom: Any | None = field(default=None, repr=False)  # pydicom Dataset, header only
     unit: UnitMap = IN_UNIT
+    encoded: EncodedFrame | None = None  # pass_encoded: the compressed frame that ``unit`` maps once decoded
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -94,9 +114,10 @@ def looks_like_dicom(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def decode_path(path: str | Path, *, max_pixels: int, keep_stored_values: bool = False) -> DecodedImage:
-    """Decode one file; raises :class:`ImageDecodeError` naming the file on any failure. ``keep_stored_values``:
-    see the module's contract."""
+def decode_path(path: str | Path, *, max_pixels: int, keep_stored_values: bool = False,
+                pass_encoded: frozenset[str] = frozenset()) -> DecodedImage:
+    """Decode one file; raises :class:`ImageDecodeError` naming the file on any failure. ``keep_stored_values``
+    and ``pass_encoded`` (transfer syntax UIDs; only with ``keep_stored_values``): see the module's contract."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
@@ -107,7 +128,8 @@ def decode_path(path: str | Path, *, max_pixels: int, keep_stored_values: bool =
         raise ImageDecodeError(f"{path}: file is empty", detail={"source": str(path)})
     try:
         if looks_like_dicom(head) or path.suffix.lower() in DICOM_SUFFIXES:
-            return _decode_dicom(str(path), max_pixels=max_pixels, keep_stored_values=keep_stored_values)
+            return _decode_dicom(str(path), max_pixels=max_pixels, keep_stored_values=keep_stored_values,
+                                 pass_encoded=pass_encoded if keep_stored_values else frozenset())
         return _decode_raster(path, max_pixels=max_pixels, keep_stored_values=keep_stored_values)
     except ImageDecodeError as exc:
         exc.detail.setdefault("source", str(path))
@@ -223,7 +245,8 @@ def _raster_to_gray(image: Image.Image) -> np.ndarray:
 # --------------------------------------------------------------------------- DICOM
 
 
-def _decode_dicom(source: str | io.BytesIO, *, max_pixels: int, keep_stored_values: bool = False) -> DecodedImage:
+def _decode_dicom(source: str | io.BytesIO, *, max_pixels: int, keep_stored_values: bool = False,
+                  pass_encoded: frozenset[str] = frozenset()) -> DecodedImage:
     import pydicom
 
     try:
@@ -245,11 +268,12 @@ def _decode_dicom(source: str | io.BytesIO, *, max_pixels: int, keep_stored_valu
     if isinstance(source, io.BytesIO):
         source.seek(0)
     with decoding(declared):
-        return _decode_dicom_pixels(source, rows=rows, cols=cols, frames=frames, keep_stored_values=keep_stored_values)
+        return _decode_dicom_pixels(source, rows=rows, cols=cols, frames=frames, keep_stored_values=keep_stored_values,
+                                    pass_encoded=pass_encoded)
 
 
 def _decode_dicom_pixels(source: str | io.BytesIO, *, rows: int, cols: int, frames: int,
-                         keep_stored_values: bool) -> DecodedImage:
+                         keep_stored_values: bool, pass_encoded: frozenset[str] = frozenset()) -> DecodedImage:
     import pydicom
 
     try:
@@ -260,6 +284,11 @@ def _decode_dicom_pixels(source: str | io.BytesIO, *, rows: int, cols: int, fram
         raise ImageDecodeError("DICOM has no pixel data")
     if "TransferSyntaxUID" not in dataset.file_meta:
         dataset.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    encoded = _still_encoded(dataset, frames, pass_encoded) if pass_encoded else None
+    if encoded is not None:
+        del dataset.PixelData
+        return DecodedImage(pixels=None, kind="dicom", width=cols, height=rows, frames=frames, dicom=dataset,
+                            unit=encoded[1], encoded=encoded[0])
     try:
         pixels, unit = _dicom_first_frame(dataset, frames, keep_stored_values=keep_stored_values)
     except ImageDecodeError:
@@ -301,6 +330,32 @@ def _dicom_first_frame(dataset: Any, frames: int, *, keep_stored_values: bool = 
         raise ImageDecodeError(f"unsupported PhotometricInterpretation {photometric!r}")
     gray = rgb @ _LUMA
     return minmax_scale(gray), IN_UNIT
+
+
+def _still_encoded(dataset: Any, frames: int, syntaxes: frozenset[str]) -> tuple[EncodedFrame, UnitMap] | None:
+    """The first frame's compressed bytes and its map to [0, 1], when a device codec is to decode it: a transfer
+    syntax in ``syntaxes``, one sample of MONOCHROME1/2, unsigned, 8 or 16 bits allocated, a rescale-and-window
+    map (:func:`_window_map`); else None (decoded here). A frame whose fragments cannot be found is decoded here
+    too, where pydicom's error names the problem."""
+    from pydicom.encaps import get_frame
+
+    syntax = str(dataset.file_meta.TransferSyntaxUID)
+    photometric = str(dataset.get("PhotometricInterpretation", "")).upper()
+    bits_allocated = int(dataset.get("BitsAllocated", 0) or 0)
+    if (syntax not in syntaxes or photometric not in ("MONOCHROME1", "MONOCHROME2") or "PixelData" not in dataset
+            or int(dataset.get("SamplesPerPixel", 1) or 1) != 1 or int(dataset.get("PixelRepresentation", 0) or 0) != 0
+            or bits_allocated not in (8, 16)):
+        return None
+    unit = _window_map(dataset, invert=photometric == "MONOCHROME1")
+    if unit is None:
+        return None
+    try:
+        data = get_frame(dataset.PixelData, 0, number_of_frames=frames)
+    except Exception:  # noqa: BLE001 - malformed encapsulation: pydicom's own decode reports it
+        return None
+    frame = EncodedFrame(transfer_syntax=syntax, data=bytes(data), rows=int(dataset.Rows), columns=int(dataset.Columns),
+                         bits_allocated=bits_allocated, bits_stored=int(dataset.get("BitsStored", bits_allocated) or bits_allocated))
+    return frame, unit
 
 
 def _window_map(dataset: Any, *, invert: bool) -> UnitMap | None:

@@ -32,8 +32,11 @@ def to_device(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.
     own dtype, except uint16 (16-bit PNG and DICOM), which arrives as int32 with the same values: it travels as
     int16 bits and is widened on the device, as torch's uint16 has only "limited support" (copies, not every
     kernel on every device). To a GPU through a pinned staging buffer without waiting: torch's pinned-memory
-    cache keeps the buffer until the copy has run."""
+    cache keeps the buffer until the copy has run. A tensor already on ``device`` (a frame decoded there,
+    :mod:`retrieval.imaging.device_codec`) is used as it is."""
     pinned = device.type == "cuda"
+    if isinstance(values, torch.Tensor) and values.device.type == device.type and device.index in (None, values.device.index):
+        return values
     if isinstance(values, torch.Tensor):
         return values.pin_memory().to(device, non_blocking=True) if pinned else values.to(device, copy=True)
     unsigned16 = values.dtype == np.uint16

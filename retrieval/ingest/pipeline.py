@@ -12,6 +12,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -33,8 +34,15 @@ from retrieval.domain.metadata import (
     ImageMetadata,
     dropped_manifest_columns,
 )
-from retrieval.errors import reason_of
+from retrieval.errors import RetrievalError, reason_of
 from retrieval.imaging import device_fit
+from retrieval.imaging.decode import decode_path
+from retrieval.imaging.device_codec import (
+    SYNTAXES,
+    DeviceDecodeError,
+    DeviceFrameCodec,
+    open_device_codec,
+)
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.ingest.frame_slots import FrameSlots
 from retrieval.ingest.prepare import (
@@ -112,6 +120,12 @@ def make_executor(workers: int, *, frame_slots: int = 0) -> tuple[Executor | _In
         initargs=(os.getpid(), context.Lock(), slots.handle() if slots is not None else None),
     )
     return executor, slots
+
+
+def _unspool(prepared: Prepared) -> None:
+    """A fetched (spooled) remote instance is deleted once its pixels are decoded."""
+    if prepared.item.remote is not None:
+        Path(prepared.item.path).unlink(missing_ok=True)
 
 
 def prepare_options(service: SpaceService) -> PrepareOptions:
@@ -276,6 +290,7 @@ class IngestPipeline:
         self.volumes_seen: set[str] = set()  # 3-D: content hashes stored by this run
         self.options = prepare_options(service)
         self.slots: FrameSlots | None = None  # where decode workers leave frames for the device to fit
+        self.codec: DeviceFrameCodec | None = None  # decodes the compressed DICOM frames workers pass on (decision 39)
 
     def run(self, source: str | Path, *, job_id: str | None = None) -> IngestReport:
         """Ingest everything under ``source``; returns the report (failures included).
@@ -315,7 +330,10 @@ class IngestPipeline:
         workers = decode_worker_count(self.settings.ingest.decode_workers,
                                       gpu_encoder=self.service.encoder.device.type == "cuda")
         lookahead = 2 * batch_size + workers  # decoded images waiting for the encoder, at most
-        self.options = replace(self.options, fit_on_device=self.service.fits_on_device(self.settings.ingest.fit_device))
+        fit_on_device = self.service.fits_on_device(self.settings.ingest.fit_device)
+        self.codec = open_device_codec(self.settings.ingest.frame_decoder, self.service.encoder.device) if fit_on_device else None
+        self.options = replace(self.options, fit_on_device=fit_on_device,
+                               device_codec_syntaxes=SYNTAXES if self.codec is not None else frozenset())
         executor, self.slots = make_executor(workers, frame_slots=lookahead + 2 * workers if self.options.fit_on_device else 0)
         run = RunState(report=report, seen=SeenInRun())
         write = Stage("ingest-write", lambda outcome: self._write(outcome, run))
@@ -334,7 +352,7 @@ class IngestPipeline:
                 self.notify(report)
             collect.close()
             if run.batch and not report.stopped:
-                encode.put(run.batch)
+                self._hand_on(run, encode)
             encode.close()
             write.close()
         except BaseException:  # an error or an interrupt: what is queued is dropped (the next run redoes it)
@@ -360,23 +378,37 @@ class IngestPipeline:
             future.cancel()
             return
         prepared = future.result()
-        if prepared.item.remote is not None:  # a fetched (spooled) instance is deleted once decoded
-            Path(prepared.item.path).unlink(missing_ok=True)
-        if prepared.pixels is None and not prepared.error:
+        if prepared.pixels is None and not prepared.error and prepared.encoded is None:
             self._fit_on_device(prepared, run)
+        if prepared.encoded is None:
+            _unspool(prepared)
         run.add_seconds({"decode_cpu": prepared.seconds})
         if prepared.error:
             report.failures.append(Failure(prepared.item.display, "decode", prepared.error))
             return
         if not run.seen.first_decode(prepared.metadata.sop_uid):
             report.skip(SAME_SOP_UID)  # another file of this run already gave this SOP instance
+            _unspool(prepared)
             return
         run.batch.append(prepared)
         if len(run.batch) >= self.settings.model.batch_size:
-            encode.put(run.batch)
-            run.batch = []
+            self._hand_on(run, encode)
             if self.should_stop():  # stop between batches; what is decoded but unstored is redone later
                 report.stopped = True
+
+    def _hand_on(self, run: RunState, encode: Stage[list[Prepared]]) -> None:
+        """The batch formed so far to ``encode``, once the frames passed on compressed are decoded and fitted on the
+        device, all in one call of its codec; those that fail there are the run's decode failures."""
+        batch, run.batch = run.batch, []
+        passed_on = [prepared for prepared in batch if prepared.encoded is not None]
+        if passed_on:
+            self._decode_on_device(passed_on, run)
+            for prepared in passed_on:
+                if prepared.error:
+                    run.report.failures.append(Failure(prepared.item.display, "decode", prepared.error))
+            batch = [prepared for prepared in batch if not prepared.error]
+        if batch:
+            encode.put(batch)
 
     def _encode(self, batch: list[Prepared], run: RunState, write: Stage[tuple[list[Prepared], BatchOutcome]]) -> None:
         """Stage ``encode``: one batch through the encoder, on to ``write``."""
@@ -440,18 +472,60 @@ class IngestPipeline:
         is the image's decode failure."""
         slot, tick = prepared.frame_slot, time.perf_counter()
         try:
-            values = self.slots.view(slot) if slot is not None and self.slots is not None else prepared.frame
-            prepared.pixels = device_fit.fit_frame(values, prepared.unit, self.service.preprocessing.input_size,
-                                                   self.service.encoder.device)
-            run.report.device_frames += 1
+            slots = self.slots
+            self._fit(prepared, lambda: slots.view(slot) if slot is not None and slots is not None else prepared.frame, run)
             run.report.shared_frames += slot is not None
-        except Exception as exc:  # noqa: BLE001 - one bad frame never stops the run
-            prepared.error = f"cannot fit the image on {self.service.encoder.device} ({type(exc).__name__}: {exc})"
         finally:
             if slot is not None and self.slots is not None:
                 self.slots.release(slot)
             prepared.frame, prepared.frame_slot = None, None
             run.add_seconds({"device_fit": time.perf_counter() - tick})
+
+    def _decode_on_device(self, passed_on: list[Prepared], run: RunState) -> None:
+        """Decode the compressed frames of ``passed_on`` in one call of the device's codec, then map and fit each; a
+        frame the codec refuses (a JPEG Lossless predictor nvJPEG lacks, a damaged stream) is decoded from its file
+        on the CPU as a worker would have (the first one of a run is logged), and a file the CPU cannot decode either
+        gets its decode failure in ``error``."""
+        frames = [prepared.encoded for prepared in passed_on if prepared.encoded is not None]
+        assert self.codec is not None and len(frames) == len(passed_on)
+        tick = time.perf_counter()
+        decoded = self.codec.decode_batch(frames)
+        run.add_seconds({"device_decode": time.perf_counter() - tick})
+        tick = time.perf_counter()
+        for prepared, values in zip(passed_on, decoded, strict=True):
+            try:
+                if isinstance(values, DeviceDecodeError):
+                    if not run.report.codec_fallbacks:
+                        logger.warning("%s: %s; decoding it on the CPU (further frames the codec refuses are decoded "
+                                       "there without a warning; the report counts them)", prepared.item.display, values)
+                    run.report.codec_fallbacks += 1
+                    self._fit(prepared, functools.partial(self._decoded_on_cpu, prepared), run)
+                else:
+                    run.report.codec_frames += 1
+                    self._fit(prepared, functools.partial(lambda tensor: tensor, values), run)
+            finally:
+                prepared.encoded = None
+                _unspool(prepared)
+        run.add_seconds({"device_fit": time.perf_counter() - tick})
+
+    def _decoded_on_cpu(self, prepared: Prepared) -> np.ndarray:
+        """A passed-on frame's stored values, decoded from its file here, as its worker would have."""
+        decoded = decode_path(prepared.item.path, max_pixels=self.options.max_pixels, keep_stored_values=True)
+        if decoded.unit != prepared.unit or decoded.pixels is None:
+            raise DeviceDecodeError("decoded on the CPU, its values map otherwise than its worker read in its header")
+        return decoded.pixels
+
+    def _fit(self, prepared: Prepared, values_of: Callable[[], Any], run: RunState) -> None:
+        """Map and fit a frame's stored values (``values_of()``: an array, or a tensor on the device) into
+        ``prepared.pixels``; a failure, getting the values included, is the image's decode failure in ``prepared.error``."""
+        try:
+            prepared.pixels = device_fit.fit_frame(values_of(), prepared.unit, self.service.preprocessing.input_size,
+                                                   self.service.encoder.device)
+            run.report.device_frames += 1
+        except RetrievalError as exc:  # the file's own decode failure, from the CPU decode after a codec refusal
+            prepared.error = exc.message.removeprefix(f"{prepared.item.path}: ")
+        except Exception as exc:  # noqa: BLE001 - one bad frame never stops the run
+            prepared.error = f"cannot fit the image on {self.service.encoder.device} ({type(exc).__name__}: {exc})"
 
     def _new_items(
         self, executor: Any, chunk: list[SourceItem], report: IngestReport, seen: SeenInRun

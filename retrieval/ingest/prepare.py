@@ -22,6 +22,7 @@ from retrieval.errors import RetrievalError
 from retrieval.imaging.decode import (
     DICOM_SUFFIXES,
     IN_UNIT,
+    EncodedFrame,
     UnitMap,
     decode_path,
     looks_like_dicom,
@@ -47,7 +48,8 @@ class Prepared:
 
     Fitted in the worker, ``pixels`` is the model input. Left to the device (``fit_on_device``, a frame whose
     ``unit`` is not :data:`IN_UNIT`), ``pixels`` is None and the frame's stored values are in ``frame`` or in
-    the shared-memory slot ``frame_slot``, until the pipeline fits them (:mod:`retrieval.imaging.device_fit`)
+    the shared-memory slot ``frame_slot``, or still compressed in ``encoded`` (``device_codec_syntaxes``), until the
+    pipeline decodes and fits them (:mod:`retrieval.imaging.device_codec`, :mod:`retrieval.imaging.device_fit`)
     and sets ``pixels`` to the fitted tensor.
     """
 
@@ -56,6 +58,7 @@ class Prepared:
     pixels: Any = field(default=None, repr=False)  # (S, S) float32 in [0, 1]: an array, or a tensor on the device
     frame: np.ndarray | None = field(default=None, repr=False)
     frame_slot: SlotRef | None = None
+    encoded: EncodedFrame | None = field(default=None, repr=False)
     unit: UnitMap = IN_UNIT
     kind: str = ""
     width: int = 0
@@ -76,6 +79,7 @@ class PrepareOptions:
     date_shift_days: int = 0
     manifest_columns: frozenset[str] = frozenset()  # extra manifest columns the user chose to store
     fit_on_device: bool = False  # leave mapping and fitting a 2-D stretch frame to the pipeline's device
+    device_codec_syntaxes: frozenset[str] = frozenset()  # with fit_on_device: pass these DICOM frames on compressed
 
 
 def manifest_metadata(row: dict[str, str], options: PrepareOptions) -> ImageMetadata:
@@ -130,7 +134,8 @@ def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
     item = fp.item
     started = time.perf_counter()
     try:
-        decoded = decode_path(item.path, max_pixels=options.max_pixels, keep_stored_values=options.fit_on_device)
+        decoded = decode_path(item.path, max_pixels=options.max_pixels, keep_stored_values=options.fit_on_device,
+                              pass_encoded=options.device_codec_syntaxes)
         metadata = (
             from_dicom(decoded.dicom, secret=options.id_secret, date_shift_days=options.date_shift_days) if decoded.dicom is not None else ImageMetadata()
         )
@@ -138,6 +143,8 @@ def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
             metadata = merge_manifest_row(metadata, item.row, secret=options.id_secret, keep=options.manifest_columns)
         if decoded.unit.kind == "unit":
             pixels, frame, slot = to_model_input(decoded, options.preprocessing), None, None
+        elif decoded.encoded is not None:  # the device's codec decodes it
+            pixels, frame, slot = None, None, None
         else:  # the device maps and fits it: hand over the stored values, in shared memory where a slot is free
             pixels, slot = None, frame_slots.offer(decoded.pixels)
             frame = decoded.pixels if slot is None else None
@@ -154,6 +161,7 @@ def prepare(task: tuple[Fingerprint, PrepareOptions]) -> Prepared:
         pixels=pixels,
         frame=frame,
         frame_slot=slot,
+        encoded=decoded.encoded,
         unit=decoded.unit,
         kind=decoded.kind,
         width=decoded.width,

@@ -45,6 +45,8 @@ class IngestReport:
     dropped_columns: list[str] = field(default_factory=list)  # manifest columns not stored (names only)
     device_frames: int = 0  # images mapped and fitted on the encoder's device (RETRIEVAL_INGEST_FIT_DEVICE)
     shared_frames: int = 0  # of those, handed over by a decode worker in shared memory, not pickled
+    codec_frames: int = 0  # of those, decoded from compressed DICOM on the device (RETRIEVAL_INGEST_FRAME_DECODER)
+    codec_fallbacks: int = 0  # compressed frames the device's codec refused, decoded on the CPU instead
     seconds: dict[str, float] = field(
         default_factory=lambda: {"decode_cpu": 0.0, "encode": 0.0, "write": 0.0, "wall": 0.0}
     )
@@ -101,7 +103,8 @@ class IngestReport:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "failures": [f.__dict__ for f in self.failures],
             "dropped_manifest_columns": self.dropped_columns,
-            "device_fit": {"frames": self.device_frames, "shared_memory": self.shared_frames},
+            "device_fit": {"frames": self.device_frames, "shared_memory": self.shared_frames,
+                           "device_decoded": self.codec_frames, "device_decode_fallbacks": self.codec_fallbacks},
         }
 
 

@@ -10,7 +10,8 @@ from retrieval.config import DEFAULT_ID_SECRET, Settings
 from retrieval.errors import RetrievalError, reason_of
 from retrieval.storage.index import Sidecar
 
-PACKAGES = ("medvae-retrieval", "torch", "medvae", "faiss-cpu", "faiss-gpu-cu12", "sqlalchemy", "alembic", "pydicom", "pillow", "fastapi")
+PACKAGES = ("medvae-retrieval", "torch", "medvae", "faiss-cpu", "faiss-gpu-cu12", "sqlalchemy", "alembic", "pydicom", "pillow",
+            "fastapi", "nvidia-nvimgcodec-cu13", "nvidia-nvimgcodec-cu12")
 
 
 def _version(name: str) -> str | None:
@@ -80,6 +81,8 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
             "device": str(encoder.device),
             # the compiled encoder (decision 34): None = not compiled, cold / warm, or unusable (it crashed a child)
             "compiled": encoder.compile_cache,
+            # who decodes compressed DICOM frames at ingest (decision 39): "cpu", or "nvimgcodec <version>"
+            "frame_decoder": _frame_decoder(service),
         }
         space = service.space
         count, top = store.vector_stats(space.id)
@@ -99,6 +102,17 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
     finally:
         store.close()
     return _verdict(report, settings)
+
+
+def _frame_decoder(service: Any) -> str:
+    """``RETRIEVAL_INGEST_FRAME_DECODER`` as an ingest would resolve it with this encoder; a required codec that cannot
+    start is the weights part's error (an ingest would refuse to start)."""
+    from retrieval.imaging.device_codec import open_device_codec
+
+    if not service.fits_on_device(service.settings.ingest.fit_device):
+        return "cpu"
+    codec = open_device_codec(service.settings.ingest.frame_decoder, service.encoder.device)
+    return f"nvimgcodec {codec.version}" if codec is not None else "cpu"
 
 
 def _verdict(report: dict[str, Any], settings: Settings) -> dict[str, Any]:
