@@ -5,7 +5,9 @@ then times, per image (mean over the images, best of ``--repeats`` passes): Pill
 imagecodecs' libpng decode, :func:`retrieval.imaging.decode.decode_path` (decode + float + min-max),
 the same keeping the stored values (what a decode worker does when ingest fits on the encoder's device,
 decision 36), and the fit to the model input (Pillow bicubic to 384); then ``decode_path`` with and without
-the stored values on as many uncompressed 2048² DICOM (12-bit, windowed: bench/ingest.py's files).
+the stored values on as many uncompressed 2048² DICOM (12-bit, windowed: bench/ingest.py's files); then the same
+DICOM as JPEG 2000 lossless, decoded by a worker (pydicom: GDCM first) or passed on still compressed for the GPU's
+nvImageCodec (decision 39: what a worker then costs).
 
 PNG decodes are inflated by libdeflate and unfiltered by Pillow (retrieval/imaging/png_repack.py); the rows
 ending ``_pillow_inflate_ms`` time the same step with Pillow's own zlib inflate, in the same run, and the
@@ -37,6 +39,7 @@ import retrieval.imaging.decode
 from bench.ingest import _write_one
 from bench.results_io import write_result
 from retrieval.imaging.decode import decode_path
+from retrieval.imaging.device_codec import SYNTAXES
 from retrieval.imaging.png_repack import repack_png
 from retrieval.imaging.preprocess import stretch_to_square
 from retrieval.ops.sample import study_variant, synthetic_chest
@@ -118,11 +121,19 @@ def main() -> None:
         rows["dicom_decode_path_ms"] = _per_image_ms(lambda p: decode_path(p, max_pixels=10**9), dicoms, args.repeats)
         rows["dicom_decode_path_stored_values_ms"] = _per_image_ms(
             lambda p: decode_path(p, max_pixels=10**9, keep_stored_values=True), dicoms, args.repeats)
+        j2k = [path.replace(".dcm", "-j2k.dcm") for path in dicoms]
+        for i, path in enumerate(j2k):
+            _write_one(("dicom-j2k", path, i, args.size))
+        rows["dicom_j2k_decode_path_stored_values_ms"] = _per_image_ms(
+            lambda p: decode_path(p, max_pixels=10**9, keep_stored_values=True), j2k, args.repeats)
+        rows["dicom_j2k_passed_on_ms"] = _per_image_ms(
+            lambda p: decode_path(p, max_pixels=10**9, keep_stored_values=True, pass_encoded=SYNTAXES), j2k, args.repeats)
     for name, value in rows.items():
         print(f"{name:60} {value}")
     result = {"benchmark": "decode_steps", "date": dt.date.today().isoformat(),
               "machine": f"{_cpu_model()}, {os.cpu_count()} cores",
-              "images": args.images, "size": args.size, "format": "16-bit PNG, zlib level 6; DICOM explicit VR little endian, 12 bits stored", **rows}
+              "images": args.images, "size": args.size, "format": "16-bit PNG, zlib level 6; DICOM explicit VR little endian, 12 bits stored; the same DICOM as "
+                        "JPEG 2000 lossless (OpenJPEG)", **rows}
     print(f"wrote {write_result(args.out, args.name, result)}")
 
 

@@ -21,7 +21,11 @@
 # Ingest on the GPU maps and fits there (RETRIEVAL_INGEST_FIT_DEVICE auto, decision 36): its rows' device_fit
 # says how many frames came through shared memory. (5) bench/api.py: a 2048² 16-bit PNG upload searched over
 # HTTP, micro-batched (item 4's p50 <= 20 ms); last, and allowed to fail without losing the rest.
-# STEPS="2 3" runs only those steps (default: all five). One device call that keeps each step's failure from stopping the
+# (6) compressed DICOM (decision 39): nvImageCodec's decode of JPEG 2000, HTJ2K and JPEG Lossless frames of 8, 12 and 16
+# bits against the pixels encoded, and bench/ingest.py on JPEG 2000 DICOM decoded by the workers and on the GPU; it
+# needs the codec wheels: `bash bench/gpu_session.sh --download-codec` here, then, right after a call that ran steps
+# 1-5 (its /tmp/site), a call with carry=[".whl-codec"] and STEPS=6.
+# STEPS="2 3" runs only those steps (default: the first five). One device call that keeps each step's failure from stopping the
 # rest and brings every file back in one archive (the tool returns at most 8 files), stopping itself before the call's limit:
 #   D=$OUT; export OUT=/tmp/res; mkdir -p $OUT; timeout -k 5 510 bash -c 'for s in 1 2 3 4 5; do STEPS=$s bash
 #   bench/gpu_session.sh || echo "STEP $s FAILED"; done' >$OUT/log 2>&1; grep -v USDT $OUT/log; tar czf $D/res.tgz -C $OUT .
@@ -35,19 +39,23 @@ WHEELS=(medvae==0.1.7 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==
         fastapi==0.165.0 fastapi-offline==1.7.7 starlette==1.10.0 uvicorn==0.54.0 python-multipart==0.0.34
         opentelemetry-api==1.45.2  # this row: `retrieval serve` for step 5
         imagecodecs==2026.3.6)  # libdeflate for PNG (decision 38): 26 MB; all of them 55 MB, 59 with the repository (64 MiB max)
+# step 6 only (decision 39), 33 MB: carried in a call of its own (carry=[".whl-codec"]) right after a call that installed
+# the wheels above (the machine keeps /tmp/site while it is warm: 30 s idle)
+CODEC_WHEELS=(nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.2.3.58 nvidia-nvjpeg2k-cu13==0.11.0.51)
 
-if [ "${1:-}" = "--download" ]; then
-  for wheel in "${WHEELS[@]}"; do
+if [ "${1:-}" = "--download" ] || [ "${1:-}" = "--download-codec" ]; then
+  if [ "$1" = "--download" ]; then folder=.whl; wanted=("${WHEELS[@]}"); else folder=.whl-codec; wanted=("${CODEC_WHEELS[@]}"); fi
+  for wheel in "${wanted[@]}"; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-      --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$wheel"
+      --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$folder" "$wheel"
   done
-  du -sh .whl
+  du -sh "$folder"
   exit 0
 fi
 
 DEVICE="${DEVICE:-cuda}"
-STEPS="${STEPS:-1 2 3 4 5}"
+STEPS="${STEPS:-1 2 3 4 5}"  # 6 only when asked: it needs .whl-codec
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
@@ -56,6 +64,11 @@ if [ -d .whl ] && [ "$DEVICE" = "cuda" ]; then  # once per machine (STEPS=1, STE
   [ -d /tmp/site/medvae ] ||
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
+fi
+if [ -d .whl-codec ] && [ "$DEVICE" = "cuda" ]; then  # step 6: nvImageCodec with nvJPEG and nvJPEG 2000, one folder
+  [ -d /tmp/site-codec/nvidia/nvimgcodec ] ||
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-codec .whl-codec/*.whl
+  export PYTHONPATH=/tmp/site-codec:${PYTHONPATH:-$PWD}
 fi
 if [ "$DEVICE" = "cuda" ]; then
   # 1,024 images to ingest, 128 of them drawn (2026-11-30: drawing 128 2048² PNGs took 42 s there; 128 images were
@@ -110,5 +123,46 @@ if step 5; then
   echo "== 5. search over HTTP with a 2048² 16-bit PNG upload (micro-batching: auto, on with CUDA)"
   python3 -m bench.api --clients 1,4 --seconds "$API_SECONDS" --input-size "$SIZE" --image-size "$SOURCE" \
     --out "$OUT" --name "api-$DEVICE" || echo "step 5 failed (the results above stand)"
+fi
+if step 6; then
+  echo "== 6. compressed DICOM: nvImageCodec's frames against the pixels encoded, then ingest decoded by the workers and on the GPU"
+  python3 - "$DEVICE" "$OUT" <<'EOF'
+import json, sys, time
+import imagecodecs, numpy as np, torch
+from retrieval.imaging.decode import EncodedFrame
+from retrieval.imaging.device_codec import open_device_codec
+from retrieval.ops.sample import study_variant, synthetic_chest
+device, out = torch.device(sys.argv[1]), sys.argv[2]
+codec = open_device_codec("nvimgcodec" if device.type == "cuda" else "auto", device)
+rng, rows = np.random.default_rng(0), []
+for bits in (8, 12, 16):
+    pixels = (synthetic_chest(rng, 2048, variant=study_variant(rng)) * (2**bits - 1)).astype(np.uint8 if bits == 8 else np.uint16)
+    streams = {"1.2.840.10008.1.2.4.90": imagecodecs.jpeg2k_encode(pixels, codecformat="J2K"),  # OpenJPEG, lossless
+               "1.2.840.10008.1.2.4.201": imagecodecs.htj2k_encode(pixels),  # OpenJPH, lossless
+               "1.2.840.10008.1.2.4.70": imagecodecs.jpeg8_encode(pixels, lossless=True, predictor=1, bitspersample=bits)}
+    for syntax, data in streams.items():
+        frame = EncodedFrame(syntax, bytes(data), 2048, 2048, 8 if bits == 8 else 16, bits)
+        row = {"syntax": syntax, "bits": bits, "bytes": len(data)}
+        try:
+            if codec is None:
+                raise RuntimeError("no codec on the CPU: the rehearsal checks the script only")
+            decoded = codec.decode(frame).cpu().numpy()
+            torch.cuda.synchronize()
+            tick = time.perf_counter()
+            for _ in range(10):
+                codec.decode(frame)
+            torch.cuda.synchronize()
+            row.update(equal=bool(np.array_equal(decoded, pixels)), ms_per_frame=100 * (time.perf_counter() - tick))
+        except Exception as exc:  # a refusal is a finding (the pipeline would decode it on the CPU), not a stop
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+        print(json.dumps(row))
+json.dump({"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "rows": rows},
+          open(f"{out}/device-codec-{device.type}.json", "w"), indent=2)
+EOF
+  python3 -m bench.ingest --kind dicom-j2k --count "$COUNT" --unique "$UNIQUE" --size "$SOURCE" --input-size "$SIZE" \
+    --batch "$BATCH" --workers "$WORKERS" --device "$DEVICE" --compile on --fit-device encoder \
+    --frame-decoder "cpu,$([ "$DEVICE" = cuda ] && echo nvimgcodec || echo auto)" --compile-cache /tmp/compile-cache \
+    --out "$OUT" --name "ingest-dicom-j2k-$DEVICE"
 fi
 ls -l "$OUT"

@@ -15,12 +15,16 @@ rows ``"cache": "cold"`` and ``"warm"``, whose ``load`` seconds are the start-up
 ``--fit-device cpu,encoder`` ingests each folder once per ``RETRIEVAL_INGEST_FIT_DEVICE``: the decode workers'
 CPU per image with and without the mapping and fitting, which ``encoder`` moves to the encoder's device
 (``device_fit_ms_per_image``: what that costs the pipeline's thread; on a GPU, issuing the work).
+``--kind dicom-j2k`` writes the same DICOM as JPEG 2000 lossless, and ``--frame-decoder cpu,nvimgcodec`` ingests it once
+per ``RETRIEVAL_INGEST_FRAME_DECODER``: decoded by the workers (pydicom) or passed on and decoded on the GPU by
+nvImageCodec (decision 39; the rows' ``device_fit`` counts the frames it decoded and those it refused).
 
     python -m bench.ingest --kind png,dicom --count 64 --size 2048
     python -m bench.ingest --kind dicom --count 50 --scale
     python -m bench.ingest --kind png --count 64 --device cuda --warm-start
     python -m bench.ingest --kind png,dicom --count 32 --fit-device cpu,encoder
     python -m bench.ingest --kind dicom --count 128 --device cuda --fit-device cpu,encoder --compile-cache /tmp/cc
+    python -m bench.ingest --kind dicom-j2k --count 128 --device cuda --frame-decoder cpu,nvimgcodec
 """
 
 from __future__ import annotations
@@ -74,6 +78,14 @@ def _write_one(task: tuple[str, str, int, int]) -> int:
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.WindowCenter, ds.WindowWidth = 2048, 4096
         ds.PixelData = pixels.tobytes()
+        if kind == "dicom-j2k":  # JPEG 2000 lossless (OpenJPEG through imagecodecs), one fragment
+            import imagecodecs
+            from pydicom.encaps import encapsulate
+            from pydicom.uid import JPEG2000Lossless
+
+            meta.TransferSyntaxUID = JPEG2000Lossless
+            ds.PixelData = encapsulate([imagecodecs.jpeg2k_encode(pixels, codecformat="J2K")])
+            ds["PixelData"].VR = "OB"
         ds.save_as(path, enforce_file_format=True)
     return os.path.getsize(path)
 
@@ -102,7 +114,7 @@ def generate(kind: str, folder: Path, count: int, size: int, workers: int, uniqu
     """Write ``count`` images into ``folder`` (``unique`` > 0: that many drawn, the rest copies of them that differ
     only in a tag, so a long run is not bound by drawing 2048² images); returns total bytes."""
     folder.mkdir(parents=True, exist_ok=True)
-    suffix = "png" if kind == "png" else "dcm"
+    suffix = "png" if kind == "png" else "dcm"  # dicom, dicom-j2k
     paths = [folder / f"s{i // 4:05d}" / f"img_{i:06d}.{suffix}" for i in range(count)]
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +132,7 @@ def run_ingest(folder: Path, data_dir: Path, args: argparse.Namespace) -> dict[s
     settings = Settings(
         data_dir=data_dir, weights="random", input_size=args.input_size, batch_size=args.batch,
         decode_workers=args.workers, device=args.device, compile=args.compile, ingest_fit_device=args.fit_device,
+        ingest_frame_decoder=args.frame_decoder,
     )
     service = SpaceService(settings)
     report = IngestPipeline(service).run(folder)
@@ -135,6 +148,7 @@ def run_ingest(folder: Path, data_dir: Path, args: argparse.Namespace) -> dict[s
         "encoder_busy_fraction": seconds["encode"] / seconds["wall"] if seconds["wall"] else 0.0,
         "decode_cpu_ms_per_image": 1e3 * seconds["decode_cpu"] / max(report.ingested, 1),
         "fit_device": args.fit_device,
+        "frame_decoder": args.frame_decoder,
         "device_fit": report.as_dict()["device_fit"],
         "device_fit_ms_per_image": 1e3 * seconds.get("device_fit", 0.0) / max(report.device_frames, 1),
         "peak_rss_mb_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -157,6 +171,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="RETRIEVAL_COMPILE")
     parser.add_argument("--fit-device", default="auto", help="RETRIEVAL_INGEST_FIT_DEVICE, or several: cpu,encoder")
+    parser.add_argument("--frame-decoder", default="auto",
+                        help="RETRIEVAL_INGEST_FRAME_DECODER for compressed DICOM (kind dicom-j2k), or several: cpu,nvimgcodec")
     parser.add_argument("--unique", type=int, default=0,
                         help="draw only this many images, the rest tagged copies with the same pixels (0: all drawn)")
     parser.add_argument("--warm-start", action="store_true", help="each folder twice: without, then with, a compile cache")
@@ -182,10 +198,12 @@ def main() -> None:
                 source_bytes = generate(kind, folder, count, args.size, gen_workers, args.unique)
                 generated = time.perf_counter() - tick
                 starts = ["cold", "warm"] if args.warm_start else [""]
-                for fit, start in [(fit, start) for fit in args.fit_device.split(",") for start in starts]:
-                    data_dir = Path(tmp) / f"data-{kind}-{count}-{fit}{'-' + start if start else ''}"
+                runs = [(fit, codec, start) for fit in args.fit_device.split(",") for codec in args.frame_decoder.split(",")
+                        for start in starts]
+                for fit, codec, start in runs:
+                    data_dir = Path(tmp) / f"data-{kind}-{count}-{fit}-{codec}{'-' + start if start else ''}"
                     if start == "warm":  # a new data dir holding only the cold start's compile cache
-                        shutil.copytree(Path(tmp) / f"data-{kind}-{count}-{fit}-cold" / "compile-cache",
+                        shutil.copytree(Path(tmp) / f"data-{kind}-{count}-{fit}-{codec}-cold" / "compile-cache",
                                         data_dir / "compile-cache")
                     elif start == "" and args.compile_cache and Path(args.compile_cache).is_dir():
                         shutil.copytree(args.compile_cache, data_dir / "compile-cache")
@@ -194,7 +212,7 @@ def main() -> None:
                     child = subprocess.run(
                         [sys.executable, "-m", "bench.ingest", "--one", str(folder), str(data_dir), "--input-size",
                          str(args.input_size), "--batch", str(args.batch), "--workers", str(args.workers), "--device",
-                         args.device, "--compile", args.compile, "--fit-device", fit],
+                         args.device, "--compile", args.compile, "--fit-device", fit, "--frame-decoder", codec],
                         capture_output=True, text=True, check=True, env=env,
                     )
                     row = json.loads(child.stdout.strip().splitlines()[-1])
@@ -204,11 +222,11 @@ def main() -> None:
                                source_bytes_per_image=source_bytes / count,
                                generate_seconds=generated)
                     rows.append(row)
-    print(f"{'kind':<6}{'count':>7}{'fit':>8}{'cache':>6}{'load s':>8}{'img/s':>9}{'decode ms/img':>15}{'encode s':>10}{'write s':>9}{'wall s':>8}"
+    print(f"{'kind':<10}{'count':>7}{'fit':>8}{'frames by':>11}{'cache':>6}{'load s':>8}{'img/s':>9}{'decode ms/img':>15}{'encode s':>10}{'write s':>9}{'wall s':>8}"
           f"{'enc busy':>10}{'RSS MB':>8}{'stored B/img':>14}{'source B/img':>14}")
     for r in rows:
         s = r["seconds"]
-        print(f"{r['kind']:<6}{r['count']:>7}{r['fit_device']:>8}{r['cache'] or '-':>6}{s.get('load', 0.0):>8.1f}{r['images_per_s']:>9.1f}{r['decode_cpu_ms_per_image']:>15.1f}{s['encode']:>10.1f}"
+        print(f"{r['kind']:<10}{r['count']:>7}{r['fit_device']:>8}{r['frame_decoder']:>11}{r['cache'] or '-':>6}{s.get('load', 0.0):>8.1f}{r['images_per_s']:>9.1f}{r['decode_cpu_ms_per_image']:>15.1f}{s['encode']:>10.1f}"
               f"{s['write']:>9.1f}{s['wall']:>8.1f}{r['encoder_busy_fraction']:>10.2f}{r['peak_rss_mb_main']:>8.0f}"
               f"{r['stored_bytes_per_image']:>14.0f}{r['source_bytes_per_image']:>14.0f}")
     if args.scale:
