@@ -224,3 +224,27 @@ def test_one_channel_2d_models_ingest_and_search(model: str, grid: int, tmp_path
     assert study["mean"]["dim"] == 1 and study["spp:1,2"]["dim"] == 5  # one latent channel
     refined = refinement_study(service, items, [1], rounds=1)
     assert set(refined) >= {"plain", "rerank_latent", "feedback"} and len(refined["feedback"]) == 1
+
+
+def test_medvaes_own_api_still_imports_after_the_light_registration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoder registers the ``medvae`` package without its ``__init__`` (MONAI, polars: 5 s a process);
+    ``from medvae import MVAE`` later in the same process runs it then. Its ``medvae_main`` is a stand-in here, so
+    that the test does not pay for MONAI either."""
+    import sys
+    import types
+
+    from retrieval.model import network
+
+    stand_in = types.ModuleType("medvae.medvae_main")
+    stand_in.MVAE = object()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "medvae", None)  # whatever was there is restored after the test
+    del sys.modules["medvae"]
+    monkeypatch.setitem(sys.modules, "medvae.medvae_main", stand_in)
+    network._medvae_model_classes()
+    package = sys.modules["medvae"]
+    assert "MVAE" not in vars(package)  # __init__ not run by the encoder
+    from medvae import MVAE
+
+    assert MVAE is stand_in.MVAE and package.__all__ == ["MVAE"]
+    with pytest.raises(ImportError, match="cannot import name 'nothing_here'"):
+        from medvae import nothing_here  # noqa: F401

@@ -33,14 +33,26 @@ def _medvae_model_classes(dims: int = 2) -> tuple[Any, Any]:
     ``medvae/__init__.py`` only re-exports ``MVAE``, whose data loaders import MONAI, polars and
     the hub client: about 5 s per process, paid by every CLI command although none of it is used
     here. When ``medvae`` is not imported yet, its package module is registered without running
-    that ``__init__``; the model and LoRA modules then load from the same files as usual.
+    that ``__init__``; the model and LoRA modules then load from the same files as usual, and the
+    first lookup of anything else on the package (``from medvae import MVAE`` later in the same
+    process) runs the ``__init__`` then, so medvae's own API still works as installed.
     """
     if "medvae" not in sys.modules:
         spec = importlib.util.find_spec("medvae")
-        if spec is None or not spec.submodule_search_locations:
+        if spec is None or not spec.submodule_search_locations or spec.loader is None:
             raise WeightsError("the `medvae` package is not installed")
         package = importlib.util.module_from_spec(spec)
-        sys.modules["medvae"] = package  # namespace only: __init__ is skipped, submodules import normally
+        loader = spec.loader
+
+        def complete_import(name: str) -> Any:  # PEP 562: only called for a name the package does not hold yet
+            if name.startswith("__") and name != "__all__":  # import machinery probes dunders: keep it cheap
+                raise AttributeError(name)
+            del package.__getattr__  # type: ignore[attr-defined]  # once: __init__ may fail or define its own
+            loader.exec_module(package)
+            return package.__dict__[name] if name in package.__dict__ else getattr(package, name)
+
+        package.__getattr__ = complete_import  # type: ignore[attr-defined]
+        sys.modules["medvae"] = package  # __init__ deferred; submodules import normally
     from medvae.utils.lora import inject_trainable_lora_extended
 
     if dims == 3:
