@@ -204,3 +204,25 @@ def test_doctor_names_who_decodes_compressed_frames(settings: Settings, monkeypa
     monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)
     report = diagnose(required)
     assert any("RETRIEVAL_INGEST_FRAME_DECODER=nvimgcodec" in problem for problem in report["problems"])
+
+
+def test_a_syntax_the_codec_refuses_from_the_start_goes_back_to_the_workers(
+        settings: Settings, tmp_path: Path, stand_in: SimpleNamespace, caplog: pytest.LogCaptureFixture) -> None:
+    """nvJPEG lacking the predictor of a whole JPEG Lossless archive must not leave one thread decoding every frame
+    after a refusal: once the first frames of that syntax are all refused, the workers decode the rest."""
+    from retrieval.ingest.pipeline import CODEC_REFUSALS_TO_GIVE_UP
+
+    root = tmp_path / "files"
+    for i in range(40):  # two chunks of submissions (32 a chunk)
+        write_dicom(root / f"l{i:02d}.dcm", (synthetic_image(100 + i, size=80) * 3000).astype(np.uint16),
+                    window=(1500, 3000), compression="jpeg-lossless-sv1")
+    service = SpaceService(settings.replaced(ingest_fit_device="encoder", ingest_frame_decoder="nvimgcodec"))
+    report = IngestPipeline(service).run(root)
+    assert (report.ingested, report.failed, report.codec_frames) == (40, 0, 0)
+    batch, lookahead = 4, 2 * 4 + 0  # tiny settings: batch 4, in-process decoding (0 workers)
+    # the frames decoded before the first batch's refusals were seen, and those queued meanwhile, came passed on;
+    # the queue's bound makes every later one the workers'
+    assert CODEC_REFUSALS_TO_GIVE_UP <= report.codec_fallbacks <= CODEC_REFUSALS_TO_GIVE_UP + lookahead + batch
+    assert len(_StandInDecoder.calls) == report.codec_fallbacks
+    assert "refused the first 4 frames of transfer syntax 1.2.840.10008.1.2.4.70" in caplog.text
+    service.close()

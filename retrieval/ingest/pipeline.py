@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -73,6 +74,9 @@ from retrieval.storage.rows import NewImage
 from retrieval.storage.store import StoredVector
 
 logger = logging.getLogger(__name__)
+
+CODEC_REFUSALS_TO_GIVE_UP = 4
+"""Refused frames of one transfer syntax, none of it decoded, after which the device's codec is no longer given it."""
 
 
 class _InProcessExecutor:
@@ -251,6 +255,8 @@ class RunState:
     seen: SeenInRun
     batch: list[Prepared] = field(default_factory=list)
     last_save: float = field(default_factory=time.monotonic)
+    codec_decoded: Counter[str] = field(default_factory=Counter)  # per transfer syntax: frames the device's codec decoded
+    codec_refused: Counter[str] = field(default_factory=Counter)  # and frames it refused
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def fail(self, batch: list[Prepared], outcome: BatchOutcome) -> None:
@@ -492,21 +498,36 @@ class IngestPipeline:
         decoded = self.codec.decode_batch(frames)
         run.add_seconds({"device_decode": time.perf_counter() - tick})
         tick = time.perf_counter()
-        for prepared, values in zip(passed_on, decoded, strict=True):
+        for prepared, frame, values in zip(passed_on, frames, decoded, strict=True):
             try:
                 if isinstance(values, DeviceDecodeError):
                     if not run.report.codec_fallbacks:
                         logger.warning("%s: %s; decoding it on the CPU (further frames the codec refuses are decoded "
                                        "there without a warning; the report counts them)", prepared.item.display, values)
                     run.report.codec_fallbacks += 1
+                    run.codec_refused[frame.transfer_syntax] += 1
                     self._fit(prepared, functools.partial(self._decoded_on_cpu, prepared), run)
                 else:
                     run.report.codec_frames += 1
+                    run.codec_decoded[frame.transfer_syntax] += 1
                     self._fit(prepared, functools.partial(lambda tensor: tensor, values), run)
             finally:
                 prepared.encoded = None
                 _unspool(prepared)
+        self._stop_passing_on_what_the_codec_refuses(run)
         run.add_seconds({"device_fit": time.perf_counter() - tick})
+
+    def _stop_passing_on_what_the_codec_refuses(self, run: RunState) -> None:
+        """A transfer syntax whose first :data:`CODEC_REFUSALS_TO_GIVE_UP` frames the codec all refused (nvJPEG
+        lacks a JPEG Lossless predictor the archive uses, say) is no longer passed on: the decode workers decode the
+        rest of it, in parallel, instead of this one thread decoding every frame again after a refusal. Frames
+        already submitted to the workers still come passed on."""
+        hopeless = {syntax for syntax, refused in run.codec_refused.items()
+                    if refused >= CODEC_REFUSALS_TO_GIVE_UP and not run.codec_decoded[syntax]}
+        if hopeless & self.options.device_codec_syntaxes:
+            logger.warning("the GPU codec refused the first %d frames of transfer syntax %s and decoded none: the decode "
+                           "workers decode the rest of them", CODEC_REFUSALS_TO_GIVE_UP, ", ".join(sorted(hopeless)))
+            self.options = replace(self.options, device_codec_syntaxes=self.options.device_codec_syntaxes - hopeless)
 
     def _decoded_on_cpu(self, prepared: Prepared) -> np.ndarray:
         """A passed-on frame's stored values, decoded from its file here, as its worker would have."""
