@@ -47,12 +47,12 @@ class _StandInDecoder:
     def __init__(self, device_id: int = -1) -> None:
         self.device_id = device_id
 
-    def decode(self, data: list[bytes], params: Any = None) -> list[Any]:
+    def decode(self, streams: list[SimpleNamespace], params: Any = None) -> list[Any]:
         """A batch: an image or None for each code stream, as nvImageCodec's batch decode answers."""
         assert params.allow_any_depth and params.color_spec == "unchanged"
-        _StandInDecoder.batches.append(len(data))
-        _StandInDecoder.calls.extend(data)
-        return [self._one(stream) for stream in data]
+        _StandInDecoder.batches.append(len(streams))
+        _StandInDecoder.calls.extend(stream.data for stream in streams)
+        return [self._one(stream.data) for stream in streams]
 
     @staticmethod
     def _one(stream: bytes) -> Any:
@@ -66,6 +66,7 @@ class _StandInDecoder:
 
 STAND_IN = SimpleNamespace(
     __version__="stand-in", Decoder=_StandInDecoder, ColorSpec=SimpleNamespace(UNCHANGED="unchanged"),
+    CodeStream=lambda data: SimpleNamespace(data=bytes(data)),
     DecodeParams=lambda allow_any_depth, color_spec: SimpleNamespace(allow_any_depth=allow_any_depth, color_spec=color_spec),
 )
 
@@ -174,7 +175,7 @@ def test_the_codec_checks_what_it_returns_against_the_header(stand_in: SimpleNam
     results = codec.decode_batch([frame, EncodedFrame(frame.transfer_syntax, b"\xff\xd8", 60, 60, 16, 16), frame])
     assert [type(r).__name__ for r in results] == ["Tensor", "DeviceDecodeError", "Tensor"]
 
-    def broken(data: list[bytes], params: Any = None) -> list[Any]:
+    def broken(streams: list[Any], params: Any = None) -> list[Any]:
         raise RuntimeError("nvjpeg2k: CUDA error")
 
     codec._decoder.decode = broken

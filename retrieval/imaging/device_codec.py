@@ -53,7 +53,7 @@ class DeviceDecodeError(Exception):
 
 class DeviceFrameCodec:
     """One nvImageCodec decoder on one device, keeping every frame's values as they are stored (any bit depth,
-    no colour conversion). ``module`` is ``nvidia.nvimgcodec`` or an object with its ``Decoder``,
+    no colour conversion). ``module`` is ``nvidia.nvimgcodec`` or an object with its ``Decoder``, ``CodeStream``,
     ``DecodeParams`` and ``ColorSpec`` (tests give one that decodes on the CPU)."""
 
     def __init__(self, module: ModuleType | Any, device: torch.device) -> None:
@@ -62,6 +62,7 @@ class DeviceFrameCodec:
         index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
         self._decoder = module.Decoder(device_id=index)
         self._params = module.DecodeParams(allow_any_depth=True, color_spec=module.ColorSpec.UNCHANGED)
+        self._code_stream = module.CodeStream  # a batch decode takes CodeStreams (made from bytes)
 
     def decode(self, frame: EncodedFrame) -> torch.Tensor:
         """One frame's stored values (:meth:`decode_batch`), or its :class:`DeviceDecodeError` raised."""
@@ -75,7 +76,7 @@ class DeviceFrameCodec:
         spreads a batch over its threads and CUDA streams); in a frame's place a :class:`DeviceDecodeError` when
         nvImageCodec could not decode it or its output does not match the frame's header."""
         try:
-            images = self._decoder.decode([frame.data for frame in frames], params=self._params)
+            images = self._decoder.decode([self._code_stream(frame.data) for frame in frames], params=self._params)
         except Exception as exc:  # noqa: BLE001 - the codec raises its own types; the caller falls back to the CPU
             return [DeviceDecodeError(f"nvImageCodec failed ({type(exc).__name__}: {exc})") for _ in frames]
         return [self._checked(image, frame) for image, frame in zip(images, frames, strict=True)]
