@@ -271,8 +271,12 @@ class QuerySettings(SettingsGroup):
     )
     fit_device: Literal["auto", "cpu", "encoder"] = Field(
         "auto", alias="query_fit_device", description="Where a 2-D query image is resized and scaled to the model "
-        "input: cpu (Pillow), or on the encoder's device (torch, equal within 2e-6); auto = the encoder's when it "
-        "is a GPU.",
+        "input: cpu (Pillow), or on the encoder's device (torch, equal within 2e-6; the upload is decoded to its "
+        "stored values, mapped to [0, 1] there too); auto = the encoder's when it is a GPU.",
+    )
+    frame_decoder: Literal["auto", "cpu", "nvimgcodec"] = Field(
+        "auto", alias="query_frame_decoder",
+        description="RETRIEVAL_INGEST_FRAME_DECODER's choice for a query's compressed DICOM frame fitted on the device.",
     )
 
 

@@ -32,6 +32,7 @@ from retrieval.errors import (
 )
 from retrieval.imaging import device_fit
 from retrieval.imaging.decode import DecodedImage
+from retrieval.imaging.device_codec import DeviceFrameCodec, open_device_codec
 from retrieval.imaging.preprocess import (
     PREPROCESSING_VERSIONS,
     FittedVolume,
@@ -77,6 +78,7 @@ class SpaceService:
         self._batcher: MicroBatcher | None = None
         self._transforms: dict[str, VectorTransform] = {}
         self._extra_spaces: list[tuple[Space, PoolingSpec]] | None = None
+        self._query_codec: tuple[DeviceFrameCodec | None] | None = None  # opened on the first query (decision 39)
         if self.is_volume_space and any(spec.is_model_head for spec in (self.pooling, *self.extra_poolings)):
             raise ConfigurationError(f"pooling {CLIP_HEAD}: BiomedCLIP's head is trained on 2-D stage-2 latents; "
                                      f"{settings.model.name} is a 3-D model", detail={"field": "pooling"})
@@ -176,11 +178,24 @@ class SpaceService:
         return self.embed_query(self.query_input(decoded))
 
     def query_input(self, decoded: DecodedImage | Volume) -> np.ndarray | torch.Tensor:
-        """:meth:`model_input` for a query: fitted on the encoder's device where ``query.fit_device`` says so (2-D
-        images stretched to the square: :mod:`retrieval.imaging.device_fit`), else on the CPU."""
+        """:meth:`model_input` for a query: mapped from its stored values (``decoded.unit``) and fitted on the encoder's
+        device where ``query.fit_device`` says so (2-D images stretched to the square: :mod:`retrieval.imaging.device_fit`),
+        else on the CPU."""
         if isinstance(decoded, DecodedImage) and self.fits_on_device(self.settings.query.fit_device):
-            return device_fit.stretch_to_square(decoded.pixels, self.preprocessing.input_size, self.encoder.device)
+            return device_fit.fit_frame(decoded.pixels, decoded.unit, self.preprocessing.input_size, self.encoder.device)
         return self.model_input(decoded)
+
+    @property
+    def query_codec(self) -> DeviceFrameCodec | None:
+        """The codec that decodes a query's compressed DICOM frame on the encoder's device (``query.frame_decoder``,
+        :mod:`retrieval.imaging.device_codec`), opened on first use; None where queries are not fitted there or the
+        setting resolves to the CPU."""
+        with self._lock:
+            if self._query_codec is None:
+                on_device = self.fits_on_device(self.settings.query.fit_device)
+                self._query_codec = (open_device_codec(self.settings.query.frame_decoder, self.encoder.device)
+                                     if on_device else None,)
+            return self._query_codec[0]
 
     def fits_on_device(self, choice: str) -> bool:
         """Whether 2-D images are fitted on the encoder's device for a ``fit_device`` setting (``query.fit_device``,

@@ -37,7 +37,7 @@ def test_every_historical_name_is_still_a_setting_or_retired_with_its_reason(tmp
     assert set(FLAT_NAMES) - names == {"manifest_columns", "fit", "volume_max_voxels", "extra_poolings", "clip_weights",
                                        "clip_repo", "clip_revision", "clip_seed", "clip_tokenizer",
                                        "index_memory_mb", "index_nprobe", "index_rescore", "query_fit_device",
-                                       "ingest_fit_device", "ingest_frame_decoder"}  # added since
+                                       "ingest_fit_device", "ingest_frame_decoder", "query_frame_decoder"}  # added since
     assert names - set(FLAT_NAMES) == set(RETIRED_NAMES) == {"volume_size"}  # vol-v3: native spacing, a voxel budget
     with pytest.raises(ValidationError, match="RETRIEVAL_VOLUME_SIZE was retired .* RETRIEVAL_VOLUME_MAX_VOXELS"):
         Settings(volume_size=128)

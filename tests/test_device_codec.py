@@ -227,3 +227,33 @@ def test_a_syntax_the_codec_refuses_from_the_start_goes_back_to_the_workers(
     assert len(_StandInDecoder.calls) == report.codec_fallbacks
     assert "refused the first 4 frames of transfer syntax 1.2.840.10008.1.2.4.70" in caplog.text
     service.close()
+
+
+def test_a_compressed_dicom_query_is_decoded_by_the_query_codec_and_finds_what_the_cpu_finds(
+        settings: Settings, tmp_path: Path, stand_in: SimpleNamespace) -> None:
+    """RETRIEVAL_QUERY_FRAME_DECODER: an uploaded or named JPEG 2000 DICOM is decoded on the encoder's device; a JPEG
+    Lossless one the codec refuses is decoded on the CPU; hits and scores equal those of the CPU fit."""
+    from retrieval.query.search import run_search
+
+    root = tmp_path / "files"
+    _archive(root)
+    (root / "j2k-damaged.dcm").unlink()
+    service = SpaceService(settings)
+    IngestPipeline(service).run(root)
+    service.close()
+    found = {}
+    for fit, decoder in (("cpu", "cpu"), ("encoder", "cpu"), ("encoder", "nvimgcodec")):
+        service = SpaceService(settings.replaced(query_fit_device=fit, query_frame_decoder=decoder))
+        for name in ("j2k-mono1.dcm", "ljpeg.dcm"):
+            by_path = run_search(service, path=root / name, k=3, group_by="image")["results"]
+            uploaded = run_search(service, data=(root / name).read_bytes(), data_name=name, k=3, group_by="image")["results"]
+            found[fit, decoder, name] = [[(r["images"][0]["image_id"], r["images"][0]["score"]) for r in hits]
+                                         for hits in (by_path, uploaded)]
+        service.close()
+    assert len(_StandInDecoder.calls) == 2 * 2  # both J2K queries and both refused JPEG Lossless ones reached it
+    for name in ("j2k-mono1.dcm", "ljpeg.dcm"):
+        reference = found["cpu", "cpu", name][0]
+        for key in (("cpu", "cpu", name), ("encoder", "cpu", name), ("encoder", "nvimgcodec", name)):
+            for hits in found[key]:
+                assert [i for i, _ in hits] == [i for i, _ in reference], key
+                assert np.allclose([s for _, s in hits], [s for _, s in reference], atol=1e-5), key

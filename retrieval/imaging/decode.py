@@ -98,8 +98,8 @@ class EncodedFrame:
 class DecodedImage:
     """Normalised pixels of one image and what was learnt while decoding it."""
 
-    pixels: np.ndarray | None  # (H, W) float32 in [0, 1]; with keep_stored_values, the stored values ``unit`` maps
-    # there; None only for a frame passed on still encoded (``encoded``)
+    pixels: Any  # (H, W) float32 in [0, 1]; with keep_stored_values, the stored values ``unit`` maps there; None for
+    # a frame passed on still encoded (``encoded``), or (a query) its stored values decoded on the device, a tensor
     kind: str  # "dicom" or "raster"
     width: int
     height: int
@@ -139,14 +139,17 @@ def decode_path(path: str | Path, *, max_pixels: int, keep_stored_values: bool =
         raise
 
 
-def decode_bytes(data: bytes, *, name: str = "upload", max_pixels: int) -> DecodedImage:
-    """Decode an in-memory file (an upload); ``name`` is used in error messages only."""
+def decode_bytes(data: bytes, *, name: str = "upload", max_pixels: int, keep_stored_values: bool = False,
+                 pass_encoded: frozenset[str] = frozenset()) -> DecodedImage:
+    """Decode an in-memory file (an upload); ``name`` is used in error messages only. ``keep_stored_values`` and
+    ``pass_encoded``: as :func:`decode_path`."""
     if not data:
         raise ImageDecodeError(f"{name}: file is empty", detail={"source": name})
     try:
         if looks_like_dicom(data[:132]) or Path(name).suffix.lower() in DICOM_SUFFIXES:
-            return _decode_dicom(io.BytesIO(data), max_pixels=max_pixels)
-        return _decode_raster(io.BytesIO(data), max_pixels=max_pixels)
+            return _decode_dicom(io.BytesIO(data), max_pixels=max_pixels, keep_stored_values=keep_stored_values,
+                                 pass_encoded=pass_encoded if keep_stored_values else frozenset())
+        return _decode_raster(io.BytesIO(data), max_pixels=max_pixels, keep_stored_values=keep_stored_values)
     except ImageDecodeError as exc:
         exc.detail.setdefault("source", name)
         exc.message = f"{name}: {exc.message}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -63,6 +64,7 @@ class DeviceFrameCodec:
         self._decoder = module.Decoder(device_id=index)
         self._params = module.DecodeParams(allow_any_depth=True, color_spec=module.ColorSpec.UNCHANGED)
         self._code_stream = module.CodeStream  # a batch decode takes CodeStreams (made from bytes)
+        self._lock = threading.Lock()
 
     def decode(self, frame: EncodedFrame) -> torch.Tensor:
         """One frame's stored values (:meth:`decode_batch`), or its :class:`DeviceDecodeError` raised."""
@@ -75,11 +77,12 @@ class DeviceFrameCodec:
         """Each frame's stored values, ``(rows, columns)`` int32 on :attr:`device`, decoded in one call (nvImageCodec
         spreads a batch over its threads and CUDA streams); in a frame's place a :class:`DeviceDecodeError` when
         nvImageCodec could not decode it or its output does not match the frame's header."""
-        try:
-            images = self._decoder.decode([self._code_stream(frame.data) for frame in frames], params=self._params)
-        except Exception as exc:  # noqa: BLE001 - the codec raises its own types; the caller falls back to the CPU
-            return [DeviceDecodeError(f"nvImageCodec failed ({type(exc).__name__}: {exc})") for _ in frames]
-        return [self._checked(image, frame) for image, frame in zip(images, frames, strict=True)]
+        with self._lock:  # the API's request threads share one decoder
+            try:
+                images = self._decoder.decode([self._code_stream(frame.data) for frame in frames], params=self._params)
+            except Exception as exc:  # noqa: BLE001 - the codec raises its own types; the caller falls back to the CPU
+                return [DeviceDecodeError(f"nvImageCodec failed ({type(exc).__name__}: {exc})") for _ in frames]
+            return [self._checked(image, frame) for image, frame in zip(images, frames, strict=True)]
 
     def _checked(self, image: Any, frame: EncodedFrame) -> torch.Tensor | DeviceDecodeError:
         if image is None:  # nvImageCodec's batch answer for a frame it could not decode
