@@ -49,6 +49,18 @@ def one_inductor_cache() -> None:
 
 
 @pytest.fixture
+def no_semaphores_left_by_the_killed() -> Iterator[None]:
+    """For tests that SIGKILL process groups: the killed take their multiprocessing resource tracker with them, so the
+    named semaphores of their decode pools (``/dev/shm/sem.mp-*``) are never unlinked; those made during the test
+    go with it. Only for tests whose every process is gone at the end (a live server's pool would need its names)."""
+    shared_memory = Path("/dev/shm")
+    before = set(shared_memory.glob("sem.mp-*"))
+    yield
+    for leaked in set(shared_memory.glob("sem.mp-*")) - before:
+        leaked.unlink(missing_ok=True)
+
+
+@pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return tiny_settings(tmp_path / "data")
 

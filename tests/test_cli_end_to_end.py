@@ -105,6 +105,7 @@ def test_preview_export_reindex_doctor(cli_env: dict[str, str], tmp_path: Path) 
     assert doctor["database"]["counts"]["images"] == 4
 
 
+@pytest.mark.usefixtures("no_semaphores_left_by_the_killed")
 def test_sigkill_mid_ingest_then_rerun_stores_each_image_once(cli_env: dict[str, str], tmp_path: Path) -> None:
     archive = tmp_path / "archive"
     files = make_archive(archive, studies=8, per_study=5)

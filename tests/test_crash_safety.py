@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +17,7 @@ from cli_runner import run_cli
 from conftest import assert_archive_intact, db_counts, make_archive
 
 KILLS = 10
-SHARED_MEMORY = Path("/dev/shm")
-
-
-@pytest.fixture(autouse=True)
-def _no_semaphores_left_by_the_killed() -> Iterator[None]:
-    """A process group killed with SIGKILL takes its multiprocessing resource tracker with it, so the named
-    semaphores of its decode pool (``/dev/shm/sem.mp-*``) are never unlinked: those made during a test go with it."""
-    before = set(SHARED_MEMORY.glob("sem.mp-*"))
-    yield
-    for leaked in set(SHARED_MEMORY.glob("sem.mp-*")) - before:
-        leaked.unlink(missing_ok=True)
+pytestmark = pytest.mark.usefixtures("no_semaphores_left_by_the_killed")
 
 
 def _start(env: dict[str, str], args: list[str]) -> subprocess.Popen:
