@@ -78,7 +78,7 @@ class SpaceService:
         self._batcher: MicroBatcher | None = None
         self._transforms: dict[str, VectorTransform] = {}
         self._extra_spaces: list[tuple[Space, PoolingSpec]] | None = None
-        self._query_codec: tuple[DeviceFrameCodec | None] | None = None  # opened on the first query (decision 39)
+        self._codecs: dict[tuple[str, str], DeviceFrameCodec | None] = {}  # (fit_device, frame_decoder) -> codec
         if self.is_volume_space and any(spec.is_model_head for spec in (self.pooling, *self.extra_poolings)):
             raise ConfigurationError(f"pooling {CLIP_HEAD}: BiomedCLIP's head is trained on 2-D stage-2 latents; "
                                      f"{settings.model.name} is a 3-D model", detail={"field": "pooling"})
@@ -187,15 +187,20 @@ class SpaceService:
 
     @property
     def query_codec(self) -> DeviceFrameCodec | None:
-        """The codec that decodes a query's compressed DICOM frame on the encoder's device (``query.frame_decoder``,
-        :mod:`retrieval.imaging.device_codec`), opened on first use; None where queries are not fitted there or the
-        setting resolves to the CPU."""
+        """:meth:`frame_codec` for queries (``query.fit_device``, ``query.frame_decoder``)."""
+        return self.frame_codec(self.settings.query.fit_device, self.settings.query.frame_decoder)
+
+    def frame_codec(self, fit_device: str, frame_decoder: str) -> DeviceFrameCodec | None:
+        """The codec that decodes compressed DICOM frames on the encoder's device for a ``fit_device`` and a
+        ``frame_decoder`` setting (:mod:`retrieval.imaging.device_codec`), opened once per service (every ingest
+        run, job and query of a server or worker shares it); None where frames are not fitted there or the setting
+        resolves to the CPU. A required codec that cannot start raises its ConfigurationError at every call."""
         with self._lock:
-            if self._query_codec is None:
-                on_device = self.fits_on_device(self.settings.query.fit_device)
-                self._query_codec = (open_device_codec(self.settings.query.frame_decoder, self.encoder.device)
-                                     if on_device else None,)
-            return self._query_codec[0]
+            key = (fit_device, frame_decoder)
+            if key not in self._codecs:
+                on_device = self.fits_on_device(fit_device)
+                self._codecs[key] = open_device_codec(frame_decoder, self.encoder.device) if on_device else None
+            return self._codecs[key]
 
     def fits_on_device(self, choice: str) -> bool:
         """Whether 2-D images are fitted on the encoder's device for a ``fit_device`` setting (``query.fit_device``,

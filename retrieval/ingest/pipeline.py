@@ -38,12 +38,7 @@ from retrieval.domain.metadata import (
 from retrieval.errors import RetrievalError, reason_of
 from retrieval.imaging import device_fit
 from retrieval.imaging.decode import decode_path
-from retrieval.imaging.device_codec import (
-    SYNTAXES,
-    DeviceDecodeError,
-    DeviceFrameCodec,
-    open_device_codec,
-)
+from retrieval.imaging.device_codec import SYNTAXES, DeviceDecodeError, DeviceFrameCodec
 from retrieval.ingest.dicomweb import DicomwebQuery, DicomwebSource, is_dicomweb
 from retrieval.ingest.frame_slots import FrameSlots
 from retrieval.ingest.prepare import (
@@ -337,7 +332,7 @@ class IngestPipeline:
                                       gpu_encoder=self.service.encoder.device.type == "cuda")
         lookahead = 2 * batch_size + workers  # decoded images waiting for the encoder, at most
         fit_on_device = self.service.fits_on_device(self.settings.ingest.fit_device)
-        self.codec = open_device_codec(self.settings.ingest.frame_decoder, self.service.encoder.device) if fit_on_device else None
+        self.codec = self.service.frame_codec(self.settings.ingest.fit_device, self.settings.ingest.frame_decoder)
         self.options = replace(self.options, fit_on_device=fit_on_device,
                                device_codec_syntaxes=SYNTAXES if self.codec is not None else frozenset())
         executor, self.slots = make_executor(workers, frame_slots=lookahead + 2 * workers if self.options.fit_on_device else 0)
@@ -394,7 +389,8 @@ class IngestPipeline:
             return
         if not run.seen.first_decode(prepared.metadata.sop_uid):
             report.skip(SAME_SOP_UID)  # another file of this run already gave this SOP instance
-            _unspool(prepared)
+            if prepared.encoded is not None:  # still spooled for its decode, which will not come
+                _unspool(prepared)
             return
         run.batch.append(prepared)
         if len(run.batch) >= self.settings.model.batch_size:

@@ -49,7 +49,7 @@ def _medvae_model_classes(dims: int = 2) -> tuple[Any, Any]:
                 raise AttributeError(name)
             del package.__getattr__  # type: ignore[attr-defined]  # once: __init__ may fail or define its own
             loader.exec_module(package)
-            return package.__dict__[name] if name in package.__dict__ else getattr(package, name)
+            return getattr(package, name)  # AttributeError (ImportError for `from medvae import x`) when it has none
 
         package.__getattr__ = complete_import  # type: ignore[attr-defined]
         sys.modules["medvae"] = package  # __init__ deferred; submodules import normally

@@ -107,11 +107,8 @@ def diagnose(settings: Settings, *, load_model: bool = True) -> dict[str, Any]:
 def _frame_decoder(service: Any) -> str:
     """``RETRIEVAL_INGEST_FRAME_DECODER`` as an ingest would resolve it with this encoder; a required codec that cannot
     start is the weights part's error (an ingest would refuse to start)."""
-    from retrieval.imaging.device_codec import open_device_codec
-
-    if not service.fits_on_device(service.settings.ingest.fit_device):
-        return "cpu"
-    codec = open_device_codec(service.settings.ingest.frame_decoder, service.encoder.device)
+    ingest = service.settings.ingest
+    codec = service.frame_codec(ingest.fit_device, ingest.frame_decoder)
     return f"nvimgcodec {codec.version}" if codec is not None else "cpu"
 
 
